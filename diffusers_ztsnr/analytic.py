@@ -1,0 +1,129 @@
+"""Exact denoisers for Gaussian and Gaussian-mixture data: the oracle that proves samplers correct.
+
+For data ``x0 ~ sum_k w_k N(mu_k, diag(var_k))`` and ``x_t = alpha * x0 + sigma * eps`` the
+posterior mean ``E[x0 | x_t]`` is closed form (Bishop 2006, §2.3.3, per component, mixed with the
+components' posterior responsibilities). The MSE-optimal model of every parameterization is that
+posterior mean pushed through :func:`~diffusers_ztsnr.parameterization.from_x0_eps`, so a sampler fed
+this model must reproduce the data distribution as its step count grows (for the ODE samplers the
+probability-flow ODE of the exact score transports N(0, I) onto the data exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .parameterization import from_x0_eps
+
+LevelFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class GaussianMixture:
+    """Diagonal Gaussian mixture in ``dim`` dimensions (one component: a Gaussian), float64."""
+
+    def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None):
+        self.means = torch.as_tensor(means, dtype=torch.float64).reshape(-1, means.shape[-1])
+        self.variances = torch.as_tensor(variances, dtype=torch.float64).reshape(self.means.shape)
+        k = len(self.means)
+        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+        if bool((self.variances <= 0).any()) or abs(float(w.sum()) - 1) > 1e-9 or bool((w <= 0).any()):
+            raise ValueError("variances must be > 0 and weights positive, summing to 1.")
+        self.weights = w
+
+    @classmethod
+    def gaussian(cls, mean: torch.Tensor, variance: torch.Tensor) -> GaussianMixture:
+        return cls(torch.as_tensor(mean)[None], torch.as_tensor(variance)[None])
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[-1]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.weights[:, None] * self.means).sum(0)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        second = (self.weights[:, None] * (self.variances + self.means**2)).sum(0)
+        return second - self.mean**2
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self.means[comp] + self.variances[comp].sqrt() * z
+
+    def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``E[x0 | x_t = x]`` for rows ``x`` of shape ``[B, dim]``; ``alpha``/``sigma`` scalars or ``[B]``."""
+        x = x.double()
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
+        mu, var = self.means[None], self.variances[None]  # [1, K, D]
+        marginal = a**2 * var + s**2  # variance of x_t given the component
+        resid = x[:, None, :] - a * mu
+        x0_k = mu + a * var / marginal * resid  # [B, K, D]
+        if len(self.weights) == 1:
+            return x0_k[:, 0]
+        loglik = -0.5 * ((resid**2 / marginal) + marginal.log() + math.log(2 * math.pi)).sum(-1)
+        resp = torch.softmax(loglik + self.weights.log()[None], dim=1)  # [B, K]
+        return (resp[..., None] * x0_k).sum(1)
+
+
+def vp_levels(alphas_cumprod: torch.Tensor) -> LevelFn:
+    """Model timestep (fractional, VP) -> ``(alpha, sigma)`` on the schedule the model was trained on."""
+    from .schedule import VPSchedule
+
+    schedule = VPSchedule(alphas_cumprod)
+    return lambda t: schedule.alpha_sigma(t.double().cpu())
+
+
+def flow_levels(num_train_timesteps: int = 1000) -> LevelFn:
+    """Model timestep ``t = T * s`` -> ``(1 - s, s)`` on the flow path."""
+    return lambda t: (1 - t.double().cpu() / num_train_timesteps, t.double().cpu() / num_train_timesteps)
+
+
+class AnalyticModel:
+    """A callable ``model(x_t, timestep) -> output`` that is exact for the data, in any parameterization.
+
+    ``x_t`` has shape ``[B, dim]`` or ``[B, ...]`` flattening to ``dim``; ``timestep`` a scalar or ``[B]``.
+    """
+
+    def __init__(self, data: GaussianMixture, levels: LevelFn, prediction_type: str):
+        self.data, self.levels, self.prediction_type = data, levels, prediction_type
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(timestep).reshape(-1)
+        alpha, sigma = self.levels(t)
+        flat = x.reshape(len(x), -1).double()
+        x0 = self.data.posterior_mean(flat, alpha, sigma)
+        a = alpha.reshape(-1, 1)
+        s = sigma.reshape(-1, 1)
+        if self.prediction_type == "sample":
+            out = x0
+        else:
+            if bool((s == 0).any()):
+                raise ValueError("the analytic model is only defined at sigma > 0.")
+            eps = (flat - a * x0) / s
+            out = from_x0_eps(x0, eps, alpha.flatten() if alpha.ndim else alpha, sigma.flatten() if sigma.ndim else sigma,
+                              self.prediction_type)
+        return out.reshape(x.shape).to(x.dtype)
+
+
+def run_sampler(
+    scheduler, model: AnalyticModel, num_samples: int, num_inference_steps: int | None, seed: int = 0,
+    dtype: torch.dtype = torch.float64, **set_timesteps_kwargs,
+) -> torch.Tensor:
+    """Sample ``num_samples`` rows with any diffusers-protocol scheduler driving ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    if num_inference_steps is None:
+        scheduler.set_timesteps(**set_timesteps_kwargs)
+    else:
+        scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    x = torch.randn(num_samples, model.data.dim, generator=generator, dtype=torch.float64).to(dtype)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(x, t)
+        out = model(model_in, t.expand(len(x)) if t.ndim == 0 else t)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x

@@ -1,0 +1,250 @@
+"""The diffusers scheduler protocol over this package's maths; subclasses only choose a grid and a rule.
+
+A scheduler here holds a grid of ``n`` model timesteps and ``n + 1`` noise levels ``(alpha, sigma)``:
+one per timestep, and the level the last step goes to (clean data unless a config key says
+otherwise). ``step`` converts the model output to ``(x0, eps)`` with the one conversion function and
+hands it to an update rule of :mod:`diffusers_ztsnr.solvers`. Latents are kept on the scheduler's
+own path (``alpha * x0 + sigma * eps``), so ``scale_model_input`` is the identity and
+``init_noise_sigma`` is 1: a zero-SNR start needs no infinite ``sigma_max``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..parameterization import MODEL_PREDICTION_TYPES, to_x0_eps
+
+# diffusers config keys that some diffusers scheduler has and none of ours needs: the value that
+# makes each a no-op. ``None`` means any value is a no-op (it only configures something we replace).
+FOREIGN_CONFIG_KEYS: dict[str, Any] = {
+    "skip_prk_steps": None,  # PNDM's Runge-Kutta warm-up; we have no PNDM steps to skip
+    "clip_sample": False,
+    "clip_sample_range": None,
+    "thresholding": False,
+    "dynamic_thresholding_ratio": None,
+    "sample_max_value": None,
+    "variance_type": None,  # learned-variance models are sampled from their mean prediction here
+    "interpolation_type": "linear",
+    "timestep_type": "discrete",
+    "sigma_min": None,
+    "sigma_max": None,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "lambda_min_clipped": None,
+    "euler_at_final": None,
+    "lower_order_final": None,  # our multistep rule is first order wherever the second order is undefined
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "flow_shift": None,
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+    "use_dynamic_shifting": False,
+    "base_shift": None,
+    "max_shift": None,
+    "base_image_seq_len": None,
+    "max_image_seq_len": None,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "time_shift_type": None,
+    "set_alpha_to_one": None,
+    "steps_offset": None,
+    "rescale_betas_zero_snr": False,
+    "beta_start": None,
+    "beta_end": None,
+    "beta_schedule": None,
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+    "final_sigmas_type": "zero",
+    "solver_order": None,
+    "algorithm_type": None,
+    "solver_type": None,
+    "predict_x0": None,
+    "solver_p": None,
+    "disable_corrector": None,
+    "timestep_spacing": None,
+    "prediction_type": None,
+}
+
+
+@dataclass
+class ZTSNRSchedulerOutput(BaseOutput):
+    """``prev_sample``: the latent at the next grid point; ``pred_original_sample``: the x0 estimate."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
+    """Shared protocol code; see the module docstring. Not a scheduler by itself."""
+
+    config_name = "scheduler_config.json"
+    order = 1
+    init_noise_sigma = 1.0
+    #: "vp" or "flow": the path the latents live on
+    path: ClassVar[str] = "vp"
+    #: config keys that mean the config describes another kind of model (any value is an error)
+    rejected_config_keys: ClassVar[tuple[str, ...]] = ()
+
+    # -- config validation --------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``, but a key of another scheduler's config that this class cannot
+        honour is an error (a value that would change sampling) or a warning (an unknown key),
+        never silently dropped."""
+        merged = {**dict(config or {}), **kwargs}
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        unknown = []
+        for key, value in merged.items():
+            if key.startswith("_") or key in own:
+                continue
+            if key in cls.rejected_config_keys:
+                raise ValueError(
+                    f"{cls.__name__} samples the {cls.path} path, but the config key {key}={value!r} belongs to "
+                    "a scheduler of the other path; pick the scheduler class matching the model."
+                )
+            if key in FOREIGN_CONFIG_KEYS:
+                inert = FOREIGN_CONFIG_KEYS[key]
+                if inert is not None and value is not None and value != inert:
+                    raise ValueError(
+                        f"{cls.__name__} cannot honour the config key {key}={value!r}: set {key}={inert!r} "
+                        f"or use a scheduler that supports it."
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__} ignores the unknown config keys {sorted(unknown)}.", UserWarning, stacklevel=2
+            )
+        # keys judged above are not handed on: diffusers would drop or log them a second time
+        kept = {k: v for k, v in dict(config or {}).items() if k.startswith("_") or k in own}
+        kwargs = {k: v for k, v in kwargs.items() if k in own}
+        return super().from_config(kept, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @staticmethod
+    def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
+
+    def _check_prediction_type(self, prediction_type: str) -> None:
+        self._check_choice("prediction_type", prediction_type, MODEL_PREDICTION_TYPES)
+
+    # -- grid ---------------------------------------------------------------------------------
+
+    def _reset(self, timesteps: torch.Tensor, levels: torch.Tensor, device) -> None:
+        """Install a grid: ``timesteps`` (n model times), ``levels`` ((n+1) x 2 float64 alpha, sigma)."""
+        if self.config.prediction_type == "epsilon" and float(levels[0, 0]) == 0.0:
+            levels = self._epsilon_zero_snr_start(levels)
+        self.timesteps = timesteps.to(device)
+        self.num_inference_steps = len(timesteps)
+        self._levels = levels.tolist()
+        self._step_index = None
+        self._previous: tuple[torch.Tensor, tuple[float, float]] | None = None
+
+    def _epsilon_zero_snr_start(self, levels: torch.Tensor) -> torch.Tensor:
+        clamp = self.config.epsilon_zero_snr_clamp
+        if clamp is None:
+            raise ValueError(
+                "prediction_type='epsilon' cannot start from SNR 0 (this grid's first timestep is pure noise, "
+                "where an epsilon prediction says nothing about the image). Fixes: sample a v_prediction "
+                "(or sample / flow_prediction) model, e.g. one fine-tuned with this package's ZTSNR recipe; "
+                "or start at SNR > 0 (rescale_betas_zero_snr=False, or a spacing that skips the last "
+                "timestep); or opt in to a clamp with epsilon_zero_snr_clamp=2**-24 (diffusers' value), "
+                "which treats the start as alphabar = clamp."
+            )
+        warnings.warn(
+            f"epsilon_zero_snr_clamp={clamp}: the SNR-0 start is treated as alphabar={clamp}; an epsilon "
+            "model there gives little information about the image (expect medium-brightness samples).",
+            UserWarning,
+            stacklevel=3,
+        )
+        levels = levels.clone()
+        levels[0, 0], levels[0, 1] = clamp**0.5, (1 - clamp) ** 0.5
+        return levels
+
+    @staticmethod
+    def _check_custom_grid_args(num_inference_steps, timesteps, sigmas) -> None:
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass either timesteps= or sigmas= to set_timesteps, not both.")
+        if num_inference_steps is None and timesteps is None and sigmas is None:
+            raise ValueError("set_timesteps needs num_inference_steps, timesteps= or sigmas=.")
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return getattr(self, "_begin_index", None)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Index of the first step to run (img2img pipelines set it before the loop)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep) -> int:
+        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"timestep {timestep} is not on this scheduler's grid; call set_timesteps first.")
+        return int(matches[0])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity: latents are kept on the scheduler's path, the form the model was trained on."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ZTSNRSchedulerOutput | tuple:
+        """Advance ``sample`` from ``timestep`` to the next grid point given the model's output in
+        ``config.prediction_type``. Works internally in float32 (or float64) whatever the latent dtype."""
+        if not hasattr(self, "_levels"):
+            raise RuntimeError("call set_timesteps before step.")
+        unsupported = {k: v for k, v in kwargs.items() if k not in ("variance_noise", "eta") and v}
+        if unsupported:
+            raise TypeError(f"{type(self).__name__}.step does not support {sorted(unsupported)}.")
+        if self._step_index is None:
+            begin = self.begin_index
+            self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise IndexError("step called more times than the grid has steps; call set_timesteps again.")
+        level, next_level = tuple(self._levels[i]), tuple(self._levels[i + 1])
+        work = torch.promote_types(sample.dtype, torch.float32)
+        x = sample.to(work)
+        x0, eps = to_x0_eps(model_output.to(work), x, level[0], level[1], self.config.prediction_type)
+
+        def draw_noise() -> torch.Tensor:
+            noise = kwargs.get("variance_noise")
+            if noise is None:
+                noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
+            return noise.to(work)
+
+        prev = self._update(x, x0, eps, level, next_level, draw_noise)
+        self._previous = (x0, level)
+        self._step_index = i + 1
+        prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
+        if not return_dict:
+            return (prev, x0)
+        return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _update(self, x, x0, eps, level, next_level, draw_noise) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,91 @@
+"""Euler and ancestral Euler on the VP path, at fractional timesteps (Karras grids, custom sigmas)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from diffusers.configuration_utils import register_to_config
+
+from ..solvers import ddim_step
+from .vp import VPSchedulerBase
+
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+class _EulerGrid(VPSchedulerBase):
+    fractional_timesteps = True
+
+    def _final_level(self) -> tuple[float, float]:
+        if self.config.final_sigmas_type == "zero":
+            return (1.0, 0.0)
+        return tuple(float(v) for v in self.schedule.alpha_sigma(0.0))
+
+    def _setup_euler(self) -> None:
+        self._setup_vp()
+        self._check_choice("final_sigmas_type", self.config.final_sigmas_type, FINAL_SIGMAS_TYPES)
+
+
+class ZTSNREulerScheduler(_EulerGrid):
+    """Euler on the probability-flow ODE; drop-in for ``diffusers.EulerDiscreteScheduler``.
+
+    The latent is kept in VP form (``scale_model_input`` is the identity, ``init_noise_sigma`` is 1),
+    where Euler's step in ``sigma/alpha`` equals DDIM with ``eta = 0``; that is what lets it start from
+    SNR 0 without diffusers' ``alphabar_T = 2**-24`` clamp. ``use_karras_sigmas`` keeps the SNR-0 start
+    and applies Karras' spacing from the next timestep on; ``set_timesteps(sigmas=...)`` takes
+    diffusers' ``sigma/alpha`` values.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "flow",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_karras_sigmas: bool = False,
+        final_sigmas_type: str = "zero",
+        epsilon_zero_snr_clamp: float | None = None,
+    ):
+        self._setup_euler()
+
+    def _update(self, x, x0, eps, level, next_level, draw_noise):
+        return ddim_step(x0, eps, level, next_level)
+
+
+class ZTSNREulerAncestralScheduler(_EulerGrid):
+    """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``, eta = 1); drop-in for
+    ``diffusers.EulerAncestralDiscreteScheduler``.
+
+    In VP form the ancestral step is DDIM with ``eta = 1``: its noise ``sigma_up`` is computed from
+    the ratio ``alpha * sigma_n / (alpha_n * sigma)``, so it is finite at ``alphabar_T = 0`` (diffusers
+    gives NaN there, issue #14213) and in fp16 with the cosine schedule (Inf in diffusers).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "flow",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_karras_sigmas: bool = False,
+        final_sigmas_type: str = "zero",
+        eta: float = 1.0,
+        epsilon_zero_snr_clamp: float | None = None,
+    ):
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta={eta} must lie in [0, 1].")
+        self._setup_euler()
+
+    def _update(self, x, x0, eps, level, next_level, draw_noise):
+        return ddim_step(x0, eps, level, next_level, self.config.eta, draw_noise())

@@ -1,0 +1,122 @@
+"""Flow-matching sampler (SD3, Flux): Euler or second-order multistep on ``x_s = (1-s) x0 + s eps``."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from ..schedule import dynamic_shift_flow_sigmas, shift_flow_sigmas, stretch_flow_sigmas_to_terminal
+from ..solvers import ddim_step, dpmpp_2m_step
+from .base import ZTSNRSchedulerBase
+
+
+class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
+    """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler`` (same keys, same grids, same shift
+    and ``mu`` handling), sampling models of any parameterization on the flow path.
+
+    Time convention: diffusers' ``s`` in ``[0, 1]``, ``s = 1`` pure noise (SNR 0, exact), model time
+    ``t = num_train_timesteps * s``. ``prediction_type`` defaults to ``flow_prediction``
+    (``eps - x0``); ``solver_order=1`` is Euler (identical to diffusers' sampler), ``2`` is
+    DPM-Solver++(2M) written on the flow path, which needs no extra model evaluations.
+    """
+
+    path = "flow"
+    rejected_config_keys = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: float | None = None,
+        time_shift_type: str = "exponential",
+        prediction_type: str = "flow_prediction",
+        solver_order: int = 2,
+        epsilon_zero_snr_clamp: float | None = None,
+    ):
+        self._check_prediction_type(prediction_type)
+        self._check_choice("solver_order", solver_order, (1, 2))
+        self._check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        if shift <= 0:
+            raise ValueError(f"shift={shift} must be > 0.")
+        if shift_terminal is not None and not 0 < shift_terminal < 1:
+            raise ValueError(f"shift_terminal={shift_terminal} must lie in (0, 1), or be None.")
+        if epsilon_zero_snr_clamp is not None and not 0 < epsilon_zero_snr_clamp < 1:
+            raise ValueError(f"epsilon_zero_snr_clamp={epsilon_zero_snr_clamp} must lie in (0, 1), or be None.")
+        T = num_train_timesteps
+        # diffusers' default grid runs from the (shifted) training sigma_max to sigma_min
+        s_min = torch.tensor(1.0 / T, dtype=torch.float64)
+        self.sigma_min = float(s_min if use_dynamic_shifting else shift_flow_sigmas(s_min, shift))
+        self.sigma_max = 1.0
+
+    @property
+    def shift(self) -> float:
+        return self.config.shift
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        """Build the grid like diffusers: ``sigmas`` (unshifted flow times, decreasing in ``(0, 1]``)
+        or ``timesteps`` (model times) or ``num_inference_steps``; then the static shift, or the
+        dynamic shift with ``mu`` (which FluxPipeline computes from the image size, see
+        :func:`diffusers_ztsnr.schedule.flow_mu`); then ``shift_terminal``. The last step goes to s = 0."""
+        self._check_custom_grid_args(num_inference_steps, timesteps, sigmas)
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        if sigmas is not None:
+            s = torch.as_tensor(sigmas, dtype=torch.float64)
+        elif timesteps is not None:
+            s = torch.as_tensor(timesteps, dtype=torch.float64) / T
+        else:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+                raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
+            if not 1 <= num_inference_steps <= T:
+                raise ValueError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}].")
+            s = torch.linspace(self.sigma_max, self.sigma_min, num_inference_steps, dtype=torch.float64)
+        if s.ndim != 1 or len(s) == 0 or bool((s.diff() >= 0).any()) or bool(((s <= 0) | (s > 1)).any()):
+            raise ValueError("flow sigmas must be strictly decreasing values in (0, 1] (the final 0 is added).")
+        if cfg.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError(
+                    "use_dynamic_shifting=True needs mu= in set_timesteps (FluxPipeline passes it; compute it "
+                    "with diffusers_ztsnr.schedule.flow_mu(image_seq_len))."
+                )
+            s = dynamic_shift_flow_sigmas(s, mu, 1.0, cfg.time_shift_type)
+        else:
+            s = shift_flow_sigmas(s, cfg.shift)
+        if cfg.shift_terminal:
+            s = stretch_flow_sigmas_to_terminal(s, cfg.shift_terminal)
+        model_timesteps = torch.as_tensor(timesteps, dtype=torch.float32) if timesteps is not None else (s * T).float()
+        levels = torch.stack([1 - s, s], 1)
+        levels = torch.cat([levels, torch.tensor([[1.0, 0.0]], dtype=torch.float64)])
+        self._reset(model_timesteps, levels, device)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """Flow times of the grid, ending with 0 (diffusers' attribute)."""
+        return torch.tensor([level[1] for level in self._levels], dtype=torch.float32)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """``(1 - s) * sample + s * noise`` with ``s = timestep / num_train_timesteps`` (img2img)."""
+        s = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1) / self.config.num_train_timesteps
+        s = s.to(sample.device, sample.dtype).reshape((-1,) + (1,) * (sample.ndim - 1))
+        return (1 - s) * sample + s * noise
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        return self.scale_noise(original_samples, timesteps, noise)
+
+    def _update(self, x, x0, eps, level, next_level, draw_noise):
+        if self.config.solver_order == 1:
+            return ddim_step(x0, eps, level, next_level)
+        previous_x0, previous_level = self._previous if self._previous else (None, None)
+        return dpmpp_2m_step(x, x0, level, next_level, previous_x0, previous_level)

@@ -1,0 +1,115 @@
+"""Grid construction shared by the schedulers that sample the discrete VP path (SD 1.x/2.x/SDXL)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..parameterization import from_x0_eps
+from ..schedule import VPSchedule
+from ..spacing import SPACINGS, check_num_inference_steps, discrete_timesteps, karras_grid
+from .base import ZTSNRSchedulerBase
+
+
+class VPSchedulerBase(ZTSNRSchedulerBase):
+    """Holds a :class:`~diffusers_ztsnr.schedule.VPSchedule` built from diffusers' config keys.
+
+    Subclasses set ``fractional_timesteps`` (whether the model may be called between integer
+    timesteps, which Karras grids and custom ``sigmas`` need) and may override :meth:`_final_level`.
+    """
+
+    path = "vp"
+    fractional_timesteps = False
+
+    def _setup_vp(self) -> None:
+        cfg = self.config
+        self._check_prediction_type(cfg.prediction_type)
+        self._check_choice("timestep_spacing", cfg.timestep_spacing, SPACINGS)
+        if cfg.steps_offset < 0:
+            raise ValueError(f"steps_offset={cfg.steps_offset} must be >= 0.")
+        clamp = cfg.epsilon_zero_snr_clamp
+        if clamp is not None and not 0 < clamp < 1:
+            raise ValueError(f"epsilon_zero_snr_clamp={clamp} must lie in (0, 1) (an alphabar), or be None.")
+        self.schedule = VPSchedule.from_config(
+            cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas,
+            cfg.rescale_betas_zero_snr,
+        )
+        self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        self.betas = self.schedule.betas.float()
+        if cfg.rescale_betas_zero_snr and cfg.timestep_spacing == "leading":
+            warnings.warn(
+                "rescale_betas_zero_snr=True with timestep_spacing='leading': the first timestep is not the "
+                "zero-SNR one, so sampling from pure noise keeps the train/test mismatch ZTSNR removes. "
+                "Pass timestep_spacing='trailing' or 'logsnr'.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _final_level(self) -> tuple[float, float]:
+        """The level the last step goes to: clean data."""
+        return (1.0, 0.0)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+    ) -> None:
+        """Build the grid: from ``num_inference_steps`` and ``config.timestep_spacing``; or from
+        custom integer ``timesteps`` (decreasing, in ``[0, T-1]``); or from custom ``sigmas`` in
+        diffusers' Euler convention, ``sigma/alpha`` (decreasing; ``inf`` is the zero-SNR timestep, a
+        trailing 0 is dropped since the last step always goes to the final level)."""
+        self._check_custom_grid_args(num_inference_steps, timesteps, sigmas)
+        T = self.config.num_train_timesteps
+        if timesteps is not None:
+            grid = torch.as_tensor(timesteps, dtype=torch.float64)
+            if grid.ndim != 1 or len(grid) == 0 or bool((grid.diff() >= 0).any()):
+                raise ValueError("custom timesteps must be a non-empty, strictly decreasing list.")
+            if bool(((grid < 0) | (grid > T - 1)).any()):
+                raise ValueError(f"custom timesteps must lie in [0, {T - 1}].")
+            if not self.fractional_timesteps and bool((grid != grid.round()).any()):
+                raise ValueError(f"{type(self).__name__} takes integer timesteps only.")
+        elif sigmas is not None:
+            if not self.fractional_timesteps:
+                raise ValueError(f"{type(self).__name__} does not accept sigmas=; pass timesteps= instead.")
+            ve = torch.as_tensor(sigmas, dtype=torch.float64)
+            if len(ve) > 1 and float(ve[-1]) == 0:
+                ve = ve[:-1]
+            if ve.ndim != 1 or len(ve) == 0 or bool((ve.diff() >= 0).any()) or bool((ve <= 0).any()):
+                raise ValueError("custom sigmas must be positive and strictly decreasing (a final 0 is allowed).")
+            alpha = torch.where(torch.isinf(ve), torch.zeros_like(ve), 1 / (1 + ve**2).sqrt())
+            grid = self.schedule.timestep_from_alpha(alpha)
+        elif getattr(self.config, "use_karras_sigmas", False):
+            check_num_inference_steps(num_inference_steps, T)
+            grid = karras_grid(self.schedule, num_inference_steps)
+        else:
+            grid = discrete_timesteps(
+                self.schedule, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
+            ).double()
+        alpha, sigma = self.schedule.alpha_sigma(grid)
+        levels = torch.cat([torch.stack([alpha, sigma], 1), torch.tensor([self._final_level()], dtype=torch.float64)])
+        model_timesteps = grid.float() if self.fractional_timesteps else grid.long()
+        self._reset(model_timesteps, levels, device)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The grid as diffusers' Euler ``sigma/alpha`` (``inf`` at a zero-SNR point, 0 at the end)."""
+        levels = torch.tensor(self._levels, dtype=torch.float64)
+        return torch.where(levels[:, 0] > 0, levels[:, 1] / levels[:, 0], torch.full_like(levels[:, 0], torch.inf))
+
+    def _levels_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha, sigma = self.schedule.alpha_sigma(timesteps.detach().to("cpu", torch.float64))
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return (alpha.to(like.device, like.dtype).reshape(shape), sigma.to(like.device, like.dtype).reshape(shape))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``alpha_t * x0 + sigma_t * noise`` at (fractional) training timesteps, one per sample."""
+        alpha, sigma = self._levels_at(torch.as_tensor(timesteps).reshape(-1), original_samples)
+        return alpha * original_samples + sigma * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``alpha_t * noise - sigma_t * x0`` (diffusers' name)."""
+        alpha, sigma = self._levels_at(torch.as_tensor(timesteps).reshape(-1), sample)
+        return from_x0_eps(sample, noise, alpha.flatten(), sigma.flatten(), "v_prediction")
