@@ -46,6 +46,11 @@ def ddim_step(
     return out
 
 
+#: second order only while ``h_prev / h`` is at least this: a step much longer in log-SNR than the
+#: previous one would extrapolate the x0 trend far beyond where it was measured (``1 / (2r)`` blows up)
+MIN_STEP_RATIO = 0.5
+
+
 def dpmpp_2m_step(
     x: torch.Tensor,
     x0: torch.Tensor,
@@ -74,7 +79,10 @@ def dpmpp_2m_step(
         lam = math.log(alpha / sigma)
         h = math.log(alpha_n / sigma_n) - lam
         h_prev = lam - math.log(previous_level[0] / previous_level[1])
-        slope = (x0 - previous_x0) / (h_prev / h)  # D1 of diffusers' notation times r
+        ratio = h_prev / h
+        if ratio < MIN_STEP_RATIO:
+            return (sigma_n / sigma) * x + alpha_n * (1 - decay) * x0
+        slope = (x0 - previous_x0) / ratio  # D1 of diffusers' notation
         if solver_type == "midpoint":
             x0_term = x0 + 0.5 * slope
         elif solver_type == "heun":

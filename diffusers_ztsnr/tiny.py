@@ -530,6 +530,20 @@ def _build_flux(seed: int) -> FluxPipeline:
     )
 
 
+def _cast(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
+    """Cast every model of ``pipe`` to ``dtype`` in place.
+
+    Uses ``torch.nn.Module.to`` directly: diffusers' ``ModelMixin.to(dtype=...)`` logs a spurious
+    "should be kept in float32: []" warning for every model (0.42), and none of these tiny models has
+    modules that must stay in float32.
+    """
+    if dtype == torch.float32:
+        return
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, dtype=dtype)
+
+
 _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -575,8 +589,7 @@ def make_tiny_pipeline(
     builder = _BUILDERS[_check_kind(kind)]
     with torch.random.fork_rng(devices=[]):
         pipe = builder(int(seed))
-    if torch_dtype != torch.float32:
-        pipe = pipe.to(dtype=torch_dtype)
+    _cast(pipe, torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -631,12 +644,14 @@ def load_tiny_pipeline(
     Args:
         kind: one of :data:`TINY_KINDS` (selects the pipeline class).
         path: a directory written by :func:`save_tiny_pipeline` (or ``save_pretrained``).
-        torch_dtype: dtype to load the models in.
+        torch_dtype: dtype the models are cast to after loading (bitwise reproduction needs float32).
 
     Raises:
         ValueError: if ``kind`` is not one of :data:`TINY_KINDS`.
     """
-    pipe = tiny_pipeline_class(kind).from_pretrained(str(path), torch_dtype=torch_dtype)
+    pipe = tiny_pipeline_class(kind).from_pretrained(str(path))
+    # cast after loading: the from_pretrained keyword is ``torch_dtype`` or ``dtype`` by diffusers version
+    _cast(pipe, torch_dtype)
     _reallocate_weights(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
