@@ -54,6 +54,22 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         return self.means[comp] + self.variances[comp].sqrt() * z
 
+    def ode_transport(
+        self, x: torch.Tensor, start: tuple[float, float], end: tuple[float, float]
+    ) -> torch.Tensor:
+        """Exact solution of the probability-flow ODE from level ``start`` to ``end`` (one Gaussian).
+
+        Per dimension ``x_t`` has mean ``alpha * mu`` and std ``sqrt(alpha**2 * var + sigma**2)``, and the
+        ODE moves each point keeping its standardized value. With ``end = (1, 0)`` this is the exact
+        sample a deterministic sampler converges to from the initial latent ``x``.
+        """
+        if len(self.weights) != 1:
+            raise ValueError("ode_transport is closed form for a single Gaussian only.")
+        mu, var = self.means[0], self.variances[0]
+        (a0, s0), (a1, s1) = start, end
+        standardized = (x.double() - a0 * mu) / (a0**2 * var + s0**2).sqrt()
+        return a1 * mu + (a1**2 * var + s1**2).sqrt() * standardized
+
     def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``E[x0 | x_t = x]`` for rows ``x`` of shape ``[B, dim]``; ``alpha``/``sigma`` scalars or ``[B]``."""
         x = x.double()

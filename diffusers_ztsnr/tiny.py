@@ -20,9 +20,9 @@ Shapes (all VAEs have two blocks, i.e. a spatial factor of 2)::
     flux   FluxPipeline                16 ch, /2       transformer (B, 256, 64) packed 2x2 tokens
 
 The default image size of every tiny pipeline is 64 x 64 except Flux, whose pipeline hard-codes a
-default of ``128 * vae_scale_factor`` (256 px): always pass ``height`` / ``width`` explicitly. Heights and
-widths must be multiples of 4 for SD3 and Flux (VAE factor x patch / packing factor) and of 2 for
-SD 1.5 / SDXL (a multiple of 8 is safest for the UNet's down/up sampling: use 32 or 64).
+default of ``128 * vae_scale_factor`` (256 px): always pass ``height`` / ``width`` explicitly (32 and 64,
+square or not, work for every kind). The pipelines' own checks require multiples of 8 for SD 1.5 / SDXL
+and of 4 (VAE factor x patch / packing factor) for SD3 and Flux.
 """
 
 from __future__ import annotations
