@@ -121,8 +121,7 @@ class AnalyticModel:
             if bool((s == 0).any()):
                 raise ValueError("the analytic model is only defined at sigma > 0.")
             eps = (flat - a * x0) / s
-            out = from_x0_eps(x0, eps, alpha.flatten() if alpha.ndim else alpha, sigma.flatten() if sigma.ndim else sigma,
-                              self.prediction_type)
+            out = from_x0_eps(x0, eps, alpha.reshape(-1), sigma.reshape(-1), self.prediction_type)
         return out.reshape(x.shape).to(x.dtype)
 
 

@@ -47,6 +47,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    SchedulerMixin,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -350,7 +351,7 @@ _SCHEDULER_CONFIGS: dict[str, dict] = {
     },
 }
 
-_SCHEDULER_CLASSES: dict[str, type] = {
+_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {
     "sd15": PNDMScheduler,
     "sdxl": EulerDiscreteScheduler,
     "sd3": FlowMatchEulerDiscreteScheduler,
@@ -358,7 +359,7 @@ _SCHEDULER_CLASSES: dict[str, type] = {
 }
 
 
-def _scheduler(kind: str):
+def _scheduler(kind: str) -> SchedulerMixin:
     return _SCHEDULER_CLASSES[kind].from_config(copy.deepcopy(_SCHEDULER_CONFIGS[kind]))
 
 
@@ -644,7 +645,7 @@ def load_tiny_pipeline(
     Args:
         kind: one of :data:`TINY_KINDS` (selects the pipeline class).
         path: a directory written by :func:`save_tiny_pipeline` (or ``save_pretrained``).
-        torch_dtype: dtype the models are cast to after loading (bitwise reproduction needs float32).
+        torch_dtype: dtype the models are cast to after loading (as :func:`make_tiny_pipeline` does).
 
     Raises:
         ValueError: if ``kind`` is not one of :data:`TINY_KINDS`.

@@ -198,7 +198,9 @@ def test_conversions_round_trip_and_agree_with_definitions(lv, source, target, s
 
 def test_singular_cases_raise_clear_errors():
     x = torch.randn(4)
-    with pytest.raises(SingularParameterizationError, match="epsilon prediction carries no information about x0 at SNR = 0"):
+    with pytest.raises(
+        SingularParameterizationError, match="epsilon prediction carries no information about x0 at SNR = 0"
+    ):
         to_x0_eps(x, x, 0.0, 1.0, "epsilon")
     with pytest.raises(SingularParameterizationError, match="score"):
         to_x0_eps(x, x, 0.0, 1.0, "score")

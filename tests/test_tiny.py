@@ -83,6 +83,16 @@ def _public_config(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waits made
+    single pipeline calls take seconds instead of ~0.2 s: run this module single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipes() -> dict[str, DiffusionPipeline]:
     return {kind: make_tiny_pipeline(kind) for kind in TINY_KINDS}
@@ -308,7 +318,8 @@ def test_clip_tokenizer(tmp_path):
     text = "Any Text, even ünïcödé & emoji 🐱!"
     ids = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in ids[1:-1]  # byte-level: nothing is unknown
-    assert tokenizer.decode(ids, skip_special_tokens=True) == text.lower()
+    # CLIP decoding turns every "</w>" into a space, so compare without spaces
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == text.lower().replace(" ", "")
 
     in_memory = build_clip_tokenizer()
     assert in_memory(text).input_ids == ids
