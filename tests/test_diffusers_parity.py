@@ -113,7 +113,9 @@ def test_flow_euler_equals_flowmatch_euler(config, n, mu):
 
 # --- where diffusers is wrong -------------------------------------------------------------------
 
-POINT = GaussianMixture.gaussian(torch.full((4,), 0.7, dtype=torch.float64), torch.full((4,), 1e-12, dtype=torch.float64))
+POINT = GaussianMixture.gaussian(
+    torch.full((4,), 0.7, dtype=torch.float64), torch.full((4,), 1e-12, dtype=torch.float64)
+)  # data concentrated at a point: the exact model's x0 and eps estimates are exact
 
 
 def test_diffusers_ddim_off_by_one_when_n_does_not_divide_T():
