@@ -34,7 +34,7 @@ def run_pair(ours, theirs, model, n, theirs_scale=1.0, set_kw=None, theirs_set_k
     z = torch.randn(64, GAUSSIAN.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     x_ours, x_theirs = z.clone(), z * theirs_scale
     torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), atol=1e-3, rtol=0)
-    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
+    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps, strict=True):
         x_ours = ours.step(model(x_ours, t_ours), t_ours, x_ours).prev_sample
         theirs_in = theirs.scale_model_input(x_theirs, t_theirs)
         x_theirs = theirs.step(model(theirs_in, t_theirs), t_theirs, x_theirs).prev_sample
