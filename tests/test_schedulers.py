@@ -37,7 +37,9 @@ def test_vp_from_real_configs_honours_diffusers_keys(cls, config):
     cfg = load(config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: trailing is what we pass
-        s = cls.from_config(cfg, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+        s = cls.from_config(
+            cfg, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"
+        )
     assert s.config.beta_schedule == "scaled_linear" and s.config.beta_end == 0.012
     assert s.config.steps_offset == 1 and s.schedule.is_zero_terminal_snr
     s.set_timesteps(4)
