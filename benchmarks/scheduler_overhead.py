@@ -1,0 +1,264 @@
+"""Scheduler overhead: microseconds per ``scale_model_input`` + ``step`` call, ours vs diffusers.
+
+Run: ``python benchmarks/scheduler_overhead.py`` (``--quick`` for a smoke run, ``--json PATH`` to dump
+the numbers).
+
+What is timed: a sampling loop of ``--steps`` steps (default 50) on a 1x4x128x128 latent (SDXL at
+1024 px) with a fixed fake model output, so no model cost: per step ``scale_model_input`` (where the
+scheduler has one) then ``step``. ``set_timesteps`` is timed separately and not included in µs/step.
+Each timed run is one full loop; runs alternate ours/theirs (the order flipped every repeat) and the
+median over ``--repeats`` runs is reported, after one untimed warm-up run each. torch runs on ONE
+thread (``torch.set_num_threads(1)``) for stable timings; absolute numbers depend on the CPU and on
+other load, the ratio ours/theirs is the figure to read.
+
+Pairs (same config for both: v_prediction; VP ones on SD's ``scaled_linear`` schedule rescaled to zero
+terminal SNR with ``timestep_spacing="trailing"``; flow ones ``shift=3.0``):
+DDIM vs DDIMScheduler (``clip_sample=False``, the SD configs' value), Euler vs EulerDiscreteScheduler,
+ancestral Euler vs EulerAncestralDiscreteScheduler, DPM-Solver++(2M) vs DPMSolverMultistepScheduler,
+our flow scheduler with ``solver_order`` 1 and 2 vs FlowMatchEulerDiscreteScheduler.
+
+Also run with fp16 latents (and fp16 model output). Our ``step`` upcasts to float32 internally for
+fp16 inputs and casts the result back; diffusers' Euler-type schedulers upcast too, its DDIM works in
+the input dtype. ``finite`` tells whether the loop's final latent is finite (the fake model output is
+not a real model, so this is informational only). A scheduler that raises shows ``crash (Type)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import diffusers
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+from diffusers_ztsnr import (
+    ZTSNRDDIMScheduler,
+    ZTSNRDPMSolverMultistepScheduler,
+    ZTSNREulerAncestralScheduler,
+    ZTSNREulerScheduler,
+    ZTSNRFlowMatchScheduler,
+)
+
+VP = dict(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+)
+FLOW_SHIFT = 3.0
+SHAPE = (1, 4, 128, 128)
+
+
+# --- machine info and tables ------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """``platform.processor()``, or the model name from /proc/cpuinfo where that is empty (Linux)."""
+    name = platform.processor()
+    if not name or name in ("x86_64", "aarch64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    return name or platform.machine()
+
+
+def machine_header() -> str:
+    return (
+        f"machine: {cpu_name()} ({os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}), "
+        f"python {platform.python_version()}, torch {torch.__version__} (threads {torch.get_num_threads()}), "
+        f"diffusers {diffusers.__version__}, date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+# --- pairs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    label: str
+    ours: Callable[[], object]
+    theirs: Callable[[], object]
+
+
+PAIRS = [
+    Pair("DDIM", lambda: ZTSNRDDIMScheduler(**VP), lambda: DDIMScheduler(**VP, clip_sample=False)),
+    Pair("Euler", lambda: ZTSNREulerScheduler(**VP), lambda: EulerDiscreteScheduler(**VP)),
+    Pair(
+        "EulerAncestral", lambda: ZTSNREulerAncestralScheduler(**VP), lambda: EulerAncestralDiscreteScheduler(**VP)
+    ),
+    Pair("DPM++2M", lambda: ZTSNRDPMSolverMultistepScheduler(**VP), lambda: DPMSolverMultistepScheduler(**VP)),
+    Pair(
+        "Flow order 1 vs FlowMatchEuler",
+        lambda: ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=1),
+        lambda: FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+    ),
+    Pair(
+        "Flow order 2 vs FlowMatchEuler",
+        lambda: ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=2),
+        lambda: FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+    ),
+]
+
+
+class Runner:
+    """One scheduler, one dtype: times full sampling loops with a fixed fake model output."""
+
+    def __init__(self, make: Callable[[], object], dtype: torch.dtype, steps: int):
+        self.scheduler = make()
+        self.dtype, self.steps = dtype, steps
+        g = torch.Generator().manual_seed(0)
+        self.noise = torch.randn(SHAPE, generator=g).to(dtype)
+        self.model_output = (0.5 * torch.randn(SHAPE, generator=g)).to(dtype)
+        self.scale = getattr(self.scheduler, "scale_model_input", None)
+        self.takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        self.step_us: list[float] = []
+        self.set_us: list[float] = []
+        self.finite = True
+        self.error: str | None = None
+
+    def run(self, record: bool = True) -> None:
+        if self.error:
+            return
+        try:
+            self._run(record)
+        except Exception as exc:  # a crash of a scheduler is a result, not a failure of the benchmark
+            self.error = f"crash ({type(exc).__name__})"
+
+    def _run(self, record: bool) -> None:
+        s, out, scale = self.scheduler, self.model_output, self.scale
+        kw = dict(generator=torch.Generator().manual_seed(1)) if self.takes_generator else {}
+        t0 = time.perf_counter()
+        s.set_timesteps(self.steps)
+        t1 = time.perf_counter()
+        x = self.noise * getattr(s, "init_noise_sigma", 1.0)
+        x = x.to(self.dtype)
+        t2 = time.perf_counter()
+        for t in s.timesteps:
+            if scale is not None:
+                scale(x, t)  # the model would see this; its value is not needed here
+            x = s.step(out, t, x, **kw).prev_sample
+        t3 = time.perf_counter()
+        if record:
+            self.set_us.append((t1 - t0) * 1e6)
+            self.step_us.append((t3 - t2) * 1e6 / self.steps)
+        self.finite = self.finite and bool(torch.isfinite(x).all())
+
+
+def fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 20 steps (< 60 s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per scheduler and dtype (default 30)")
+    p.add_argument("--steps", type=int, default=None, help="steps per sampling run (default 50)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    p.add_argument("--json", metavar="PATH", default=None, help="also write all numbers to PATH as JSON")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 30)
+    steps = args.steps or (20 if args.quick else 50)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+
+    print("# Scheduler overhead: µs per scale_model_input + step, ours vs diffusers (no model cost)")
+    print()
+    print(machine_header())
+    print(
+        f"latent {'x'.join(map(str, SHAPE))}, {steps} steps per run, median of {repeats} runs per scheduler "
+        "(interleaved ours/theirs, 1 warm-up each), torch.set_num_threads(1); VP: v_prediction, SD schedule, "
+        f"rescale_betas_zero_snr=True, trailing; flow: shift={FLOW_SHIFT}"
+    )
+    print()
+
+    results = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        runners = [(pair, Runner(pair.ours, dtype, steps), Runner(pair.theirs, dtype, steps)) for pair in PAIRS]
+        for _, ours, theirs in runners:  # warm-up
+            ours.run(record=False)
+            theirs.run(record=False)
+        for r in range(repeats):
+            for _, ours, theirs in runners:
+                first, second = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+                first.run()
+                second.run()
+        for pair, ours, theirs in runners:
+            med = {}
+            for name, runner in (("ours", ours), ("theirs", theirs)):
+                ok = runner.error is None and runner.step_us
+                med[name] = statistics.median(runner.step_us) if ok else None
+                med[name + "_set"] = statistics.median(runner.set_us) if ok else None
+            ratio = med["ours"] / med["theirs"] if med["ours"] and med["theirs"] else None
+            results.append(
+                dict(
+                    pair=pair.label, dtype=dtype_name, ours_us=med["ours"], theirs_us=med["theirs"], ratio=ratio,
+                    ours_set_timesteps_us=med["ours_set"], theirs_set_timesteps_us=med["theirs_set"],
+                    ours_error=ours.error, theirs_error=theirs.error, ours_finite=ours.finite,
+                    theirs_finite=theirs.finite, ours_runs_us=ours.step_us, theirs_runs_us=theirs.step_us,
+                )
+            )
+
+    header = [
+        "pair (ours vs diffusers)", "latent dtype", "ours µs/step", "diffusers µs/step", "ours/diffusers",
+        "set_timesteps µs (ours / diffusers)", "finite (ours / diffusers)",
+    ]
+    body = []
+    for res in results:
+        ours_cell = res["ours_error"] or fmt(res["ours_us"])
+        theirs_cell = res["theirs_error"] or fmt(res["theirs_us"])
+        body.append([
+            res["pair"], res["dtype"], ours_cell, theirs_cell,
+            "—" if res["ratio"] is None else f"{res['ratio']:.2f}",
+            f"{fmt(res['ours_set_timesteps_us'])} / {fmt(res['theirs_set_timesteps_us'])}",
+            f"{'yes' if res['ours_finite'] else 'no'} / {'yes' if res['theirs_finite'] else 'no'}",
+        ])
+    print(markdown_table(header, body))
+    print()
+    print("Legend: µs/step = median over runs of (loop time / steps), each step = scale_model_input (if the")
+    print("scheduler has one) + step; ours/diffusers < 1 means ours is faster. set_timesteps is timed once per")
+    print("run and not included. Ours upcasts fp16 latents to float32 inside step. finite = the final latent")
+    print("of a loop with a constant fake model output is finite (informational). crash (X) = raised X.")
+    elapsed = time.perf_counter() - start
+    print(f"runtime: {elapsed:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(header=machine_header(), shape=SHAPE, steps=steps, repeats=repeats, results=results,
+                     runtime_s=elapsed),
+                f, indent=1,
+            )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
