@@ -34,45 +34,39 @@ class SingularParameterizationError(ValueError):
     """The requested conversion has no solution at this noise level."""
 
 
-def _coefficients(name: str, alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
+Level = torch.Tensor | float
+
+
+def _any(condition) -> bool:
+    return bool(condition.any()) if isinstance(condition, torch.Tensor) else bool(condition)
+
+
+def _coefficients(name: str, alpha: Level, sigma: Level) -> tuple[Level, Level]:
+    """``(a, b)`` with ``output = a * x0 + b * eps``; plain arithmetic, so floats or tensors alike."""
+    zero = 0.0 * alpha
     if name == "epsilon":
-        return zero, one
+        return zero, zero + 1.0
     if name == "sample":
-        return one, zero
+        return zero + 1.0, zero
     if name == "v_prediction":
         return -sigma, alpha
     if name == "flow_prediction":
-        return -one, one
+        return zero - 1.0, zero + 1.0
     if name == "score":
-        if bool((sigma == 0).any()):
+        if _any(sigma == 0):
             raise SingularParameterizationError("the score -eps/sigma is undefined at sigma = 0 (clean data).")
         return zero, -1 / sigma
     raise ValueError(f"unknown parameterization {name!r}; allowed: {', '.join(PARAMETERIZATIONS)}.")
 
 
-def _as_level(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    level = torch.as_tensor(value, dtype=torch.float64)
-    # broadcast a per-sample level (shape [B]) over the trailing dimensions of the data
-    while level.ndim and level.ndim < like.ndim:
-        level = level.reshape(*level.shape, 1)
-    return level
+def solve_coefficients(parameterization: str, alpha: Level, sigma: Level) -> tuple[Level, Level, Level, Level]:
+    """The 2x2 solve: ``(p, q, r, s)`` with ``x0 = p * x_t + q * output`` and ``eps = r * x_t + s * output``.
 
-
-def to_x0_eps(
-    output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor | float,
-    parameterization: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0, eps)`` implied by a model ``output`` in ``parameterization`` at the noisy ``sample``.
-
-    ``alpha``/``sigma`` are scalars or per-sample tensors of shape ``[B]``. The solve runs in float32
-    at least (float64 if the inputs are float64) so fp16/bf16 latents neither overflow nor lose the
-    small coefficients; the results have the dtype of ``sample``.
+    Raises :class:`SingularParameterizationError` where the determinant ``alpha * b - sigma * a`` is 0.
     """
-    alpha64, sigma64 = _as_level(alpha, sample), _as_level(sigma, sample)
-    a, b = _coefficients(parameterization, alpha64, sigma64)
-    det = alpha64 * b - sigma64 * a
-    if bool((det == 0).any()):
+    a, b = _coefficients(parameterization, alpha, sigma)
+    det = alpha * b - sigma * a
+    if _any(det == 0):
         if parameterization in ("epsilon", "score"):
             raise SingularParameterizationError(
                 f"a {parameterization} prediction carries no information about x0 at SNR = 0 (alpha = 0): "
@@ -83,24 +77,66 @@ def to_x0_eps(
             f"a {parameterization} prediction says nothing about the noise at sigma = 0 (clean input), "
             "so it cannot be converted there; evaluate models only at sigma > 0."
         )
-    work = torch.promote_types(sample.dtype, torch.float32)
-    x, y = sample.to(work), output.to(work)
-    a, b, det, al, si = (c.to(device=sample.device, dtype=work) for c in (a, b, det, alpha64, sigma64))
-    x0 = (b * x - si * y) / det
-    eps = (al * y - a * x) / det
-    return x0.to(sample.dtype), eps.to(sample.dtype)
+    return b / det, -sigma / det, -a / det, alpha / det
 
 
-def from_x0_eps(
-    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor | float,
-    parameterization: str,
+def _as_level(value: Level, like: torch.Tensor) -> Level:
+    if isinstance(value, (int, float)):
+        return float(value)
+    level = torch.as_tensor(value, dtype=torch.float64)
+    if level.ndim == 0:
+        return float(level)
+    # broadcast a per-sample level (shape [B]) over the trailing dimensions of the data
+    return level.reshape(*level.shape, *([1] * (like.ndim - level.ndim)))
+
+
+def _combine(c1: Level, t1: torch.Tensor, c2: Level, t2: torch.Tensor) -> torch.Tensor:
+    """``c1 * t1 + c2 * t2`` (two kernels when the coefficients are Python numbers)."""
+    if isinstance(c1, float) and isinstance(c2, float):
+        return torch.add(t1 * c1, t2, alpha=c2)
+
+    def cast(c: Level) -> Level:
+        return c if isinstance(c, float) else c.to(t1.device, t1.dtype)
+
+    return cast(c1) * t1 + cast(c2) * t2
+
+
+def _work_dtype(sample: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(sample.dtype, torch.float32)
+
+
+def predicted_x0(
+    output: torch.Tensor, sample: torch.Tensor, alpha: Level, sigma: Level, parameterization: str
 ) -> torch.Tensor:
+    """The ``x0`` implied by ``output`` at the noisy ``sample`` (in the working dtype, float32 at least)."""
+    alpha, sigma = _as_level(alpha, sample), _as_level(sigma, sample)
+    p, q, _, _ = solve_coefficients(parameterization, alpha, sigma)
+    work = _work_dtype(sample)
+    return _combine(p, sample.to(work), q, output.to(work))
+
+
+def to_x0_eps(
+    output: torch.Tensor, sample: torch.Tensor, alpha: Level, sigma: Level, parameterization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0, eps)`` implied by a model ``output`` in ``parameterization`` at the noisy ``sample``.
+
+    ``alpha``/``sigma`` are scalars or per-sample tensors of shape ``[B]``. The solve runs in float32
+    at least (float64 if the inputs are float64) so fp16/bf16 latents neither overflow nor lose the
+    small coefficients; the results have the dtype of ``sample``.
+    """
+    alpha, sigma = _as_level(alpha, sample), _as_level(sigma, sample)
+    p, q, r, s = solve_coefficients(parameterization, alpha, sigma)
+    work = _work_dtype(sample)
+    x, y = sample.to(work), output.to(work)
+    return _combine(p, x, q, y).to(sample.dtype), _combine(r, x, s, y).to(sample.dtype)
+
+
+def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: Level, sigma: Level, parameterization: str) -> torch.Tensor:
     """The quantity ``a * x0 + b * eps`` that a model of ``parameterization`` outputs (or is trained on)."""
-    alpha64, sigma64 = _as_level(alpha, x0), _as_level(sigma, x0)
-    a, b = _coefficients(parameterization, alpha64, sigma64)
-    work = torch.promote_types(x0.dtype, torch.float32)
-    a, b = a.to(device=x0.device, dtype=work), b.to(device=x0.device, dtype=work)
-    return (a * x0.to(work) + b * eps.to(work)).to(x0.dtype)
+    alpha, sigma = _as_level(alpha, x0), _as_level(sigma, x0)
+    a, b = _coefficients(parameterization, alpha, sigma)
+    work = _work_dtype(x0)
+    return _combine(a, x0.to(work), b, eps.to(work)).to(x0.dtype)
 
 
 def convert(
@@ -109,7 +145,7 @@ def convert(
 ) -> torch.Tensor:
     """Convert a model ``output`` from ``source`` to ``target`` parameterization at ``(alpha, sigma)``."""
     if source == target:
-        _coefficients(source, _as_level(alpha, sample), _as_level(sigma, sample))  # validates the name
+        _coefficients(source, _as_level(alpha, sample), _as_level(sigma, sample))  # validates the names
         return output
     x0, eps = to_x0_eps(output, sample, alpha, sigma, source)
     return from_x0_eps(x0, eps, alpha, sigma, target)

@@ -19,19 +19,19 @@ import torch
 
 
 def ddim_step(
+    x: torch.Tensor,
     x0: torch.Tensor,
-    eps: torch.Tensor,
     level: tuple[float, float],
     next_level: tuple[float, float],
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) on a general path.
+    """DDIM (Song et al. 2021, eq. 12) on a general path, from the current ``x`` and its ``x0`` estimate.
 
-    ``x_next = alpha_n * x0 + sqrt(sigma_n**2 - c**2) * eps + c * noise`` with
-    ``c = eta * sigma_n * sqrt(1 - (alpha * sigma_n / (alpha_n * sigma))**2)``, the DDPM posterior
+    ``x_next = alpha_n * x0 + sqrt(sigma_n**2 - c**2) * eps + c * noise`` with ``eps = (x - alpha x0) / sigma``
+    and ``c = eta * sigma_n * sqrt(1 - (alpha * sigma_n / (alpha_n * sigma))**2)``, the DDPM posterior
     standard deviation at ``eta = 1``; it is invariant to rescaling the path, so it is the same formula
-    on VP and flow paths.
+    on VP and flow paths. Written as ``A * x + B * x0`` (two kernels).
     """
     (alpha, sigma), (alpha_n, sigma_n) = level, next_level
     c = 0.0
@@ -40,9 +40,10 @@ def ddim_step(
         c = eta * sigma_n * math.sqrt(max(0.0, 1.0 - ratio * ratio))
         if noise is None:
             raise ValueError("ddim_step with eta > 0 needs a noise tensor.")
-    out = alpha_n * x0 + math.sqrt(max(0.0, sigma_n * sigma_n - c * c)) * eps
+    along = math.sqrt(max(0.0, sigma_n * sigma_n - c * c)) / sigma  # weight of eps, per unit of x
+    out = torch.add(x * along, x0, alpha=alpha_n - along * alpha)
     if c > 0:
-        out = out + c * noise
+        out = out.add_(noise, alpha=c)
     return out
 
 
@@ -80,13 +81,13 @@ def dpmpp_2m_step(
         h = math.log(alpha_n / sigma_n) - lam
         h_prev = lam - math.log(previous_level[0] / previous_level[1])
         ratio = h_prev / h
-        if ratio < MIN_STEP_RATIO:
-            return (sigma_n / sigma) * x + alpha_n * (1 - decay) * x0
-        slope = (x0 - previous_x0) / ratio  # D1 of diffusers' notation
-        if solver_type == "midpoint":
-            x0_term = x0 + 0.5 * slope
-        elif solver_type == "heun":
-            x0_term = x0 + (1 - (1 - decay) / h) / (1 - decay) * slope
-        else:
-            raise ValueError(f"solver_type={solver_type!r}; allowed: 'midpoint', 'heun'.")
-    return (sigma_n / sigma) * x + alpha_n * (1 - decay) * x0_term
+        if ratio >= MIN_STEP_RATIO:
+            if solver_type == "midpoint":
+                weight = 0.5
+            elif solver_type == "heun":
+                weight = (1 - (1 - decay) / h) / (1 - decay)
+            else:
+                raise ValueError(f"solver_type={solver_type!r}; allowed: 'midpoint', 'heun'.")
+            # x0 + weight * D1 with D1 = (x0 - previous_x0) / ratio (diffusers' notation)
+            x0_term = torch.add(x0 * (1 + weight / ratio), previous_x0, alpha=-weight / ratio)
+    return torch.add(x * (sigma_n / sigma), x0_term, alpha=alpha_n * (1 - decay))

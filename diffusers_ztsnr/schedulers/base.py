@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..parameterization import MODEL_PREDICTION_TYPES, to_x0_eps
+from ..parameterization import MODEL_PREDICTION_TYPES, predicted_x0
 
 # diffusers config keys that some diffusers scheduler has and none of ours needs: the value that
 # makes each a no-op. ``None`` means any value is a no-op (it only configures something we replace).
@@ -227,7 +227,7 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
         level, next_level = tuple(self._levels[i]), tuple(self._levels[i + 1])
         work = torch.promote_types(sample.dtype, torch.float32)
         x = sample.to(work)
-        x0, eps = to_x0_eps(model_output.to(work), x, level[0], level[1], self.config.prediction_type)
+        x0 = predicted_x0(model_output, x, level[0], level[1], self.config.prediction_type)
 
         def draw_noise() -> torch.Tensor:
             noise = kwargs.get("variance_noise")
@@ -235,7 +235,7 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
             return noise.to(work)
 
-        prev = self._update(x, x0, eps, level, next_level, draw_noise)
+        prev = self._update(x, x0, level, next_level, draw_noise)
         self._previous = (x0, level)
         self._step_index = i + 1
         prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
@@ -243,7 +243,8 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
             return (prev, x0)
         return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def _update(self, x, x0, eps, level, next_level, draw_noise) -> torch.Tensor:
+    def _update(self, x, x0, level, next_level, draw_noise) -> torch.Tensor:
+        """The update rule: the next latent from the current one and its x0 estimate (working dtype)."""
         raise NotImplementedError
 
     def __len__(self) -> int:

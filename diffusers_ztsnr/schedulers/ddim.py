@@ -64,6 +64,6 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
         self._eta = eta
         return super().step(model_output, timestep, sample, generator, return_dict, variance_noise=variance_noise)
 
-    def _update(self, x, x0, eps, level, next_level, draw_noise):
+    def _update(self, x, x0, level, next_level, draw_noise):
         noise = draw_noise() if self._eta > 0 else None
-        return ddim_step(x0, eps, level, next_level, self._eta, noise)
+        return ddim_step(x, x0, level, next_level, self._eta, noise)

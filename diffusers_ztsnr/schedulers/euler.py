@@ -53,8 +53,8 @@ class ZTSNREulerScheduler(_EulerGrid):
     ):
         self._setup_euler()
 
-    def _update(self, x, x0, eps, level, next_level, draw_noise):
-        return ddim_step(x0, eps, level, next_level)
+    def _update(self, x, x0, level, next_level, draw_noise):
+        return ddim_step(x, x0, level, next_level)
 
 
 class ZTSNREulerAncestralScheduler(_EulerGrid):
@@ -87,5 +87,5 @@ class ZTSNREulerAncestralScheduler(_EulerGrid):
             raise ValueError(f"eta={eta} must lie in [0, 1].")
         self._setup_euler()
 
-    def _update(self, x, x0, eps, level, next_level, draw_noise):
-        return ddim_step(x0, eps, level, next_level, self.config.eta, draw_noise())
+    def _update(self, x, x0, level, next_level, draw_noise):
+        return ddim_step(x, x0, level, next_level, self.config.eta, draw_noise())

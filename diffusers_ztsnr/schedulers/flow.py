@@ -115,8 +115,8 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         return self.scale_noise(original_samples, timesteps, noise)
 
-    def _update(self, x, x0, eps, level, next_level, draw_noise):
+    def _update(self, x, x0, level, next_level, draw_noise):
         if self.config.solver_order == 1:
-            return ddim_step(x0, eps, level, next_level)
+            return ddim_step(x, x0, level, next_level)
         previous_x0, previous_level = self._previous if self._previous else (None, None)
         return dpmpp_2m_step(x, x0, level, next_level, previous_x0, previous_level)

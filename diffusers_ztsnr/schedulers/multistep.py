@@ -43,7 +43,7 @@ class ZTSNRDPMSolverMultistepScheduler(_EulerGrid):
         self._check_choice("solver_type", solver_type, ("midpoint", "heun"))
         self._setup_euler()
 
-    def _update(self, x, x0, eps, level, next_level, draw_noise):
+    def _update(self, x, x0, level, next_level, draw_noise):
         previous_x0, previous_level = self._previous if self._previous else (None, None)
         if self.config.solver_order == 1:
             previous_x0 = None
