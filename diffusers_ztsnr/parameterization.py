@@ -90,15 +90,30 @@ def _as_level(value: Level, like: torch.Tensor) -> Level:
     return level.reshape(*level.shape, *([1] * (like.ndim - level.ndim)))
 
 
-def _combine(c1: Level, t1: torch.Tensor, c2: Level, t2: torch.Tensor) -> torch.Tensor:
-    """``c1 * t1 + c2 * t2`` (two kernels when the coefficients are Python numbers)."""
-    if isinstance(c1, float) and isinstance(c2, float):
-        return torch.add(t1 * c1, t2, alpha=c2)
+def linear_combination(*terms: tuple[Level, torch.Tensor | None]) -> torch.Tensor:
+    """``sum(c * t)`` over ``(c, t)`` terms, skipping zero coefficients.
 
-    def cast(c: Level) -> Level:
-        return c if isinstance(c, float) else c.to(t1.device, t1.dtype)
-
-    return cast(c1) * t1 + cast(c2) * t2
+    With Python-number coefficients each term is one fused kernel (``torch.add(acc, t, alpha=c)``) and a
+    leading coefficient of 1 costs no multiply, which keeps a scheduler step at two kernels where the
+    update allows it. Tensor coefficients (per-sample levels) broadcast as usual.
+    """
+    acc = None
+    for c, t in terms:
+        if isinstance(c, float):
+            if c == 0.0:
+                continue
+            if abs(c - 1.0) <= 4e-16:  # 1 up to rounding of the level arithmetic
+                c = 1.0
+            if acc is None:
+                acc = t if c == 1.0 else t * c
+            else:
+                acc = torch.add(acc, t, alpha=c)
+        else:
+            term = c.to(t.device, t.dtype) * t
+            acc = term if acc is None else acc + term
+    if acc is None:
+        return torch.zeros_like(terms[0][1])
+    return acc
 
 
 def _work_dtype(sample: torch.Tensor) -> torch.dtype:
@@ -112,7 +127,7 @@ def predicted_x0(
     alpha, sigma = _as_level(alpha, sample), _as_level(sigma, sample)
     p, q, _, _ = solve_coefficients(parameterization, alpha, sigma)
     work = _work_dtype(sample)
-    return _combine(p, sample.to(work), q, output.to(work))
+    return linear_combination((p, sample.to(work)), (q, output.to(work)))
 
 
 def to_x0_eps(
@@ -128,7 +143,7 @@ def to_x0_eps(
     p, q, r, s = solve_coefficients(parameterization, alpha, sigma)
     work = _work_dtype(sample)
     x, y = sample.to(work), output.to(work)
-    return _combine(p, x, q, y).to(sample.dtype), _combine(r, x, s, y).to(sample.dtype)
+    return linear_combination((p, x), (q, y)).to(sample.dtype), linear_combination((r, x), (s, y)).to(sample.dtype)
 
 
 def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: Level, sigma: Level, parameterization: str) -> torch.Tensor:
@@ -136,7 +151,7 @@ def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: Level, sigma: Level,
     alpha, sigma = _as_level(alpha, x0), _as_level(sigma, x0)
     a, b = _coefficients(parameterization, alpha, sigma)
     work = _work_dtype(x0)
-    return _combine(a, x0.to(work), b, eps.to(work)).to(x0.dtype)
+    return linear_combination((a, x0.to(work)), (b, eps.to(work))).to(x0.dtype)
 
 
 def convert(

@@ -21,7 +21,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..parameterization import MODEL_PREDICTION_TYPES, predicted_x0
+from ..parameterization import MODEL_PREDICTION_TYPES, linear_combination, solve_coefficients
+from ..solvers import Level, Update
 
 # diffusers config keys that some diffusers scheduler has and none of ours needs: the value that
 # makes each a no-op. ``None`` means any value is a no-op (it only configures something we replace).
@@ -226,16 +227,20 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
             raise IndexError("step called more times than the grid has steps; call set_timesteps again.")
         level, next_level = tuple(self._levels[i]), tuple(self._levels[i + 1])
         work = torch.promote_types(sample.dtype, torch.float32)
-        x = sample.to(work)
-        x0 = predicted_x0(model_output, x, level[0], level[1], self.config.prediction_type)
-
-        def draw_noise() -> torch.Tensor:
+        x, y = sample.to(work), model_output.to(work)
+        p, q, _, _ = solve_coefficients(self.config.prediction_type, level[0], level[1])  # x0 = p x + q y
+        x0 = linear_combination((p, x), (q, y))
+        previous_x0, previous_level = self._previous if self._previous else (None, None)
+        u = self._update_rule(level, next_level, previous_level)
+        terms = [(u.x + u.x0 * p, x), (u.x0 * q, y)]  # x0 folded in: as few kernels as the rule allows
+        if u.previous_x0:
+            terms.append((u.previous_x0, previous_x0))
+        if u.noise:
             noise = kwargs.get("variance_noise")
             if noise is None:
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
-            return noise.to(work)
-
-        prev = self._update(x, x0, level, next_level, draw_noise)
+            terms.append((u.noise, noise.to(work)))
+        prev = linear_combination(*terms)
         self._previous = (x0, level)
         self._step_index = i + 1
         prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
@@ -243,8 +248,8 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
             return (prev, x0)
         return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def _update(self, x, x0, level, next_level, draw_noise) -> torch.Tensor:
-        """The update rule: the next latent from the current one and its x0 estimate (working dtype)."""
+    def _update_rule(self, level: Level, next_level: Level, previous_level: Level | None) -> Update:
+        """Coefficients of this scheduler's update (see :mod:`diffusers_ztsnr.solvers`)."""
         raise NotImplementedError
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers import ddim_step
+from ..solvers import ddim_update
 from .vp import VPSchedulerBase
 
 
@@ -64,6 +64,5 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
         self._eta = eta
         return super().step(model_output, timestep, sample, generator, return_dict, variance_noise=variance_noise)
 
-    def _update(self, x, x0, level, next_level, draw_noise):
-        noise = draw_noise() if self._eta > 0 else None
-        return ddim_step(x, x0, level, next_level, self._eta, noise)
+    def _update_rule(self, level, next_level, previous_level):
+        return ddim_update(level, next_level, self._eta)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers import ddim_step
+from ..solvers import ddim_update
 from .vp import VPSchedulerBase
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -53,8 +53,8 @@ class ZTSNREulerScheduler(_EulerGrid):
     ):
         self._setup_euler()
 
-    def _update(self, x, x0, level, next_level, draw_noise):
-        return ddim_step(x, x0, level, next_level)
+    def _update_rule(self, level, next_level, previous_level):
+        return ddim_update(level, next_level)
 
 
 class ZTSNREulerAncestralScheduler(_EulerGrid):
@@ -87,5 +87,5 @@ class ZTSNREulerAncestralScheduler(_EulerGrid):
             raise ValueError(f"eta={eta} must lie in [0, 1].")
         self._setup_euler()
 
-    def _update(self, x, x0, level, next_level, draw_noise):
-        return ddim_step(x, x0, level, next_level, self.config.eta, draw_noise())
+    def _update_rule(self, level, next_level, previous_level):
+        return ddim_update(level, next_level, self.config.eta)

@@ -6,7 +6,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from ..schedule import dynamic_shift_flow_sigmas, shift_flow_sigmas, stretch_flow_sigmas_to_terminal
-from ..solvers import ddim_step, dpmpp_2m_step
+from ..solvers import ddim_update, dpmpp_2m_update
 from .base import ZTSNRSchedulerBase
 
 
@@ -115,8 +115,7 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         return self.scale_noise(original_samples, timesteps, noise)
 
-    def _update(self, x, x0, level, next_level, draw_noise):
+    def _update_rule(self, level, next_level, previous_level):
         if self.config.solver_order == 1:
-            return ddim_step(x, x0, level, next_level)
-        previous_x0, previous_level = self._previous if self._previous else (None, None)
-        return dpmpp_2m_step(x, x0, level, next_level, previous_x0, previous_level)
+            return ddim_update(level, next_level)
+        return dpmpp_2m_update(level, next_level, previous_level)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers import dpmpp_2m_step
+from ..solvers import dpmpp_2m_update
 from .euler import _EulerGrid
 
 
@@ -43,8 +43,7 @@ class ZTSNRDPMSolverMultistepScheduler(_EulerGrid):
         self._check_choice("solver_type", solver_type, ("midpoint", "heun"))
         self._setup_euler()
 
-    def _update(self, x, x0, level, next_level, draw_noise):
-        previous_x0, previous_level = self._previous if self._previous else (None, None)
+    def _update_rule(self, level, next_level, previous_level):
         if self.config.solver_order == 1:
-            previous_x0 = None
-        return dpmpp_2m_step(x, x0, level, next_level, previous_x0, previous_level, self.config.solver_type)
+            previous_level = None
+        return dpmpp_2m_update(level, next_level, previous_level, self.config.solver_type)
