@@ -1,0 +1,1 @@
+"""Training library: objectives, data, LoRA and the training loop."""

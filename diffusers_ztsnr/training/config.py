@@ -1,0 +1,117 @@
+"""Command-line flags shared by the training scripts, and ``--config`` files with the same keys.
+
+Flag names follow diffusers' example training scripts where the option exists there
+(``--pretrained_model_name_or_path``, ``--train_data_dir``, ``--snr_gamma``, ...); ours are added
+beside them (``--zero_terminal_snr``, ``--timestep_shift``, ``--cache_latents``, ...). A ``--config``
+YAML or JSON file holds the same names as keys; flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--config", type=str, default=None, help="YAML or JSON file whose keys are these flags' names.")
+    # model and data (diffusers names)
+    a("--pretrained_model_name_or_path", type=str, required=False, default=None,
+      help="Hub repo id or local folder of the base diffusers pipeline.")
+    a("--revision", type=str, default=None)
+    a("--variant", type=str, default=None)
+    a("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl captions.")
+    a("--dataset_name", type=str, default=None, help="a datasets Hub name (or a local dataset folder).")
+    a("--dataset_config_name", type=str, default=None)
+    a("--image_column", type=str, default="image")
+    a("--caption_column", type=str, default="text")
+    a("--max_train_samples", type=int, default=None)
+    a("--cache_dir", type=str, default=None)
+    a("--resolution", type=int, default=512)
+    a("--center_crop", action="store_true", help="center crop (default: random crop).")
+    a("--random_flip", action="store_true")
+    a("--bucketing", action="store_true", help="aspect-ratio bucketing instead of square crops.")
+    a("--cache_latents", action="store_true", help="encode images and captions once, cache them on disk.")
+    a("--dataloader_num_workers", type=int, default=0)
+    # optimisation (diffusers names)
+    a("--output_dir", type=str, default="lora-output")
+    a("--overwrite_output_dir", action="store_true", help="allow an output_dir that holds a different run.")
+    a("--seed", type=int, default=0)
+    a("--train_batch_size", type=int, default=1)
+    a("--num_train_epochs", type=int, default=100)
+    a("--max_train_steps", type=int, default=None)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=1e-4)
+    a("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (pip install bitsandbytes).")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION)
+    a("--rank", type=int, default=4, help="LoRA rank.")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    a("--train_text_encoder", action="store_true", help="also train LoRA on the text encoder(s).")
+    # checkpoints, logging, validation, publishing (diffusers names)
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", type=str, default=None, help='a checkpoint folder, or "latest".')
+    a("--logging_dir", type=str, default="logs")
+    a("--report_to", type=str, default="tensorboard", help='"tensorboard" or "none".')
+    a("--validation_prompt", type=str, default=None)
+    a("--num_validation_images", type=int, default=4)
+    a("--validation_steps", type=int, default=100, help="sample validation images every N steps.")
+    a("--validation_inference_steps", type=int, default=20)
+    a("--push_to_hub", action="store_true")
+    a("--hub_model_id", type=str, default=None)
+    a("--hub_token", type=str, default=None)
+
+
+def add_vp_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+      help="training target; default: the base model's. epsilon -> v_prediction is the ZTSNR recipe.")
+    a("--zero_terminal_snr", action="store_true", help="train on the ZTSNR rescale of the base schedule.")
+    a("--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 is the paper's).")
+    a("--debiased_estimation", action="store_true", help="debiased-estimation loss weighting.")
+    a("--timestep_shift", type=float, default=1.0, help="> 1 samples noisier training timesteps.")
+    a("--noise_offset", type=float, default=0.0)
+    a("--input_perturbation", type=float, default=0.0)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; values from ``--config`` fill every flag not given on the command line."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        values = load_config_file(pre.config)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"error: --config {pre.config} has unknown keys {unknown}; keys are the flag names.")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: --config {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: --config {path} must hold a mapping of flag names to values.")
+    return values

@@ -1,0 +1,85 @@
+"""LoRA through peft: adapters on a denoiser, and the file formats users load them from.
+
+* diffusers format: ``pytorch_lora_weights.safetensors``, what ``pipe.load_lora_weights(dir)`` reads;
+* kohya / ComfyUI format: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha`` (ComfyUI maps diffusers-named kohya keys onto its UNet), plus the ``v_pred`` / ``ztsnr``
+  marker tensors and sd-scripts' ``ss_v_parameterization`` / ``ss_zero_terminal_snr`` metadata, so a
+  loader knows the LoRA was trained for v-prediction on a zero-terminal-SNR schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from ..checkpoints import with_markers
+
+#: attention projections, the targets of diffusers' LoRA examples and of most community LoRAs
+DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+ADAPTER_NAME = "default"
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
+             target_modules: tuple[str, ...] = DEFAULT_UNET_TARGETS) -> LoraConfig:
+    """Freeze ``model`` and add a LoRA adapter (Gaussian init of A, zero B: the model is unchanged at step 0)."""
+    if rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {rank}.")
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                        target_modules=list(target_modules))
+    model.add_adapter(config)
+    return config
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft naming (``...lora_A.weight``), detached and contiguous on the CPU."""
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`lora_state_dict`; every adapter key must be used."""
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA state has keys this model has no adapter for: {unexpected[:5]}...")
+
+
+def save_diffusers_lora(pipeline_class, output_dir: Path, unet_state: dict[str, torch.Tensor],
+                        text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(unet_state)}
+    for name, state in (text_encoder_states or {}).items():
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+    pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers)
+    return output_dir / "pytorch_lora_weights.safetensors"
+
+
+def save_kohya_lora(path: Path, unet_state: dict[str, torch.Tensor], alpha: float, prediction_type: str,
+                    zero_terminal_snr: bool, text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None,
+                    base_model: str = "") -> Path:
+    """Write the kohya / ComfyUI format with ``v_pred`` / ``ztsnr`` markers and sd-scripts metadata."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    prefixed = {f"unet.{k}": v for k, v in unet_state.items()}
+    for name, state in (text_encoder_states or {}).items():
+        prefixed.update({f"{name}.{k}": v for k, v in state.items()})
+    kohya = convert_state_dict_to_kohya(prefixed)
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(float(alpha))  # diffusers' converter assumes alpha == rank
+    kohya = with_markers(kohya, prediction_type, zero_terminal_snr)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_alpha": str(alpha),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(bool(zero_terminal_snr)),
+        "ss_sd_model_name": base_model,
+        "modelspec.prediction_type": prediction_type,
+    }
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(path), metadata=metadata)
+    return path
