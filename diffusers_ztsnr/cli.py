@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,48 +24,39 @@ def image_grid(images: np.ndarray, columns: int):
     return Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8))
 
 
-def run_demo(output_dir: Path, steps: int, num_images: int, seed: int) -> dict[str, Path]:
-    """Offline: build a tiny SD1.5-style pipeline, save it, load it back, sample with our ZTSNR scheduler."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from .schedulers import ZTSNRDPMSolverMultistepScheduler
+def run_demo(output_dir: Path, steps: int, num_images: int, seed: int, train_steps: int = 300) -> dict[str, Path]:
+    """Offline, end to end: a tiny epsilon SD1.5-style base model and a generated image + caption set, LoRA
+    fine-tuning that converts it to v-prediction on the zero-terminal-SNR schedule, then a sample grid with
+    our scheduler under the trained config."""
+    from .demo_data import make_demo_dataset
     from .tiny import save_tiny_pipeline
+    from .training.unet import main as train_main
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = save_tiny_pipeline("sd15", output_dir / "tiny-sd15", seed=seed)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    # the one-line swap: v-prediction + zero terminal SNR with our spacing and solver (the spacing is
-    # explicit because a config saved by diffusers spells out its class default, "leading")
-    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="logsnr"
-    )
-    result = pipe(
-        ["a red square", "a blue circle"] * ((num_images + 1) // 2),
-        num_inference_steps=steps,
-        height=64,
-        width=64,
-        guidance_scale=5.0,
-        guidance_rescale=0.7,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    ).images[:num_images]
-    if not np.isfinite(result).all():
-        raise RuntimeError("the demo produced non-finite pixels")
-    grid_path = output_dir / "samples.png"
-    image_grid(result, columns=min(4, num_images)).save(grid_path)
-    scheduler_dir = output_dir / "scheduler"
-    pipe.scheduler.save_pretrained(scheduler_dir)
-    return {"pipeline": model_dir, "grid": grid_path, "scheduler": scheduler_dir}
+    base = save_tiny_pipeline("sd15", output_dir / "tiny-sd15", seed=seed)
+    data = make_demo_dataset(output_dir / "data", num_images=32, size=64, seed=seed)
+    result = train_main([
+        "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--resolution", "64",
+        "--center_crop", "--random_flip", "--train_batch_size", "4", "--max_train_steps", str(train_steps),
+        "--learning_rate", "1e-3", "--rank", "8", "--prediction_type", "v_prediction", "--zero_terminal_snr",
+        "--snr_gamma", "5.0", "--checkpointing_steps", str(max(1, train_steps // 2)), "--seed", str(seed),
+        "--validation_prompt", "a red disc on a dark background", "--num_validation_images", str(num_images),
+        "--validation_steps", str(train_steps), "--validation_inference_steps", str(steps),
+        "--output_dir", str(output_dir / "lora"), "--overwrite_output_dir",
+    ])
+    if not all(math.isfinite(v) for v in result["losses"]):
+        raise RuntimeError("the demo's training loss was not finite")
+    return {"pipeline": base, "lora": result["lora"], "grid": result["grid"], "card": result["card"],
+            "scheduler": result["scheduler"], "kohya": result["kohya"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusers-ztsnr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline sampling demo on a tiny local pipeline; writes a PNG grid")
+    demo = sub.add_parser("demo", help="offline: LoRA-train a tiny model eps -> v + ZTSNR, sample a PNG grid")
     demo.add_argument("--output_dir", type=Path, default=Path("demo_output"))
-    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--train_steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=20, help="sampling steps")
     demo.add_argument("--num_images", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     tiny = sub.add_parser("make-tiny", help="save a tiny random-weight pipeline (sd15, sdxl, sd3, flux)")
@@ -76,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        if args.steps < 1 or args.num_images < 1:
-            parser.error("--steps and --num_images must be >= 1")
-        paths = run_demo(args.output_dir, args.steps, args.num_images, args.seed)
-        print(f"tiny pipeline:    {paths['pipeline']}")
-        print(f"scheduler config: {paths['scheduler']}/scheduler_config.json")
-        print(f"sample grid:      {paths['grid']}")
+        if args.steps < 1 or args.num_images < 1 or args.train_steps < 1:
+            parser.error("--steps, --train_steps and --num_images must be >= 1")
+        paths = run_demo(args.output_dir, args.steps, args.num_images, args.seed, args.train_steps)
+        print(f"base model (tiny, epsilon): {paths['pipeline']}")
+        print(f"LoRA (diffusers format):    {paths['lora']}")
+        print(f"LoRA (kohya/ComfyUI):       {paths['kohya']}")
+        print(f"scheduler config:           {paths['scheduler']}/scheduler_config.json")
+        print(f"model card:                 {paths['card']}")
+        print(f"sample grid:                {paths['grid']}")
     elif args.command == "make-tiny":
         from .tiny import TINY_KINDS, save_tiny_pipeline
 

@@ -12,13 +12,16 @@ from diffusers_ztsnr.checkpoints import with_markers
 from diffusers_ztsnr.cli import main
 
 
-def test_demo_writes_a_grid_and_a_loadable_scheduler(tmp_path, capsys):
-    assert main(["demo", "--output_dir", str(tmp_path), "--steps", "3", "--num_images", "2"]) == 0
+def test_demo_trains_and_writes_lora_grid_card_and_scheduler(tmp_path, capsys):
+    args = ["demo", "--output_dir", str(tmp_path), "--steps", "3", "--num_images", "2", "--train_steps", "4"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert str(tmp_path / "samples.png") in printed
-    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    out = tmp_path / "lora"
+    for name in ("samples.png", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"):
+        assert str(out / name) in printed and (out / name).is_file()
+    grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape == (64, 128, 3) and grid.std() > 0
-    s = ZTSNRDPMSolverMultistepScheduler.from_pretrained(tmp_path / "scheduler")
+    s = ZTSNRDPMSolverMultistepScheduler.from_pretrained(out / "scheduler")
     assert s.config.prediction_type == "v_prediction" and s.config.rescale_betas_zero_snr
 
 

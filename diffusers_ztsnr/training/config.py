@@ -38,6 +38,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--random_flip", action="store_true")
     a("--bucketing", action="store_true", help="aspect-ratio bucketing instead of square crops.")
     a("--cache_latents", action="store_true", help="encode images and captions once, cache them on disk.")
+    a("--cache_latents_dir", type=str, default=None,
+      help="where --cache_latents keeps encodings (default: <--cache_dir or ~/.cache/diffusers-ztsnr>/encodings).")
     a("--dataloader_num_workers", type=int, default=0)
     # optimisation (diffusers names)
     a("--output_dir", type=str, default="lora-output")

@@ -30,7 +30,16 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                         target_modules=list(target_modules))
-    model.add_adapter(config)
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        model.add_adapter(config)  # diffusers' bookkeeping (set_adapters, save_lora_weights) needs this route
+    else:
+        # transformers 5's add_adapter demands a peft release newer than PyPI has; peft's own injection is
+        # what it would call, and gives the same module names (get_peft_model_state_dict reads them)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     return config
 
 

@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append(f"--max_train_steps must be >= 1 (got {args.max_train_steps})")
     if args.resolution % 8:
         problems.append(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
+    if args.cache_latents and args.train_text_encoder:
+        problems.append("--cache_latents caches the text embeddings too, so it cannot train the text encoder: "
+                        "drop --train_text_encoder or --cache_latents")
+    if args.cache_latents and not args.center_crop and not args.bucketing:
+        problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if problems:
@@ -88,7 +93,9 @@ class Components:
                 "StableDiffusionXLPipeline models. Flow transformers (SD3, Flux) need the flow script."
             )
         self.pipeline_class = getattr(diffusers, class_name)
-        extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
+        extra = {}
+        if class_name == "StableDiffusionPipeline":  # training never runs the safety checker
+            extra = {"safety_checker": None, "requires_safety_checker": False}
         pipe = self.pipeline_class.from_pretrained(path, revision=args.revision, variant=args.variant, **extra)
         self.is_sdxl = class_name == "StableDiffusionXLPipeline"
         self.pipe = pipe
@@ -230,14 +237,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
-    from .data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
+    from .data import (
+        BucketBatchSampler,
+        ImageCaptionDataset,
+        cache_image_encodings,
+        collate_fn,
+        load_image_caption_dataset,
+        make_buckets,
+    )
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if accelerator.is_main_process:
@@ -278,13 +293,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    buckets = make_buckets(args.resolution, step=64 if args.resolution >= 256 else 8) if args.bucketing else None
     train_set = ImageCaptionDataset(dataset, resolution=args.resolution, center_crop=args.center_crop,
                                     random_flip=args.random_flip, image_column=args.image_column,
-                                    caption_column=args.caption_column, seed=args.seed)
-    dataloader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
-        num_workers=args.dataloader_num_workers, drop_last=False,
-    )
+                                    caption_column=args.caption_column, seed=args.seed, buckets=buckets)
+    image_set = train_set
+    cache_stats = None
+    if args.cache_latents:
+        cache_dir = Path(args.cache_latents_dir or Path(args.cache_dir or "~/.cache/diffusers-ztsnr").expanduser()
+                         / "encodings")
+        key = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+               "vae_dtype": str(vae.dtype), "text_dtype": str(weight_dtype)}
+
+        @torch.no_grad()
+        def encode(batch):
+            cond = components.encode_prompts(batch["caption"], accelerator.device)
+            latents = components.encode_images(batch["pixel_values"].to(accelerator.device))
+            return {"latents": latents.float().cpu(), **{k: v.float().cpu() for k, v in cond.items()}}
+
+        with accelerator.main_process_first():
+            train_set = cache_image_encodings(train_set, cache_dir, key, encode, batch_size=args.train_batch_size)
+        cache_stats = {"hits": train_set.cache.hits, "misses": train_set.cache.misses}
+        accelerator.print(f"encodings cache in {cache_dir}: {cache_stats['hits']} hits, {cache_stats['misses']} misses")
+    if buckets is not None:
+        sampler = BucketBatchSampler(train_set.sizes, train_set.buckets, args.train_batch_size, seed=args.seed)
+        dataloader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                                 num_workers=args.dataloader_num_workers)
+    else:
+        dataloader = torch.utils.data.DataLoader(
+            train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers, drop_last=False,
+        )
 
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer_class = torch.optim.AdamW
@@ -297,6 +336,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
+    dataloader = accelerator.prepare(dataloader)  # first: its length per process sets the step counts
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -306,7 +346,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     # only the UNet is wrapped for DDP: the text encoders run inside the pipeline's encode_prompt (which needs
     # the bare module), so their LoRA gradients are averaged across processes by hand below
-    unet_p, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    unet_p, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     te_params = [p for te in trained[1:] for p in te.parameters() if p.requires_grad]
 
     # checkpoints hold the LoRA weights only, not a copy of the frozen base model
@@ -343,6 +383,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     micro = 0
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
+        if buckets is not None:
+            sampler.set_epoch(epoch)  # under DDP accelerate only sets the dataset's epoch
         active = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch else dataloader
         for batch in active:
             if global_step >= max_steps:
@@ -350,10 +392,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             with accelerator.accumulate(unet_p):
                 gen = _step_generator(args.seed, global_step, micro, accelerator.process_index)
                 micro = (micro + 1) % args.gradient_accumulation_steps
-                with torch.no_grad():
-                    latents = components.encode_images(batch["pixel_values"].to(accelerator.device)).float()
-                with torch.set_grad_enabled(args.train_text_encoder):
-                    cond = components.encode_prompts(batch["caption"], accelerator.device)
+                if "latents" in batch:  # cached encodings
+                    latents = batch["latents"].to(accelerator.device)
+                    cond = {k: batch[k].to(accelerator.device) for k in ("encoder_hidden_states", "text_embeds")
+                            if k in batch}
+                else:
+                    with torch.no_grad():
+                        latents = components.encode_images(batch["pixel_values"].to(accelerator.device)).float()
+                    with torch.set_grad_enabled(args.train_text_encoder):
+                        cond = components.encode_prompts(batch["caption"], accelerator.device)
                 noise = torch.randn(latents.shape, generator=gen).to(latents.device)
                 if args.noise_offset:
                     noise = objectives.apply_noise_offset(noise, args.noise_offset, gen)
@@ -367,8 +414,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 target = objectives.training_target(latents, noise, alpha, sigma, prediction_type)
                 added = None
                 if components.is_sdxl:
-                    time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"],
-                                             (args.resolution, args.resolution), accelerator.device, weight_dtype)
+                    target_size = tuple(int(v) * 8 for v in latents.shape[-2:])  # the (bucket) size trained
+                    time_ids = sdxl_time_ids(batch["original_size"].tolist(), batch["crop_top_left"].tolist(),
+                                             target_size, accelerator.device, weight_dtype)
                     added = {"text_embeds": cond["text_embeds"].to(weight_dtype), "time_ids": time_ids}
                 pred = unet_p(noisy.to(weight_dtype), timesteps.to(accelerator.device),
                               encoder_hidden_states=cond["encoder_hidden_states"].to(weight_dtype),
@@ -395,8 +443,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 loss_value = accelerator.gather(loss.detach()[None]).mean().item()
                 losses.append(loss_value)
                 lora_norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)).item()
-                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "lora_weight_norm": lora_norm},
-                                step=global_step)
+                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                                 "lora_weight_norm": lora_norm}, step=global_step)
                 progress.set_postfix(loss=f"{loss_value:.4f}")
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
                     accelerator.wait_for_everyone()
@@ -411,9 +459,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress.close()
 
     accelerator.wait_for_everyone()
-    result: dict[str, Any] = {"global_step": global_step, "losses": losses, "output_dir": output_dir}
+    # one checksum of the trained weights per process: equal on every rank after a correct DDP run
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
+                            device=accelerator.device)
+    rank_checksums = accelerator.gather(checksum).tolist()
+    result: dict[str, Any] = {"global_step": global_step, "losses": losses, "output_dir": output_dir,
+                              "rank_checksums": rank_checksums, "cache": cache_stats}
     if accelerator.is_main_process:
+        summary = {k: v for k, v in result.items() if k != "output_dir"}
+        summary["skipped_images"] = [[str(v) for v in bad] for bad in image_set.report.bad_images]
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
         result.update(finish(args, accelerator, components, prediction_type, global_step))
+    accelerator.wait_for_everyone()  # no rank leaves (and tears down the process group) while rank 0 writes
     accelerator.end_training()
     return result
 
@@ -428,8 +485,9 @@ def validate(args, accelerator, components: Components, prediction_type: str, st
     pipe.scheduler = sampling_scheduler(components, prediction_type, args.zero_terminal_snr)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
-    images = pipe([args.validation_prompt] * args.num_validation_images, num_inference_steps=args.validation_inference_steps,
-                  height=args.resolution, width=args.resolution, generator=generator,
+    images = pipe([args.validation_prompt] * args.num_validation_images,
+                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                  width=args.resolution, generator=generator,
                   guidance_rescale=0.7 if args.zero_terminal_snr else 0.0).images
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(exist_ok=True)
@@ -467,7 +525,8 @@ def finish(args, accelerator, components: Components, prediction_type: str, step
     (output_dir / "README.md").write_text(
         model_card(args, prediction_type, components, step, grid.name if grid else None), encoding="utf-8"
     )
-    paths = {"lora": lora_path, "kohya": kohya_path, "scheduler": output_dir / "scheduler", "card": output_dir / "README.md"}
+    paths = {"lora": lora_path, "kohya": kohya_path, "scheduler": output_dir / "scheduler",
+             "card": output_dir / "README.md"}
     if grid:
         paths["grid"] = grid
     if args.push_to_hub:
