@@ -232,3 +232,34 @@ def test_two_processes_hold_identical_weights(assets, tmp_path):
     assert summary["global_step"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_push_to_hub_uploads_the_output_folder_only(assets, tmp_path, monkeypatch):
+    """Everything up to the upload itself, offline: the repo is created and the folder handed over."""
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/tiny-lora"
+
+    def create_repo(repo_id, exist_ok, token):
+        calls["create"] = (repo_id, exist_ok, token)
+        return Repo()
+
+    def upload_folder(repo_id, folder_path, token, commit_message, ignore_patterns):
+        calls["upload"] = dict(repo_id=repo_id, folder=Path(folder_path), ignore=ignore_patterns,
+                               files=sorted(p.name for p in Path(folder_path).iterdir()))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    result = run(assets, tmp_path / "out", "--prediction_type", "v_prediction", "--zero_terminal_snr",
+                 "--push_to_hub", "--hub_model_id", "tiny-lora", "--hub_token", "t0ken", "--checkpointing_steps", "1",
+                 steps=2)
+    assert calls["create"] == ("tiny-lora", True, "t0ken")
+    upload = calls["upload"]
+    assert upload["repo_id"] == "me/tiny-lora" and upload["folder"] == tmp_path / "out"
+    assert {"README.md", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "scheduler"} <= set(
+        upload["files"])
+    assert "checkpoint-*" in upload["ignore"]  # checkpoints stay local
+    assert result["hub_url"] == "https://huggingface.co/me/tiny-lora"

@@ -151,12 +151,12 @@ def model_card(args: argparse.Namespace, prediction_type: str, components: Compo
                grid_name: str | None) -> str:
     recipe = []
     if prediction_type != components.base_prediction_type:
-        recipe.append(f"converted from {components.base_prediction_type} to {prediction_type} prediction")
+        recipe.append(f"converted from {components.base_prediction_type} to {prediction_type}")
     if args.zero_terminal_snr:
         recipe.append("trained on the zero-terminal-SNR rescale of the base schedule (Lin et al. 2023)")
     if args.snr_gamma:
         recipe.append(f"min-SNR-gamma weighting, gamma = {args.snr_gamma}")
-    recipe_text = "; ".join(recipe) or f"{prediction_type} prediction on the base schedule"
+    recipe_text = "; ".join(recipe) or f"{prediction_type} on the base schedule"
     pipeline = components.pipeline_class.__name__
     grid = f"\n![validation samples]({grid_name})\n" if grid_name else ""
     return f"""---
@@ -173,7 +173,7 @@ tags:
 
 # LoRA for {args.pretrained_model_name_or_path}
 
-Trained with [diffusers-ztsnr](https://github.com/) `train_lora_unet.py`: {recipe_text}.
+Trained with diffusers-ztsnr's `train_lora_unet.py`: {recipe_text}.
 Rank {args.rank}, {steps} optimizer steps, batch {args.train_batch_size} x {args.gradient_accumulation_steps}
 accumulation, learning rate {args.learning_rate}, resolution {args.resolution}, seed {args.seed}.
 {grid}
