@@ -6,3 +6,17 @@ import os
 # so it must be set before any test module imports diffusers / transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """Tiny models and oracles gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spin-waits made single pipeline calls take seconds instead of ~0.2 s: run the suite single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

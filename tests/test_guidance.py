@@ -10,14 +10,6 @@ from diffusers_ztsnr.guidance import _GuidanceRescaleHook, generate_with_guidanc
 from diffusers_ztsnr.tiny import make_tiny_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_formula_matches_diffusers_and_the_paper():
     g = torch.Generator().manual_seed(0)
     u, c = torch.randn(2, 3, 4, 8, 8, generator=g)

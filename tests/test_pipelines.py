@@ -50,15 +50,6 @@ def _name(cls) -> str:
     return cls.__name__
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """As in tests/test_tiny.py: tiny models gain nothing from intra-op threads on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipes() -> dict[str, DiffusionPipeline]:
     return {kind: make_tiny_pipeline(kind) for kind in VP_KINDS + FLOW_KINDS}

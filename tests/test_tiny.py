@@ -83,16 +83,6 @@ def _public_config(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waits made
-    single pipeline calls take seconds instead of ~0.2 s: run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipes() -> dict[str, DiffusionPipeline]:
     return {kind: make_tiny_pipeline(kind) for kind in TINY_KINDS}

@@ -28,13 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_and_single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def quiet():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # diffusers' and transformers' loading chatter
         yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
