@@ -260,3 +260,18 @@ def test_push_to_hub_uploads_the_output_folder_only(assets, tmp_path, monkeypatc
         upload["files"])
     assert "checkpoint-*" in upload["ignore"]  # checkpoints stay local
     assert result["hub_url"] == "https://huggingface.co/me/tiny-lora"
+
+
+def test_ema_weights_are_saved_and_resumed(assets, tmp_path):
+    common = ["--prediction_type", "v_prediction", "--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2"]
+    run(assets, tmp_path / "plain", "--prediction_type", "v_prediction", "--checkpointing_steps", "2", steps=4)
+    full = run(assets, tmp_path / "a", *common, steps=4)
+    assert (tmp_path / "a" / "checkpoint-2" / "ema.pt").is_file()
+    run(assets, tmp_path / "b", *common, steps=2)
+    run(assets, tmp_path / "b", *common, "--resume_from_checkpoint", "latest", steps=4)
+    plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA state resumes exactly
+    assert any(not torch.equal(a[k], plain[k]) for k in a)  # and what is saved is the average
+    assert full["global_step"] == 4

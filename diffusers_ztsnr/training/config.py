@@ -63,6 +63,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rank", type=int, default=4, help="LoRA rank.")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     a("--train_text_encoder", action="store_true", help="also train LoRA on the text encoder(s).")
+    a("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights; save it.")
+    a("--ema_decay", type=float, default=0.9999)
     # checkpoints, logging, validation, publishing (diffusers names)
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)

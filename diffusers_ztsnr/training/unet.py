@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "drop --train_text_encoder or --cache_latents")
     if args.cache_latents and not args.center_crop and not args.bucketing:
         problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
+    if not 0 < args.ema_decay < 1:
+        problems.append(f"--ema_decay must lie in (0, 1) (got {args.ema_decay})")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if problems:
@@ -349,15 +351,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     unet_p, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     te_params = [p for te in trained[1:] for p in te.parameters() if p.requires_grad]
 
-    # checkpoints hold the LoRA weights only, not a copy of the frozen base model
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+
+    # checkpoints hold the LoRA weights (and their EMA) only, not a copy of the frozen base model
     def save_hook(models, weights, folder):
         for i, model in enumerate(trained):
             torch.save(lora_state_dict(model), Path(folder) / f"lora_{i}.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), Path(folder) / "ema.pt")
         weights.clear()
 
     def load_hook(models, folder):
         for i, model in enumerate(trained):
             load_lora_state_dict(model, torch.load(Path(folder) / f"lora_{i}.pt"))
+        if ema is not None:
+            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -438,6 +450,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 lr_scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
+                if ema is not None:
+                    ema.step(params)
                 global_step += 1
                 progress.update(1)
                 loss_value = accelerator.gather(loss.detach()[None]).mean().item()
@@ -459,6 +473,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress.close()
 
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # what is saved (and validated below) is the averaged LoRA
     # one checksum of the trained weights per process: equal on every rank after a correct DDP run
     checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
                             device=accelerator.device)
