@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     marks = sub.add_parser("checkpoint-settings", help="scheduler settings from a checkpoint's v_pred/ztsnr markers")
     marks.add_argument("checkpoint", type=Path)
+    insp = sub.add_parser("inspect", help="terminal SNR, sigma_max, timestep grid and warnings of a scheduler config")
+    insp.add_argument("path", type=Path, help="pipeline folder, scheduler folder or scheduler_config.json")
+    insp.add_argument("--steps", type=int, default=20)
+    insp.add_argument("--spacing", default=None, help="timestep spacing (default: the config's)")
+    insp.add_argument("--lora", type=Path, default=None, help="a LoRA / checkpoint file to check its markers against")
+    insp.add_argument("--plot", type=Path, default=None, help="write the log-SNR plot (PNG; needs matplotlib)")
+    light = sub.add_parser("lighting", help="the uniform-lighting curse computed exactly: table and plot")
+    light.add_argument("--output_dir", type=Path, default=Path("lighting_output"))
+    light.add_argument("--steps", default="5,10,25,50,100", help="comma-separated step counts")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -83,6 +92,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind not in TINY_KINDS:
             parser.error(f"unknown kind {args.kind!r}; allowed: {', '.join(TINY_KINDS)}")
         print(save_tiny_pipeline(args.kind, args.output_dir, seed=args.seed))
+    elif args.command == "inspect":
+        from .checkpoints import scheduler_settings_from_checkpoint
+        from .diagnose import inspect_scheduler_config, load_scheduler_config, plot_log_snr
+
+        config = load_scheduler_config(args.path)
+        lora = scheduler_settings_from_checkpoint(args.lora) if args.lora else None
+        report = inspect_scheduler_config(config, args.steps, args.spacing, lora)
+        print(report.text())
+        if args.plot:
+            reports = {"as configured": report}
+            if report.schedule is not None and not report.is_zero_terminal_snr:
+                rescaled = dict(config, rescale_betas_zero_snr=True, _class_name="ZTSNRDDIMScheduler")
+                reports["ZTSNR-rescaled, logsnr spacing"] = inspect_scheduler_config(rescaled, args.steps, "logsnr")
+            print(f"log-SNR plot: {plot_log_snr(reports, args.plot)}")
+    elif args.command == "lighting":
+        from .lighting import lighting_table, markdown, plot
+
+        rows = lighting_table(tuple(int(n) for n in args.steps.split(",")))
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        table = markdown(rows)
+        (args.output_dir / "lighting.md").write_text(table + "\n", encoding="utf-8")
+        plot(rows, args.output_dir / "lighting.png")
+        print("generated / data brightness std (1 is right; exact Gaussian oracle, 64x64x4 latent):")
+        print(table)
+        print(f"table and plot in {args.output_dir}")
     elif args.command == "checkpoint-settings":
         from .checkpoints import scheduler_settings_from_checkpoint
 

@@ -11,11 +11,13 @@ timestep with SNR 0 on a ZTSNR schedule, but its last entry is ``T/n - 1``, so a
 ends far from clean data and loses fine detail. Our spacings keep the SNR-0 start and end at
 ``t = 0``:
 
-* ``logsnr``: ``T-1``, then the rest uniform in log-SNR from ``t = T-2`` (or log-SNR -6, whichever is
-  less noisy) down to ``t = 0`` (best for the second-order multistep solver);
+* ``logsnr`` (every scheduler's default): ``T-1``, then the rest uniform in log-SNR from ``t = T-2`` down
+  to ``t = 0``; the first step lands at ``sigma/alpha ~ 2000``, which keeps the high-variance global
+  brightness direction (see :mod:`diffusers_ztsnr.lighting`);
 * ``flow``: uniform in the equal-SNR flow time ``s = sigma / (alpha + sigma)`` (SPEC §2) from
-  ``t = T-1`` to ``t = 0``, the grid rectified-flow models are sampled on (best for first-order
-  samplers: DDIM, Euler, ancestral Euler);
+  ``t = T-1`` to ``t = 0``, the grid rectified-flow models are sampled on: more accurate for unit-scale
+  detail with first-order samplers, but its first step lands at ``sigma/alpha ~ n``, which shrinks the
+  brightness direction at few steps;
 * ``karras``: ``T-1``, then Karras et al. (2022, eq. 5, ``rho = 7``) in ``sigma/alpha`` over the
   same range (only for schedulers that accept fractional timesteps).
 """
@@ -81,20 +83,17 @@ def discrete_timesteps(
     raise ValueError(f"timestep_spacing={spacing!r} is not supported; allowed: {', '.join(SPACINGS)}.")
 
 
-#: where the ``logsnr`` grid's uniform part starts at the latest: log-SNR -6 is ``sigma/alpha ~ 20``, where data
-#: of unit scale (SD latents) is 0.25% of the variance. Starting at ``T-2`` instead (log-SNR -15 after a
-#: ZTSNR rescale) spends few-step budgets on pure noise: measured on benchmarks/sampling_accuracy.py's
-#: Gaussian, DPM-Solver++ worst band at 5 / 10 / 20 NFE goes from 65% / 10% / 2.2% to 25% / 2.7% / 1.7%.
-LOGSNR_GRID_FLOOR = -6.0
-
-
 def logsnr_grid(schedule: VPSchedule, n: int) -> torch.Tensor:
-    """Fractional timesteps: ``T-1``, then ``n-1`` points uniform in log-SNR from
-    ``max(log_snr(T-2), LOGSNR_GRID_FLOOR)`` down to ``t = 0``."""
+    """Fractional timesteps: ``T-1``, then ``n-1`` points uniform in log-SNR from ``T-2`` down to ``t = 0``.
+
+    The first finite point stays at ``T-2`` (``sigma/alpha ~ 2000`` after SD's ZTSNR rescale) on purpose: the
+    global-brightness direction of an image has variance ``N * s_b**2`` (``N`` latents), thousands for a
+    64x64x4 latent, and a first step that lands at a smaller ``sigma/alpha`` shrinks it (see
+    :mod:`diffusers_ztsnr.lighting`: landing at log-SNR -6 kept 53% of the brightness std)."""
     T = schedule.num_train_timesteps
     if n == 1:
         return torch.tensor([T - 1.0], dtype=torch.float64)
-    hi, lo = max(float(schedule.log_snr(T - 2)), LOGSNR_GRID_FLOOR), float(schedule.log_snr(0))
+    hi, lo = float(schedule.log_snr(T - 2)), float(schedule.log_snr(0))
     rest = schedule.timestep_from_log_snr(torch.linspace(hi, lo, n - 1, dtype=torch.float64))
     rest[-1] = 0  # exact end, whatever the inversion's rounding
     return torch.cat([torch.tensor([T - 1.0], dtype=torch.float64), rest])

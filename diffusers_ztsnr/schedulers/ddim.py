@@ -31,7 +31,7 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
         beta_schedule: str = "scaled_linear",
         trained_betas: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
-        timestep_spacing: str = "flow",
+        timestep_spacing: str = "logsnr",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         set_alpha_to_one: bool = True,
