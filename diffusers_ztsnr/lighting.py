@@ -3,7 +3,7 @@
 Why a 0.068 terminal ``alpha`` matters: in an orthonormal basis whose first vector is the image's global
 mean (brightness), the data variance along that vector is ``N * s_b**2`` (``N`` pixels/latents, ``s_b`` the
 per-image brightness std), while the noise variance is 1 along every vector. At SD's last training step
-``alpha_T**2 * N * s_b**2`` is far above 1 (``0.0047 * 4096 * 0.25 = 4.8`` for a 64x64 latent): the noisy
+``alpha_T**2 * N * s_b**2`` is far above 1 (``0.0047 * 16384 * 0.25**2 = 4.8`` for a 64x64x4 latent): the noisy
 input still shows the brightness, and the exact model reads it from there. Sampling starts from pure noise,
 whose brightness coordinate is N(0, 1), so the exact probability-flow ODE maps it to brightness with std
 ``s_b * sqrt(N) / sqrt(alpha_T**2 * N * s_b**2 + sigma_T**2)`` -- collapsed toward medium grey. A zero-SNR
@@ -46,7 +46,7 @@ class LightingRow:
     ratios: dict[int, float]  # step count -> generated brightness std / data brightness std
 
 
-def brightness_data(num_latents: int = 4096, brightness_std: float = 0.5, detail_dims: int = 3) -> GaussianMixture:
+def brightness_data(num_latents: int = 16384, brightness_std: float = 0.25, detail_dims: int = 3) -> GaussianMixture:
     """Gaussian data in the brightness-first orthonormal basis: variance ``N * s_b**2`` on coordinate 0."""
     variance = torch.ones(1 + detail_dims, dtype=torch.float64)
     variance[0] = num_latents * brightness_std**2
