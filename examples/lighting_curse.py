@@ -30,7 +30,7 @@ of the data's (Gaussian approximation; the table's note gives it per row, see :f
 Outputs in ``--output_dir`` (default ``lighting_curse_out``): ``lighting_curse.md`` (the table and the
 conclusion, also printed), ``results.json``, ``brightness_hist.png``, ``samples_a.png``, ``samples_b.png``,
 ``samples_data.png`` and ``log_snr.png``. The full run (32x32) takes about 7-8 minutes on 2 idle CPU cores;
-``--quick`` (16x16, tiny model, ``--threads 1``) about 35-40 s. ``main(argv)`` returns the results dict
+``--quick`` (16x16, tiny model, one thread) about 35-40 s. ``main(argv)`` returns the results dict
 (what ``results.json`` holds).
 """
 
@@ -441,8 +441,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="16x16, tiny model, few hundred steps (< 1 minute)")
     parser.add_argument("--output_dir", default="lighting_curse_out")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch CPU threads (default 2; on a busy 2-core machine 1 is faster)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 2, 1 with --quick: the tiny model gains nothing from a "
+                        "second thread, and on a busy 2-core machine OpenMP spin-waits make 2 many times slower)")
     return parser.parse_args(argv)
 
 
@@ -452,7 +453,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     try:
         return _run(args, settings, out)
     finally:
