@@ -89,8 +89,8 @@ class Settings:
     sample_batch: int
 
 
-FULL = Settings(size=32, channels=(16, 32, 64), num_images=4096, train_steps=560, batch_size=32,
-                learning_rate=2e-3, warmup_steps=50, ema_decay=0.995, num_samples=256, sample_steps=25,
+FULL = Settings(size=32, channels=(16, 32, 64), num_images=4096, train_steps=900, batch_size=16,
+                learning_rate=4e-3, warmup_steps=50, ema_decay=0.995, num_samples=256, sample_steps=25,
                 sample_batch=128)
 QUICK = Settings(size=16, channels=(16, 16), num_images=1024, train_steps=160, batch_size=32, learning_rate=4e-3,
                  warmup_steps=16, ema_decay=0.98, num_samples=64, sample_steps=25, sample_batch=64)
@@ -522,7 +522,7 @@ def _run(args: argparse.Namespace, settings: Settings, out: Path) -> dict:
         "threads": torch.get_num_threads(), "data": data_stats,
         "data_generator": {"brightness_range": list(BRIGHTNESS_RANGE), "levels_std": float(np.std(levels))},
         "runs": runs, "training": training, "grids": grids, "conclusion": lines, **verdict,
-        "files": sorted(p.name for p in out.iterdir() if p.suffix in (".md", ".png", ".json")) + ["results.json"],
+        "files": sorted({p.name for p in out.iterdir() if p.suffix in (".md", ".png")} | {"results.json"}),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
