@@ -363,24 +363,24 @@ def _scheduler(kind: str) -> SchedulerMixin:
     return _SCHEDULER_CLASSES[kind].from_config(copy.deepcopy(_SCHEDULER_CONFIGS[kind]))
 
 
+def _tiny_unet(**config) -> UNet2DConditionModel:
+    """The two-level UNet of the SD-style kinds (32x32 latents, 4 channels); ``config`` adds the text wiring."""
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        **config,
+    )
+
+
 def _build_sd15(seed: int) -> StableDiffusionPipeline:
     tokenizer = build_clip_tokenizer()
-    unet = _seeded(
-        seed,
-        "unet",
-        lambda: UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        ),
-    )
+    unet = _seeded(seed, "unet", lambda: _tiny_unet(cross_attention_dim=32, attention_head_dim=4))
     vae = _seeded(seed, "vae", lambda: _vae(4, 0.18215, None, quant_conv=True))
     text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, 32)))
     return StableDiffusionPipeline(
@@ -409,14 +409,7 @@ def _build_sdxl(seed: int) -> StableDiffusionXLPipeline:
     unet = _seeded(
         seed,
         "unet",
-        lambda: UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
+        lambda: _tiny_unet(
             transformer_layers_per_block=1,
             cross_attention_dim=hidden_1 + hidden_2,
             attention_head_dim=(2, 4),
@@ -425,7 +418,6 @@ def _build_sdxl(seed: int) -> StableDiffusionXLPipeline:
             addition_time_embed_dim=addition_time_embed_dim,
             # six micro-conditioning ids (original size, crop top-left, target size) + pooled text
             projection_class_embeddings_input_dim=6 * addition_time_embed_dim + projection_2,
-            norm_num_groups=32,
         ),
     )
     vae = _seeded(seed, "vae", lambda: _vae(4, 0.13025, None, quant_conv=True))
