@@ -75,6 +75,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num_validation_images", type=int, default=4)
     a("--validation_steps", type=int, default=100, help="sample validation images every N steps.")
     a("--validation_inference_steps", type=int, default=20)
+    a("--max_consecutive_bad_losses", type=int, default=5,
+      help="a NaN/Inf loss skips its optimizer step; this many in a row stop the run with a diagnosis.")
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", type=str, default=None)
     a("--hub_token", type=str, default=None)
@@ -90,6 +92,22 @@ def add_vp_objective_arguments(parser: argparse.ArgumentParser) -> None:
     a("--timestep_shift", type=float, default=1.0, help="> 1 samples noisier training timesteps.")
     a("--noise_offset", type=float, default=0.0)
     a("--input_perturbation", type=float, default=0.0)
+
+
+def add_flow_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flow-matching flags, named as in diffusers' SD3 / Flux DreamBooth-LoRA scripts."""
+    from .objectives import FLOW_WEIGHTING_SCHEMES
+
+    a = parser.add_argument
+    a("--weighting_scheme", type=str, default="logit_normal", choices=FLOW_WEIGHTING_SCHEMES,
+      help="logit_normal / mode: density of the training time s; none / sigma_sqrt / cosmap: uniform s and that "
+           "loss weight (Esser et al. 2024, section 3.1).")
+    a("--logit_mean", type=float, default=0.0, help="mean of the logit-normal time density.")
+    a("--logit_std", type=float, default=1.0, help="std of the logit-normal time density.")
+    a("--mode_scale", type=float, default=1.29, help="scale of the mode time density.")
+    a("--precondition_outputs", type=int, default=0, choices=(0, 1),
+      help="1: turn the output into x0 = x_s - s * u and regress x0 (EDM-style preconditioning), 0: regress the "
+           "velocity eps - x0.")
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,8 +31,8 @@ import warnings
 
 import torch
 
-from ..parameterization import MODEL_PREDICTION_TYPES, from_x0_eps
-from ..schedule import VPSchedule, shift_flow_sigmas
+from ..parameterization import MODEL_PREDICTION_TYPES, SingularParameterizationError, convert, from_x0_eps
+from ..schedule import VPSchedule, dynamic_shift_flow_sigmas, shift_flow_sigmas
 
 TIMESTEP_SCHEMES = ("uniform", "logit_normal")
 REDUCTIONS = ("mean", "sum", "none")
@@ -358,3 +358,125 @@ def diffusion_loss(
     if reduction == "none":
         return per_sample
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+# --- flow matching ---------------------------------------------------------------------------------
+
+#: diffusers' SD3/Flux ``--weighting_scheme`` values: the first three choose the density of the training
+#: time ``s``, the last two a loss weight with uniform ``s`` (one flag for both, as in diffusers)
+FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+#: the smallest flow time drawn; diffusers' training grid ``s = k / 1000`` also ends at 1/1000, and it keeps
+#: ``sigma_sqrt``'s weight ``1 / s**2`` finite
+FLOW_SIGMA_MIN = 1e-3
+# f_mode is a bijection of [0, 1] only for mode_scale in [-1, 2 / (pi - 2)] (its derivative changes sign outside)
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))
+
+
+def check_flow_weighting(weighting_scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                         mode_scale: float = 1.29) -> None:
+    """Reject an unknown ``weighting_scheme`` or parameters that make its density improper."""
+    if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+        raise ValueError(f"unknown weighting_scheme {weighting_scheme!r}; allowed: "
+                         f"{', '.join(FLOW_WEIGHTING_SCHEMES)}.")
+    if weighting_scheme == "logit_normal" and not (math.isfinite(logit_mean) and math.isfinite(logit_std)
+                                                   and logit_std > 0):
+        raise ValueError(f"weighting_scheme 'logit_normal' needs a finite logit_mean and logit_std > 0, got "
+                         f"logit_mean={logit_mean}, logit_std={logit_std}.")
+    if weighting_scheme == "mode" and not MODE_SCALE_RANGE[0] <= mode_scale <= MODE_SCALE_RANGE[1]:
+        raise ValueError(f"mode_scale must lie in [-1, 2/(pi-2) = {MODE_SCALE_RANGE[1]:.4f}] for the mode density "
+                         f"to be a bijection of [0, 1] (Esser et al. 2024, eq. 20), got {mode_scale}.")
+
+
+def sample_flow_sigmas(
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    weighting_scheme: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float = 1.0,
+    mu: float | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Flow times ``s`` in ``[FLOW_SIGMA_MIN, 1)`` (float64, ``[B]``; ``s = 1`` is pure noise).
+
+    ``u`` is drawn by the density of ``weighting_scheme`` (Esser et al. 2024, arXiv:2403.03206, §3.1):
+
+    * ``"logit_normal"``: ``u = sigmoid(logit_mean + logit_std * n)``, ``n ~ N(0, 1)`` (eq. 19);
+    * ``"mode"``: ``u = 1 - v - mode_scale * (cos(pi v / 2)**2 - 1 + v)``, ``v ~ U(0, 1)`` (eq. 20);
+    * ``"none"``, ``"sigma_sqrt"``, ``"cosmap"``: uniform (these weight the loss instead, :func:`flow_loss_weights`).
+
+    Then the shift: ``mu`` given -> Flux's resolution-dependent ``e^mu / (e^mu + (1/u - 1))``; else the static
+    SD3 shift ``shift * u / (1 + (shift - 1) * u)`` (eq. 23; ``shift = 1`` is none). Both are the functions the
+    flow scheduler applies at sampling time, so training and sampling concentrate on the same times.
+    """
+    check_flow_weighting(weighting_scheme, logit_mean, logit_std, mode_scale)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0 (1 = none), got {shift!r}.")
+    if mu is not None and not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu!r}.")
+    draw_device = generator.device if generator is not None else "cpu"
+    if weighting_scheme == "logit_normal":
+        n = torch.randn(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+        u = torch.sigmoid(logit_mean + logit_std * n)
+    else:
+        u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+        if weighting_scheme == "mode":
+            u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if mu is not None:
+        u = dynamic_shift_flow_sigmas(u, mu)
+    elif shift != 1:
+        u = shift_flow_sigmas(u, float(shift))
+    s = u.clamp(FLOW_SIGMA_MIN, 1.0)
+    return s if device is None else s.to(device)
+
+
+def flow_loss_weights(s: torch.Tensor, weighting_scheme: str) -> torch.Tensor:
+    """Per-sample loss weights of diffusers' SD3/Flux scripts for flow times ``s`` (``[B]``).
+
+    ``"sigma_sqrt"``: ``1 / s**2``; ``"cosmap"``: ``2 / (pi * (1 - 2 s + 2 s**2))`` (Esser et al. 2024, §3.1,
+    the cosine map); every other scheme: 1 (it acted on the density of ``s`` already).
+    """
+    check_flow_weighting(weighting_scheme)
+    s = torch.as_tensor(s, dtype=torch.float64)
+    if weighting_scheme == "sigma_sqrt":
+        if bool((s <= 0).any()):
+            raise ValueError("sigma_sqrt weighting is infinite at s = 0; draw s with sample_flow_sigmas.")
+        return s.pow(-2.0)
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * s + 2 * s**2))
+    return torch.ones_like(s)
+
+
+def flow_matching_loss(
+    model_output: torch.Tensor,
+    prediction_type: str,
+    noisy: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    alpha: Level,
+    sigma: Level,
+    weights: torch.Tensor | None = None,
+    precondition_outputs: bool = False,
+) -> torch.Tensor:
+    """The rectified-flow loss ``|u_model - (noise - x0)|**2`` for a model of any parameterization.
+
+    ``noisy = alpha * x0 + sigma * noise`` is the model input at the levels it was evaluated at: flow levels
+    ``(1 - s, s)`` for a flow transformer, or the VP levels at equal SNR for a VP model trained as a flow
+    (:class:`diffusers_ztsnr.adapters.VPModelAsFlow`); the velocity ``noise - x0`` is the same quantity in both
+    coordinates. ``model_output`` is converted to ``flow_prediction`` with the one conversion of
+    :mod:`diffusers_ztsnr.parameterization` (no-op for a flow model). With ``precondition_outputs`` the loss is on
+    ``x0`` instead (diffusers' ``--precondition_outputs``: the output turned into ``x0 = x_s - s * u``, compared
+    with ``x0``), which needs a model whose output determines ``x0`` at every level trained.
+    """
+    _check_prediction_type(prediction_type)
+    target_type = "sample" if precondition_outputs else "flow_prediction"
+    work = noisy.float() if noisy.dtype in (torch.float16, torch.bfloat16) else noisy
+    try:
+        prediction = convert(model_output.to(work.dtype), work, alpha, sigma, prediction_type, target_type)
+    except SingularParameterizationError as error:
+        raise ValueError(f"cannot train a {prediction_type} model on this flow objective: {error}") from error
+    target = x0 if precondition_outputs else noise - x0
+    return diffusion_loss(prediction, target.to(prediction.dtype), weights)

@@ -1,0 +1,502 @@
+"""The training loop both scripts share: accelerate, data, caching, LoRA, checkpoints, validation, output.
+
+A script supplies a :class:`ModelTask` (``unet.UNetTask`` for SD 1.x/2.x/SDXL, ``flow.FlowTask`` for SD3/Flux):
+how to load the base pipeline, encode images and captions, compute one batch's loss, and which scheduler and
+LoRA formats the output folder ships. Everything else -- the accelerator, dataset, bucketing, the encodings
+cache, optimizer and LR schedule, DDP, EMA, resume, atomic checkpoints, NaN/Inf-loss skipping, tensorboard,
+validation grids, model card and Hub upload -- lives here once.
+
+Determinism: the data order of epoch ``e`` and the noise/timesteps of optimizer step ``s`` are functions of
+``(seed, e)`` and ``(seed, s, micro-step, rank)`` only, so ``--resume_from_checkpoint latest`` continues the
+exact run that an uninterrupted one would have made (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpointing import checkpoint_step, resolve_resume_checkpoint, save_checkpoint
+from .lora import load_lora_state_dict, lora_state_dict
+
+logger = logging.getLogger(__name__)
+
+# flags that may differ between a run and its resumption without making it "a different run"
+RESUME_INSENSITIVE = {
+    "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "checkpointing_steps", "validation_steps",
+    "push_to_hub", "hub_token", "hub_model_id", "overwrite_output_dir", "config", "report_to",
+    "dataloader_num_workers", "checkpoints_total_limit", "num_validation_images", "validation_prompt",
+    "validation_inference_steps", "max_consecutive_bad_losses",
+}
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many optimizer steps in a row had a NaN/Inf loss."""
+
+
+class ModelTask:
+    """One model family's side of the shared loop. Subclasses set the attributes below in ``__init__``.
+
+    Attributes: ``pipeline_class``, ``pipe`` (the loaded base pipeline), ``denoiser`` (the module LoRA is
+    trained on: UNet or transformer), ``denoiser_name`` (its pipeline component name), ``vae``,
+    ``text_encoders`` (all of them, frozen), ``trainable_text_encoders`` (``{component name: module}`` that
+    ``--train_text_encoder`` adds LoRA to), ``script`` (the entry point's file name, for messages and cards).
+    """
+
+    pipeline_class: type
+    pipe: Any
+    denoiser: torch.nn.Module
+    denoiser_name: str
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    trainable_text_encoders: dict[str, torch.nn.Module]
+    script: str
+    #: the names of :meth:`encode_prompts`' outputs (what the encodings cache stores beside ``latents``)
+    cond_keys: tuple[str, ...] = ()
+    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def add_adapters(self, args: argparse.Namespace) -> None:
+        raise NotImplementedError
+
+    def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE mean latent, shifted and scaled (the mean, not a sample: deterministic and cacheable)."""
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def loss(self, model, latents: torch.Tensor, cond: dict[str, torch.Tensor], batch: dict[str, Any],
+             generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
+        """One micro-batch's scalar loss; ``model`` is the (possibly DDP-wrapped) denoiser."""
+        raise NotImplementedError
+
+    def sampling_scheduler(self):
+        """This package's scheduler configured for the trained model (what the output folder ships)."""
+        raise NotImplementedError
+
+    def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {}
+
+    def save_lora(self, output_dir: Path, states: dict[str, dict[str, torch.Tensor]],
+                  args: argparse.Namespace) -> dict[str, Path]:
+        """Write the diffusers-format LoRA (and the kohya export); ``states`` maps component names to peft
+        state dicts. Returns the written paths."""
+        raise NotImplementedError
+
+    def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
+        raise NotImplementedError
+
+    def cache_key(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> dict[str, Any]:
+        return {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+                "vae_dtype": str(self.vae.dtype), "text_dtype": str(weight_dtype)}
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse an ``--output_dir`` that holds a different run (unless ``--overwrite_output_dir``)."""
+    output_dir = Path(args.output_dir)
+    record = output_dir / "training_args.json"
+    current = {k: v for k, v in vars(args).items() if k not in RESUME_INSENSITIVE}
+    if record.is_file() and not args.overwrite_output_dir:
+        previous = {k: v for k, v in json.loads(record.read_text()).items() if k not in RESUME_INSENSITIVE}
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise ValueError(
+                f"--output_dir {output_dir} holds a different run (flags that differ: {changed}). Use a new "
+                "--output_dir, or pass --overwrite_output_dir to replace it."
+            )
+    if args.resume_from_checkpoint:
+        resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)  # fails early with a clear message
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """One independent stream per (optimizer step, micro-step, rank): resume-exact by construction."""
+    mixed = (seed * 1_000_003 + step) * 1_009 + micro * 131 + rank
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def save_grid(images: list, path: Path) -> Path:
+    from ..cli import image_grid
+
+    arrays = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    image_grid(arrays, columns=min(4, len(images))).save(path)
+    return path
+
+
+def check_common_args(args: argparse.Namespace) -> list[str]:
+    """Problems with the flags every script shares (returned, so a script can add its own)."""
+    problems = []
+    if not args.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required")
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        problems.append("pass exactly one of --train_data_dir and --dataset_name")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
+                 "validation_steps", "num_train_epochs", "validation_inference_steps", "rank",
+                 "num_validation_images", "max_consecutive_bad_losses"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag} must be >= 1 (got {value})")
+    for flag in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
+    if not args.max_grad_norm > 0:
+        problems.append(f"--max_grad_norm must be > 0 (got {args.max_grad_norm})")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            problems.append(f"--{flag} must lie in [0, 1) (got {getattr(args, flag)})")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        problems.append(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
+    if args.resolution % 8:
+        problems.append(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
+    if args.cache_latents and args.train_text_encoder:
+        problems.append("--cache_latents caches the text embeddings too, so it cannot train the text encoder: "
+                        "drop --train_text_encoder or --cache_latents")
+    if args.cache_latents and not args.center_crop and not args.bucketing:
+        problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
+    if not 0 < args.ema_decay < 1:
+        problems.append(f"--ema_decay must lie in (0, 1) (got {args.ema_decay})")
+    if not args.learning_rate > 0:
+        problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
+    if args.report_to not in ("tensorboard", "none"):
+        problems.append(f"--report_to must be 'tensorboard' or 'none' (got {args.report_to!r})")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems) + ".")
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
+    """Run the training described by ``args``; ``make_task(args)`` loads the :class:`ModelTask`.
+
+    Returns ``global_step``, per-step ``losses``, ``rank_checksums`` (one LoRA checksum per process),
+    ``cache`` statistics, ``skipped_steps`` (NaN/Inf losses) and the output paths.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    from .data import (
+        BucketBatchSampler,
+        ImageCaptionDataset,
+        cache_image_encodings,
+        collate_fn,
+        load_image_caption_dataset,
+        make_buckets,
+    )
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.is_main_process:
+        check_output_dir(args)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+
+    task: ModelTask = make_task(args)
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    denoiser, vae, text_encoders = task.denoiser, task.vae, task.text_encoders
+    vae.requires_grad_(False)
+    for te in text_encoders:
+        te.requires_grad_(False)
+    task.add_adapters(args)
+    trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
+    from .lora import add_lora
+
+    for te in trained_tes.values():
+        add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets)
+    denoiser.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    for te in text_encoders:
+        te.to(accelerator.device, dtype=weight_dtype)
+    trained = [denoiser, *trained_tes.values()]
+    cast_training_params(trained, dtype=torch.float32)  # LoRA weights in fp32 whatever the base dtype
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+
+    dataset = load_image_caption_dataset(
+        train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+        caption_column=args.caption_column, cache_dir=args.cache_dir,
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    buckets = make_buckets(args.resolution, step=64 if args.resolution >= 256 else 8) if args.bucketing else None
+    train_set = ImageCaptionDataset(dataset, resolution=args.resolution, center_crop=args.center_crop,
+                                    random_flip=args.random_flip, image_column=args.image_column,
+                                    caption_column=args.caption_column, seed=args.seed, buckets=buckets)
+    image_set = train_set
+    cache_stats = None
+    if args.cache_latents:
+        cache_dir = Path(args.cache_latents_dir or Path(args.cache_dir or "~/.cache/diffusers-ztsnr").expanduser()
+                         / "encodings")
+
+        @torch.no_grad()
+        def encode(batch):
+            cond = task.encode_prompts(batch["caption"], accelerator.device)
+            latents = task.encode_images(batch["pixel_values"].to(accelerator.device))
+            return {"latents": latents.float().cpu(), **{k: v.float().cpu() for k, v in cond.items()}}
+
+        with accelerator.main_process_first():
+            train_set = cache_image_encodings(train_set, cache_dir, task.cache_key(args, weight_dtype), encode,
+                                              batch_size=args.train_batch_size)
+        cache_stats = {"hits": train_set.cache.hits, "misses": train_set.cache.misses}
+        accelerator.print(f"encodings cache in {cache_dir}: {cache_stats['hits']} hits, {cache_stats['misses']} misses")
+    if buckets is not None:
+        sampler = BucketBatchSampler(train_set.sizes, train_set.buckets, args.train_batch_size, seed=args.seed)
+        dataloader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                                 num_workers=args.dataloader_num_workers)
+    else:
+        dataloader = torch.utils.data.DataLoader(
+            train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers, drop_last=False,
+        )
+
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install 'diffusers-ztsnr[8bit]'") from error
+        optimizer_class = bnb.optim.AdamW8bit
+    optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    dataloader = accelerator.prepare(dataloader)  # first: its length per process sets the step counts
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
+
+    # only the denoiser is wrapped for DDP: the text encoders run inside the pipeline's encode_prompt (which
+    # needs the bare module), so their LoRA gradients are averaged across processes by hand below
+    model, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    te_params = [p for te in trained[1:] for p in te.parameters() if p.requires_grad]
+
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+    counters = {"skipped_steps": 0, "consecutive_bad": 0}
+
+    # checkpoints hold the LoRA weights (and their EMA) only, not a copy of the frozen base model
+    def save_hook(models, weights, folder):
+        for i, module in enumerate(trained):
+            torch.save(lora_state_dict(module), Path(folder) / f"lora_{i}.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), Path(folder) / "ema.pt")
+        (Path(folder) / "counters.json").write_text(json.dumps(counters))
+        weights.clear()
+
+    def load_hook(models, folder):
+        for i, module in enumerate(trained):
+            load_lora_state_dict(module, torch.load(Path(folder) / f"lora_{i}.pt"))
+        if ema is not None:
+            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False))
+        if (Path(folder) / "counters.json").is_file():
+            counters.update(json.loads((Path(folder) / "counters.json").read_text()))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.print(f"resuming from {path}")
+        accelerator.load_state(str(path))
+        global_step = checkpoint_step(path)
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
+        accelerator.init_trackers("diffusers-ztsnr", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    losses: list[float] = []
+    micro = 0
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        if buckets is not None:
+            sampler.set_epoch(epoch)  # under DDP accelerate only sets the dataset's epoch
+        active = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch else dataloader
+        for batch in active:
+            if global_step >= max_steps:
+                break
+            with accelerator.accumulate(model):
+                gen = step_generator(args.seed, global_step, micro, accelerator.process_index)
+                micro = (micro + 1) % args.gradient_accumulation_steps
+                if "latents" in batch:  # cached encodings
+                    latents = batch["latents"].to(accelerator.device)
+                    cond = {k: batch[k].to(accelerator.device) for k in task.cond_keys if k in batch}
+                else:
+                    with torch.no_grad():
+                        latents = task.encode_images(batch["pixel_values"].to(accelerator.device)).float()
+                    with torch.set_grad_enabled(bool(trained_tes)):
+                        cond = task.encode_prompts(batch["caption"], accelerator.device)
+                loss = task.loss(model, latents, cond, batch, gen, weight_dtype)
+                # a NaN/Inf loss on any rank skips the optimizer step on every rank (same decision everywhere)
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                all_finite = bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+                accelerator.backward(loss if all_finite else loss * 0.0)
+                if accelerator.sync_gradients and all_finite:
+                    if te_params and accelerator.num_processes > 1:
+                        for p in te_params:
+                            if p.grad is not None:
+                                torch.distributed.all_reduce(p.grad)
+                                p.grad /= accelerator.num_processes
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if all_finite:
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                if not all_finite:
+                    counters["skipped_steps"] += 1
+                    counters["consecutive_bad"] += 1
+                    accelerator.print(f"step {global_step + 1}: non-finite loss ({loss.item()}), update skipped "
+                                      f"({counters['consecutive_bad']} in a row)")
+                    if counters["consecutive_bad"] >= args.max_consecutive_bad_losses:
+                        raise NonFiniteLossError(
+                            f"{counters['consecutive_bad']} optimizer steps in a row had a NaN/Inf loss (stopped at "
+                            f"step {global_step + 1}; the last checkpoint is intact). Likely causes: fp16 overflow "
+                            "(use --mixed_precision bf16 or no), a learning rate too high (lower --learning_rate), "
+                            "an epsilon target at SNR 0 (use v_prediction with --zero_terminal_snr), or a bad "
+                            "image/latent in the data. Raise --max_consecutive_bad_losses to tolerate more."
+                        )
+                else:
+                    counters["consecutive_bad"] = 0
+                    if ema is not None:
+                        ema.step(params)
+                global_step += 1
+                progress.update(1)
+                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+                losses.append(loss_value)
+                lora_norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)).item()
+                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                                 "lora_weight_norm": lora_norm}, step=global_step)
+                progress.set_postfix(loss=f"{loss_value:.4f}")
+                if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        save_checkpoint(output_dir, global_step, accelerator.save_state, args.checkpoints_total_limit)
+                    accelerator.wait_for_everyone()
+                if args.validation_prompt and global_step % args.validation_steps == 0 and global_step < max_steps:
+                    validate(args, accelerator, task, global_step)
+        skip_batches = 0
+        if global_step >= max_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # what is saved (and validated below) is the averaged LoRA
+    # one checksum of the trained weights per process: equal on every rank after a correct DDP run
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
+                            device=accelerator.device)
+    rank_checksums = accelerator.gather(checksum).tolist()
+    result: dict[str, Any] = {"global_step": global_step, "losses": losses, "output_dir": output_dir,
+                              "rank_checksums": rank_checksums, "cache": cache_stats,
+                              "skipped_steps": counters["skipped_steps"]}
+    if accelerator.is_main_process:
+        summary = {k: v for k, v in result.items() if k != "output_dir"}
+        summary["skipped_images"] = [[str(v) for v in bad] for bad in image_set.report.bad_images]
+        summary["skipped_captions"] = [[str(v) for v in row] for row in image_set.report.missing_captions]
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        states = {task.denoiser_name: lora_state_dict(accelerator.unwrap_model(denoiser))}
+        states.update({name: lora_state_dict(te) for name, te in trained_tes.items()})
+        result.update(finish(args, accelerator, task, global_step, states))
+        if counters["skipped_steps"]:
+            logger.warning("%d optimizer steps were skipped for a NaN/Inf loss", counters["skipped_steps"])
+    accelerator.wait_for_everyone()  # no rank leaves (and tears down the process group) while rank 0 writes
+    accelerator.end_training()
+    return result
+
+
+@torch.no_grad()
+def validate(args, accelerator, task: ModelTask, step: int) -> Path | None:
+    """Sample validation images with our scheduler under the trained config; save a PNG grid, log it."""
+    if not accelerator.is_main_process:
+        return None
+    pipe = task.pipeline_class(**{**task.pipe.components,
+                                  task.denoiser_name: accelerator.unwrap_model(task.denoiser)})
+    pipe.scheduler = task.sampling_scheduler()
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipe([args.validation_prompt] * args.num_validation_images,
+                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                  width=args.resolution, generator=generator, **task.validation_kwargs(args)).images
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    path = save_grid(images, folder / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(im) for im in images])
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+    return path
+
+
+def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """Write the output folder: LoRA (diffusers + kohya), scheduler config, model card, samples (+ upload)."""
+    output_dir = Path(args.output_dir)
+    paths = task.save_lora(output_dir, states, args)
+    task.sampling_scheduler().save_pretrained(output_dir / "scheduler")
+    paths["scheduler"] = output_dir / "scheduler"
+    grid = None
+    if args.validation_prompt:
+        grid = validate(args, accelerator, task, step)
+        if grid is not None:
+            shutil.copy(grid, output_dir / "samples.png")
+            grid = output_dir / "samples.png"
+            paths["grid"] = grid
+    (output_dir / "README.md").write_text(task.model_card(args, step, grid.name if grid else None), encoding="utf-8")
+    paths["card"] = output_dir / "README.md"
+    if args.push_to_hub:
+        paths["hub_url"] = push_to_hub(args, output_dir)
+    return paths
+
+
+def push_to_hub(args, output_dir: Path) -> str:
+    """Upload the output folder (LoRA, scheduler, kohya export, card, samples); checkpoints stay local."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or output_dir.name
+    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
+                  commit_message="LoRA trained with diffusers-ztsnr",
+                  ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.tmp"])
+    return f"https://huggingface.co/{repo_id}"
