@@ -23,6 +23,20 @@ Design decisions
 * **Missing captions** (``None`` or not a string / list of strings) skip their row, counted and warned; if *no*
   row has a caption the column is surely wrong and a ``ValueError`` names ``--caption_column``. An empty string
   is a valid (unconditional) caption. A list of strings is a set of alternative captions: one is drawn per item.
+* **Data faults, case by case** (``tests/test_data_faults.py`` holds the table). Skipped and counted in
+  ``report.bad_images`` as ``(row, name, reason)``: zero-byte file (``"empty file"``), truncated file
+  (``"truncated"``), non-image file with an image extension (``"not an image"``), metadata row whose file is
+  missing (``"missing file"``), image over ``PIL.Image.MAX_IMAGE_PIXELS`` (``"too large"``: rejected from its
+  header, never decoded, even between 1x and 2x the limit where PIL itself only warns; raise the limit to keep
+  such images). ``name`` is the file's basename, or its shortest unique path suffix (``"b/x.png"``) when
+  several files share the basename. Skipped and counted in ``report.missing_captions``: ``None`` / absent
+  caption, a list that is empty or holds non-strings, any other non-string cell. Converted to RGB in ``[-1, 1]``
+  (see :func:`to_rgb`): RGBA / LA / PA / P with transparency (over white), L, 1-bit, CMYK, 16-bit ``I;16*`` and
+  ``I`` (scaled by 1/257, no wraparound), ``F``; EXIF orientation is applied. A ``metadata.jsonl`` that names
+  one file on two rows, has a non-string caption (number, object, list of non-strings), mixes string and list
+  captions, or has a line without ``file_name`` / not a JSON object is a ``ValueError`` from
+  :func:`load_image_caption_dataset` naming ``file:line`` and the fix (``datasets`` would otherwise train the
+  image twice, or fail with an Arrow error that names neither).
 * **Reproducible randomness.** Every random choice of an item (crop offset, flip, caption choice) comes from a
   ``torch.Generator`` seeded from ``(seed, epoch, index)``, so results do not depend on worker count, worker
   order or process rank. ``set_epoch`` changes the draws (accelerate calls it on the dataset each epoch).
@@ -46,7 +60,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +122,79 @@ def _count_image_files(data_dir: Path) -> int:
     )
 
 
+_FILE_NAME_KEY = re.compile(r"^(.*_)?file_names?$")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list of non-strings"
+    return f"a {type(value).__name__}"
+
+
+def _check_metadata_jsonl(path: Path, caption_column: str, seen: dict[str, tuple[Path, int]]) -> None:
+    """Raise a ``ValueError`` naming ``path:line`` and the fix for rows the imagefolder loader would mishandle.
+
+    Checked per line: a JSON object, with a ``file_name`` (or ``*_file_name(s)``) key, naming a file no other row
+    names (``seen`` maps each resolved ``file_name`` to its first ``(file, line)`` and spans metadata files), and
+    a caption that is a string, a list of strings or null/absent, with one of string / list per file. ``datasets``
+    trains a twice-named file twice, and fails with an Arrow "changed from string to number" error on mixed types.
+    """
+    example = '{"file_name": "0001.png", "' + caption_column + '": "a photo of a cat"}'
+    kinds: dict[str, int] = {}  # "a string" / "a list of strings" -> first line
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{where} is not valid JSON ({e.msg}): write one object per line, e.g. {example}"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where} is {_json_kind(row)}, not a JSON object: write e.g. {example}")
+            if not any(_FILE_NAME_KEY.match(key) for key in row):
+                raise ValueError(f'{where} has no "file_name": every line names its image, e.g. {example}')
+            name = row.get("file_name")
+            if isinstance(name, str):
+                target = os.path.normpath(path.parent / name)
+                if target in seen:
+                    first, first_line = seen[target]
+                    raise ValueError(
+                        f"{where} names {name!r} again (first at {first}:{first_line}): give each image one row; for "
+                        f'several captions of one image use a list, {{"file_name": {json.dumps(name)}, '
+                        f'"{caption_column}": ["caption 1", "caption 2"]}}'
+                    )
+                seen[target] = (path, line_no)
+            caption = row.get(caption_column)
+            if caption is None:
+                continue  # skipped and counted later, as a missing caption
+            if isinstance(caption, str):
+                kind = "a string"
+            elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+                kind = "a list of strings"
+            else:
+                raise ValueError(
+                    f"{where}: caption {caption_column!r} is {_json_kind(caption)} ({json.dumps(caption)[:60]}): "
+                    'a caption is a string (quote numbers: "3"), a list of alternative strings, or null to skip the '
+                    "row"
+                )
+            kinds.setdefault(kind, line_no)
+            if len(kinds) > 1:
+                other = next(k for k in kinds if k != kind)
+                raise ValueError(
+                    f"{where}: caption {caption_column!r} is {kind} but line {kinds[other]} has {other}: use one type "
+                    'per file (write single captions as one-element lists, ["a photo of a cat"])'
+                )
+
+
 def load_image_caption_dataset(
     train_data_dir: str | os.PathLike | None = None,
     dataset_name: str | None = None,
@@ -127,7 +214,10 @@ def load_image_caption_dataset(
     Raises:
         ValueError: neither or both sources given; the folder is missing, has no metadata file or no images;
             the dataset is empty; ``image_column`` or ``caption_column`` is not a column (the message lists the
-            available columns and names the ``--image_column`` / ``--caption_column`` flag).
+            available columns and names the ``--image_column`` / ``--caption_column`` flag); a ``metadata.jsonl``
+            line is not a JSON object, has no ``file_name``, names a file an earlier line names, or has a caption
+            that is not a string / list of strings / null, or mixes string and list captions (the message names
+            ``file:line`` and the fix).
     """
     if (train_data_dir is None) == (dataset_name is None):
         raise ValueError(
@@ -148,6 +238,10 @@ def load_image_caption_dataset(
             )
         if all(p.stat().st_size == 0 for p in metadata):
             raise ValueError(f"{', '.join(str(p) for p in metadata)} is empty: add one line per image")
+        seen: dict[str, tuple[Path, int]] = {}
+        for path in metadata:
+            if path.suffix == ".jsonl":
+                _check_metadata_jsonl(path, caption_column, seen)
         n_files = _count_image_files(data_dir)
         if n_files == 0:
             raise ValueError(f"no image files in {str(data_dir)!r}")
@@ -234,16 +328,45 @@ def _display_name(path: str | None, row: int) -> str:
     return os.path.basename(path) if path else f"row {row}"
 
 
+def _unique_suffixes(groups: Iterable[set[str]]) -> dict[str, str]:
+    """For paths that share a basename: each path -> its shortest trailing part (``"b/x.png"``) unique in its group."""
+    out: dict[str, str] = {}
+    for paths in groups:
+        parts = {path: Path(path).parts for path in paths}
+        for path, mine in parts.items():
+            for k in range(1, len(mine) + 1):
+                if all(other[-k:] != mine[-k:] for q, other in parts.items() if q != path):
+                    break
+            out[path] = "/".join(mine[-k:])
+    return out
+
+
+def _check_pixels(image: Image.Image) -> None:
+    """Raise ``DecompressionBombError`` if ``image`` (header only, nothing decoded) has more pixels than
+    ``PIL.Image.MAX_IMAGE_PIXELS``. PIL itself raises only above twice the limit, and between 1x and 2x just warns
+    and then decodes the whole image."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height} pixels is over PIL.Image.MAX_IMAGE_PIXELS = {limit}: downscale the "
+            "file, or raise PIL.Image.MAX_IMAGE_PIXELS to train on it"
+        )
+
+
 def _open_image(value: Any) -> Image.Image:
-    """Decode one image cell fully (raises on any decode problem); the file handle is closed on return."""
+    """Decode one image cell fully (raises on any decode problem, and on an image over ``MAX_IMAGE_PIXELS`` before
+    decoding it); the file handle is closed on return."""
     path, data, pil = _image_ref(value)
     if pil is not None:
+        _check_pixels(pil)
         pil.load()
         return pil
     source: Any = io.BytesIO(data) if data is not None else path
     if source is None:
         raise ValueError("image cell has neither bytes nor a path")
     with Image.open(source) as image:
+        _check_pixels(image)
         image.load()
         return image
 
@@ -253,7 +376,7 @@ def _classify_error(error: BaseException) -> str:
         return "missing file"
     if isinstance(error, UnidentifiedImageError):
         return "not an image"
-    if isinstance(error, Image.DecompressionBombError):
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):  # warning: under -W error
         return "too large"
     message = str(error)
     if "truncated" in message.lower():
@@ -282,6 +405,7 @@ def _check_image(value: Any, row: int, mode: str) -> tuple[Size | None, str, str
         return None, str(e), ""
     try:
         if pil is not None:
+            _check_pixels(pil)
             pil.load()
             return _exif_size(pil), "", f"pil:{row}"
         if data is not None:
@@ -296,6 +420,7 @@ def _check_image(value: Any, row: int, mode: str) -> tuple[Size | None, str, str
         else:
             return None, "no image (neither bytes nor path)", ""
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            _check_pixels(image)  # before any decode: an image over MAX_IMAGE_PIXELS is never decoded
             if mode == "header":
                 return _exif_size(image, header_only=True), "", fingerprint
             image.verify()  # structure / CRC checks (catches truncated PNGs even with LOAD_TRUNCATED_IMAGES)
@@ -344,6 +469,9 @@ def validate_image_caption_dataset(
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     dataset = dataset.select_columns([image_column, caption_column])
     report = ValidationReport(total=total)
+    first_path: dict[str, str] = {}  # basename -> first path seen, to spot basenames shared by several files
+    shared: dict[str, set[str]] = {}  # basename -> all its paths, for shared basenames only
+    skipped_paths: dict[int, str] = {}  # row -> path, for skipped rows (renamed at the end if shared)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
@@ -352,14 +480,21 @@ def validate_image_caption_dataset(
             rows = list(range(start, start + len(chunk[image_column])))
             todo = []
             for row, value, caption in zip(rows, chunk[image_column], chunk[caption_column], strict=True):
+                try:
+                    path = _image_ref(value)[0]
+                except TypeError:
+                    path = None
+                if path:
+                    path = os.path.normpath(path)
+                    base = os.path.basename(path)
+                    if first_path.setdefault(base, path) != path:
+                        shared.setdefault(base, {first_path[base]}).add(path)
                 if _caption_ok(caption):
                     todo.append((row, value, caption))
                 else:
-                    try:
-                        name = _display_name(_image_ref(value)[0], row)
-                    except TypeError:
-                        name = f"row {row}"
-                    report.missing_captions.append((row, name))
+                    report.missing_captions.append((row, _display_name(path, row)))
+                    if path:
+                        skipped_paths[row] = path
             if executor is not None:
                 results = list(executor.map(lambda item: _check_image(item[1], item[0], mode), todo))
             else:
@@ -368,8 +503,17 @@ def validate_image_caption_dataset(
                 if size is None:
                     path = _image_ref(value)[0] if not reason.startswith("unsupported") else None
                     report.bad_images.append((row, _display_name(path, row), reason))
+                    if path:
+                        skipped_paths[row] = os.path.normpath(path)
                     if len(report.bad_images) <= _MAX_LISTED:
-                        logger.warning("skipping image %s (row %d): %s", path or "<embedded bytes>", row, reason)
+                        hint = (
+                            f" (over PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it to keep the image)"
+                            if reason == "too large"
+                            else ""
+                        )
+                        logger.warning(
+                            "skipping image %s (row %d): %s%s", path or "<embedded bytes>", row, reason, hint
+                        )
                     continue
                 report.kept_indices.append(row)
                 report.sizes.append(size)
@@ -378,6 +522,14 @@ def validate_image_caption_dataset(
     finally:
         if executor is not None:
             executor.shutdown()
+    if shared:  # name skipped files by their shortest unique path suffix, e.g. "b/x.png" beside "a/x.png"
+        names = _unique_suffixes(shared.values())
+        report.bad_images = [
+            (row, names.get(skipped_paths.get(row, ""), name), reason) for row, name, reason in report.bad_images
+        ]
+        report.missing_captions = [
+            (row, names.get(skipped_paths.get(row, ""), name)) for row, name in report.missing_captions
+        ]
     if len(report.missing_captions) == total:
         raise ValueError(
             f"no row of column {caption_column!r} holds a caption (all {total} are None or not strings); "
