@@ -57,31 +57,39 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise ValueError(f"LoRA state has keys this model has no adapter for: {unexpected[:5]}...")
 
 
-def save_diffusers_lora(pipeline_class, output_dir: Path, unet_state: dict[str, torch.Tensor],
-                        text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``."""
+def save_diffusers_lora(pipeline_class, output_dir: Path, states: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``.
+
+    ``states`` maps pipeline component names (``unet`` / ``transformer``, ``text_encoder``, ``text_encoder_2``) to
+    peft state dicts (:func:`lora_state_dict`).
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(unet_state)}
-    for name, state in (text_encoder_states or {}).items():
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in states.items()}
     pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers)
     return output_dir / "pytorch_lora_weights.safetensors"
 
 
-def save_kohya_lora(path: Path, unet_state: dict[str, torch.Tensor], alpha: float, prediction_type: str,
-                    zero_terminal_snr: bool, text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None,
-                    base_model: str = "") -> Path:
-    """Write the kohya / ComfyUI format with ``v_pred`` / ``ztsnr`` markers and sd-scripts metadata."""
+def save_kohya_lora(path: Path, states: dict[str, dict[str, torch.Tensor]], alpha: float, prediction_type: str,
+                    zero_terminal_snr: bool, base_model: str = "") -> Path:
+    """Write the kohya / ComfyUI format, with ``v_pred`` / ``ztsnr`` markers and sd-scripts metadata.
+
+    ``states`` maps component names to peft state dicts, the denoiser (``unet`` or ``transformer``) first.
+    UNet keys become ``lora_unet_<path>``, text encoders ``lora_te1_`` / ``lora_te2_``; a flow transformer's keys
+    become ``lora_transformer_<diffusers path with _>``, the OneTrainer naming ComfyUI maps onto SD3 / Flux.
+    Markers: ``v_pred`` for v-prediction and ``ztsnr`` for a zero-terminal-SNR schedule; a flow-matching model
+    has neither (its path ends at pure noise by construction) and says ``flow_prediction`` in the metadata.
+    """
     from diffusers.utils import convert_state_dict_to_kohya
 
-    prefixed = {f"unet.{k}": v for k, v in unet_state.items()}
-    for name, state in (text_encoder_states or {}).items():
-        prefixed.update({f"{name}.{k}": v for k, v in state.items()})
+    prefixed = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
     kohya = convert_state_dict_to_kohya(prefixed)
+    # diffusers' converter knows unet / text encoders; a transformer comes out as "transformer_..."
+    kohya = {("lora_" + k if k.startswith("transformer_") else k): v for k, v in kohya.items()}
     for key in [k for k in kohya if k.endswith(".alpha")]:
         kohya[key] = torch.tensor(float(alpha))  # diffusers' converter assumes alpha == rank
-    kohya = with_markers(kohya, prediction_type, zero_terminal_snr)
+    if prediction_type in ("epsilon", "v_prediction"):
+        kohya = with_markers(kohya, prediction_type, zero_terminal_snr)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_alpha": str(alpha),

@@ -181,11 +181,9 @@ class UNetTask(ModelTask):
         return {"guidance_rescale": 0.7 if args.zero_terminal_snr else 0.0}
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
-        unet_state = states["unet"]
-        te_states = {k: v for k, v in states.items() if k != "unet"} or None
-        lora = save_diffusers_lora(self.pipeline_class, output_dir, unet_state, te_states)
-        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", unet_state, args.lora_alpha or args.rank,
-                                self.prediction_type, args.zero_terminal_snr, te_states,
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states)
+        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, args.lora_alpha or args.rank,
+                                self.prediction_type, args.zero_terminal_snr,
                                 base_model=args.pretrained_model_name_or_path)
         return {"lora": lora, "kohya": kohya}
 
