@@ -365,3 +365,93 @@ def test_diffusion_loss_is_float32_for_half_inputs():
         loss = diffusion_loss(out.to(dtype), target.to(dtype), torch.tensor([1.0, 3.0], dtype=torch.float64))
         assert loss.dtype == torch.float32
         assert float(loss) == 2.0**-14 * 2  # mean over batch of (1, 3) * 2^-14
+
+
+# --- flow matching ----------------------------------------------------------------------------------------
+
+from diffusers_ztsnr.schedule import flow_mu  # noqa: E402
+from diffusers_ztsnr.training.objectives import (  # noqa: E402
+    FLOW_SIGMA_MIN,
+    flow_loss_weights,
+    flow_matching_loss,
+    sample_flow_sigmas,
+)
+
+
+def test_flow_loss_weights_at_known_points():
+    s = torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(flow_loss_weights(s, "sigma_sqrt"), torch.tensor([16.0, 4.0, 1.0], dtype=torch.float64))
+    # cosmap 2 / (pi (1 - 2s + 2s^2)): 2/pi at the ends, 4/pi in the middle
+    torch.testing.assert_close(flow_loss_weights(torch.tensor([0.0, 0.5, 1.0]), "cosmap"),
+                               torch.tensor([2 / math.pi, 4 / math.pi, 2 / math.pi], dtype=torch.float64))
+    for scheme in ("none", "logit_normal", "mode"):
+        assert bool((flow_loss_weights(s, scheme) == 1).all())
+    with pytest.raises(ValueError, match="infinite at s = 0"):
+        flow_loss_weights(torch.tensor([0.0]), "sigma_sqrt")
+    with pytest.raises(ValueError, match="unknown weighting_scheme 'uniform'; allowed: logit_normal"):
+        flow_loss_weights(s, "uniform")
+
+
+def test_flow_time_densities_match_their_formulas():
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    # logit-normal: logit(s) ~ N(mean, std)
+    s = sample_flow_sigmas(n, g, "logit_normal", logit_mean=0.7, logit_std=0.5)
+    logit = torch.log(s / (1 - s))
+    assert abs(float(logit.mean()) - 0.7) < 0.01 and abs(float(logit.std()) - 0.5) < 0.01
+    # uniform: mean 1/2 (clamped at FLOW_SIGMA_MIN only)
+    u = sample_flow_sigmas(n, g, "none")
+    assert abs(float(u.mean()) - 0.5) < 0.005 and float(u.min()) >= FLOW_SIGMA_MIN
+    # mode with scale 0 is 1 - u: uniform again; with scale 1.29 it favours the middle
+    assert abs(float(sample_flow_sigmas(n, g, "mode", mode_scale=0.0).mean()) - 0.5) < 0.005
+    mode = sample_flow_sigmas(n, g, "mode", mode_scale=1.29)
+    middle = float(((mode > 0.25) & (mode < 0.75)).double().mean())
+    assert middle > 0.6  # uniform puts 0.5 there
+    # the static shift maps the median 1/2 to k/(k+1); Flux's mu maps it to e^mu/(e^mu+1)
+    shifted = sample_flow_sigmas(n, g, "none", shift=3.0)
+    assert abs(float(shifted.median()) - 0.75) < 0.005
+    dynamic = sample_flow_sigmas(n, g, "none", mu=math.log(3.0))
+    assert abs(float(dynamic.median()) - 0.75) < 0.005
+    assert flow_mu(256) == pytest.approx(0.5) and flow_mu(4096) == pytest.approx(1.15)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(scheme=st.sampled_from(["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"]),
+       shift=st.floats(0.1, 10.0), seed=st.integers(0, 2**31 - 1))
+def test_flow_times_stay_in_range_and_weights_finite(scheme, shift, seed):
+    s = sample_flow_sigmas(64, torch.Generator().manual_seed(seed), scheme, shift=shift)
+    assert s.dtype == torch.float64 and bool(((s >= FLOW_SIGMA_MIN) & (s <= 1)).all())
+    assert bool(torch.isfinite(flow_loss_weights(s, scheme)).all())
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(weighting_scheme="mode", mode_scale=2.0), "mode_scale must lie in"),
+    (dict(weighting_scheme="logit_normal", logit_std=-1.0), "logit_std > 0"),
+    (dict(shift=0.0), "shift must be a finite number > 0"),
+    (dict(mu=math.inf), "mu must be finite"),
+])
+def test_flow_time_sampling_rejects_bad_parameters(bad, message):
+    with pytest.raises(ValueError, match=message):
+        sample_flow_sigmas(4, **bad)
+
+
+@pytest.mark.parametrize("prediction_type", TARGETS)
+def test_flow_matching_loss_is_zero_for_the_exact_output_in_any_parameterization(prediction_type):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    s = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    x_s = noisy_latents(x0, noise, 1 - s, s)
+    exact = training_target(x0, noise, 1 - s, s, prediction_type)
+    for precondition in (False, True):
+        assert float(flow_matching_loss(exact, prediction_type, x_s, x0, noise, 1 - s, s,
+                                        precondition_outputs=precondition)) < 1e-10
+    # and a wrong output costs exactly its velocity error (flow model: no conversion)
+    wrong = training_target(x0, noise, 1 - s, s, "flow_prediction") + 0.1
+    assert float(flow_matching_loss(wrong, "flow_prediction", x_s, x0, noise, 1 - s, s)) == pytest.approx(0.01)
+
+
+def test_flow_matching_loss_refuses_an_epsilon_model_at_pure_noise():
+    x = torch.randn(1, 4)
+    with pytest.raises(ValueError, match="cannot train an? epsilon model on this flow objective"):
+        flow_matching_loss(x, "epsilon", x, x, x, torch.tensor([0.0], dtype=torch.float64),
+                           torch.tensor([1.0], dtype=torch.float64))

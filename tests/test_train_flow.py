@@ -1,0 +1,310 @@
+"""train_lora_flow.py on tiny SD3- and Flux-style models, and the UNet script's --objective flow (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
+from diffusers_ztsnr.adapters import VPModelAsFlow
+from diffusers_ztsnr.demo_data import make_demo_dataset
+from diffusers_ztsnr.schedule import VPSchedule
+from diffusers_ztsnr.tiny import save_tiny_pipeline
+from diffusers_ztsnr.training import objectives
+from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
+from diffusers_ztsnr.training.flow import FlowTask
+from diffusers_ztsnr.training.flow import main as flow_main
+from diffusers_ztsnr.training.flow import parse_args as flow_args
+from diffusers_ztsnr.training.unet import main as unet_main
+
+RES = 32
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {
+        "sd3": save_tiny_pipeline("sd3", root / "sd3"),
+        "flux": save_tiny_pipeline("flux", root / "flux"),
+        "sd15": save_tiny_pipeline("sd15", root / "sd15"),
+        "data": make_demo_dataset(root / "data", num_images=4, size=RES),
+    }
+
+
+def argv(assets, out, model, steps, *extra):
+    return ["--pretrained_model_name_or_path", str(assets[model]), "--train_data_dir", str(assets["data"]),
+            "--resolution", str(RES), "--train_batch_size", "4", "--max_train_steps", str(steps), "--center_crop",
+            "--output_dir", str(out), "--learning_rate", "1e-2", "--rank", "8", "--report_to", "none",
+            "--checkpointing_steps", "1000", *extra]
+
+
+def run(assets, out, model="sd3", steps=4, *extra):
+    return flow_main(argv(assets, out, model, steps, *extra))
+
+
+def fixed_batch_flow_loss(assets, model, lora_dir, draws=8):
+    """Flow-matching loss of the base transformer (+ LoRA) on the whole dataset, fixed noise and times."""
+    pipe = PIPELINES[model].from_pretrained(assets[model])
+    if lora_dir:
+        pipe.load_lora_weights(lora_dir)
+    args = flow_args(argv(assets, "unused", model, 1))
+    task = FlowTask.__new__(FlowTask)  # the task's own predict(), around this pipeline
+    task.args, task.pipe, task.pipeline_class = args, pipe, type(pipe)
+    task.is_flux, task.vae, task.max_sequence_length = model == "flux", pipe.vae, 77
+    task.guidance = 3.5 if model == "flux" else None
+    ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=assets["data"]), image_column="image",
+                             caption_column="text", resolution=RES, center_crop=True)
+    batch = collate_fn([ds[i] for i in range(len(ds))])
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        latents = task.encode_images(batch["pixel_values"])
+        cond = task.encode_prompts(batch["caption"], "cpu")
+        for _ in range(draws):
+            noise = torch.randn(latents.shape, generator=g)
+            s = objectives.sample_flow_sigmas(len(latents), g, "none")
+            noisy = objectives.noisy_latents(latents, noise, 1 - s, s)
+            pred = task.predict(pipe.transformer, noisy, s, cond, torch.float32)
+            total += objectives.flow_matching_loss(pred, "flow_prediction", noisy, latents, noise, 1 - s, s).item()
+    return total / draws
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_training_lowers_the_flow_loss_and_the_lora_loads(assets, tmp_path, model):
+    out = tmp_path / "out"
+    result = run(assets, out, model, 30, "--validation_prompt", "a red disc", "--num_validation_images", "2",
+                 "--validation_inference_steps", "3", "--validation_steps", "100")
+    assert result["global_step"] == 30 and np.isfinite(result["losses"]).all()
+    before = fixed_batch_flow_loss(assets, model, None)
+    after = fixed_batch_flow_loss(assets, model, out)
+    assert after < 0.95 * before, (before, after)  # measured: sd3 1.80 -> 1.44, flux 1.36 -> 1.08 (training losses)
+    # the LoRA loads with diffusers' own loader and changes the pipeline's output
+    pipe = PIPELINES[model].from_pretrained(assets[model])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = ZTSNRFlowMatchScheduler.from_pretrained(out, subfolder="scheduler")
+    kw = dict(prompt="a red disc", num_inference_steps=3, height=RES, width=RES, output_type="np")
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(out)
+    tuned = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(tuned).all() and np.abs(tuned - plain).max() > 1e-3
+    # output folder: kohya export with transformer keys and flow metadata, card, samples, summary
+    kohya = load_file(out / "lora_kohya.safetensors")
+    assert kohya and all(k.startswith("lora_transformer_") for k in kohya)
+    assert "v_pred" not in kohya and "ztsnr" not in kohya
+    with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "flow_prediction"
+    card = (out / "README.md").read_text()
+    assert "train_lora_flow.py" in card and "flow matching" in card and (out / "samples.png").is_file()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_step"] == 30 and summary["skipped_steps"] == 0
+
+
+SCHEMES = [
+    ("sd3", ["--weighting_scheme", "logit_normal", "--logit_mean", "0.5", "--logit_std", "0.8"]),
+    ("sd3", ["--weighting_scheme", "mode", "--mode_scale", "1.29"]),
+    ("sd3", ["--weighting_scheme", "none", "--timestep_shift", "1.0"]),
+    ("sd3", ["--weighting_scheme", "sigma_sqrt", "--precondition_outputs", "1"]),
+    ("sd3", ["--weighting_scheme", "cosmap", "--timestep_shift", "dynamic"]),
+    ("flux", ["--weighting_scheme", "logit_normal"]),  # auto shift: Flux's resolution-dependent mu
+    ("flux", ["--weighting_scheme", "none", "--timestep_shift", "3.0", "--guidance_scale", "1.0"]),
+]
+
+
+@pytest.mark.parametrize("model,extra", SCHEMES, ids=lambda v: v if isinstance(v, str) else "_".join(v[1::2]))
+def test_every_time_sampling_scheme_trains(assets, tmp_path, model, extra):
+    result = run(assets, tmp_path / "out", model, 2, *extra)
+    assert result["global_step"] == 2 and np.isfinite(result["losses"]).all() and result["skipped_steps"] == 0
+
+
+def test_shift_follows_the_base_scheduler(assets):
+    task = FlowTask.__new__(FlowTask)
+    task.args = flow_args(argv(assets, "x", "sd3", 1))
+    task.scheduler_config = {"shift": 3.0, "use_dynamic_shifting": False}
+    latents = torch.zeros(1, 16, 64, 64)
+    assert task.shift_for(latents) == (3.0, None)  # SD3: its static shift
+    task.scheduler_config = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                             "base_shift": 0.5, "max_shift": 1.15}
+    assert task.shift_for(latents) == (1.0, pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840))  # Flux: mu(tokens)
+
+
+def test_resume_latest_equals_an_uninterrupted_run(assets, tmp_path):
+    common = ["--checkpointing_steps", "2", "--train_batch_size", "2"]
+    full = run(assets, tmp_path / "a", "flux", 5, *common)
+    run(assets, tmp_path / "b", "flux", 3, *common)
+    resumed = run(assets, tmp_path / "b", "flux", 5, *common, "--resume_from_checkpoint", "latest")
+    assert resumed["global_step"] == 5 and len(resumed["losses"]) == 5 - 3  # from the final step-3 checkpoint
+    np.testing.assert_array_equal(resumed["losses"], full["losses"][3:])
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_encodings_train_the_same_objective(assets, tmp_path):
+    cache = ["--cache_latents", "--cache_latents_dir", str(tmp_path / "cache")]
+    first = run(assets, tmp_path / "a", "sd3", 2, *cache)
+    second = run(assets, tmp_path / "b", "sd3", 2, *cache)
+    plain = run(assets, tmp_path / "c", "sd3", 2)
+    assert first["cache"] == {"hits": 0, "misses": 4} and second["cache"] == {"hits": 4, "misses": 0}
+    np.testing.assert_allclose(second["losses"], plain["losses"], rtol=1e-4)
+
+
+def test_text_encoder_lora_loads(assets, tmp_path):
+    out = tmp_path / "out"
+    run(assets, out, "sd3", 2, "--train_text_encoder")
+    pipe = StableDiffusion3Pipeline.from_pretrained(assets["sd3"])
+    pipe.load_lora_weights(out)
+    assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())
+
+
+BAD = [
+    (["--weighting_scheme", "uniform"], SystemExit, "--weighting_scheme: invalid choice: 'uniform' (choose from"),
+    (["--weighting_scheme", "mode", "--mode_scale", "3"], SystemExit, "mode_scale must lie in [-1, 2/(pi-2)"),
+    (["--weighting_scheme", "logit_normal", "--logit_std", "0"], SystemExit, "logit_std > 0, got logit_mean=0.0"),
+    (["--timestep_shift", "-1"], SystemExit, "--timestep_shift must be 'auto', 'dynamic' or a number > 0"),
+    (["--resolution", "40"], SystemExit, "multiple of 16"),
+    (["--precondition_outputs", "2"], SystemExit, "--precondition_outputs: invalid choice: 2 (choose from 0, 1)"),
+    (["--guidance_scale", "3.5"], ValueError, "has no guidance embedding"),
+    (["--lora_layers", "attn.nonexistent"], ValueError, "--lora_layers attn.nonexistent"),
+    (["--learning_rate", "0"], SystemExit, "--learning_rate must be > 0"),
+]
+
+
+@pytest.mark.parametrize("extra,error,message", BAD, ids=lambda v: str(v)[:40])
+def test_bad_input_gives_a_clear_error(assets, tmp_path, capsys, extra, error, message):
+    args = argv(assets, tmp_path / "out", "sd3", 1, *extra)
+    with pytest.raises(error) as caught:
+        flow_main(args)
+    assert message in str(caught.value) + capsys.readouterr().err  # argparse prints its own errors
+
+
+def test_a_unet_pipeline_is_sent_to_the_other_script(assets, tmp_path):
+    with pytest.raises(ValueError, match="use train_lora_unet.py"):
+        run(assets, tmp_path / "out", "sd15", 1)
+    with pytest.raises(ValueError, match="use train_lora_flow.py"):
+        unet_main(argv(assets, tmp_path / "out2", "sd3", 1))
+
+
+def test_two_processes_hold_identical_weights(assets, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+           str(REPO / "train_scripts" / "train_lora_flow.py"),
+           *argv(assets, out, "flux", 3, "--train_batch_size", "2", "--checkpointing_steps", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    assert summary["global_step"] == 3 and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+# --- the UNet trained as a rectified flow ---------------------------------------------------------------
+
+
+def test_flow_loss_of_a_vp_model_is_its_vp_loss_reweighted_at_equal_snr():
+    """Where both formulations apply, the flow loss through the adapter is the VP v-loss times (alpha+sigma)^2."""
+    schedule = VPSchedule.from_config(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=True)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    s = torch.tensor([0.999, 0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)
+    v_model = lambda sample, timestep: torch.tanh(sample) * 0.3 + timestep.reshape(-1, 1, 1, 1) / 1000  # noqa: E731
+    adapter = VPModelAsFlow(v_model, schedule, "v_prediction")
+    x_s = objectives.noisy_latents(x0, noise, 1 - s, s)
+    velocity = adapter(x_s, 1000 * s)
+    flow_per_sample = objectives.flow_matching_loss(velocity, "flow_prediction", x_s, x0, noise, 1 - s, s)
+    alpha, sigma, scale, t = adapter.vp_levels(s)
+    x_t = objectives.noisy_latents(x0, noise, alpha, sigma)
+    torch.testing.assert_close(x_t, x_s * scale.reshape(-1, 1, 1, 1).float(), rtol=1e-5, atol=1e-5)
+    v_pred = v_model(x_t, t.float())
+    vp_per_sample = objectives.diffusion_loss(v_pred, objectives.training_target(x0, noise, alpha, sigma,
+                                                                                 "v_prediction"), reduction="none")
+    weights = (alpha + sigma) ** 2
+    torch.testing.assert_close(flow_per_sample, (vp_per_sample * weights).mean().float(), rtol=1e-4, atol=1e-6)
+
+
+def unet_fixed_batch_flow_loss(assets, lora_dir, draws=16):
+    """Rectified-flow loss of the SD-style UNet (+ LoRA, as v_prediction on the ZTSNR schedule) through the adapter."""
+    pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
+    if lora_dir:
+        pipe.load_lora_weights(lora_dir)
+    schedule = VPSchedule.from_config(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=True)
+    model = VPModelAsFlow(pipe.unet, schedule, "v_prediction")
+    ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=assets["data"]), image_column="image",
+                             caption_column="text", resolution=RES, center_crop=True)
+    batch = collate_fn([ds[i] for i in range(len(ds))])
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _ = pipe.encode_prompt(batch["caption"], "cpu", 1, False)
+        for _ in range(draws):
+            noise = torch.randn(latents.shape, generator=g)
+            s = objectives.sample_flow_sigmas(len(latents), g, "none").clamp(min=0.03)
+            x_s = objectives.noisy_latents(latents, noise, 1 - s, s)
+            u = model(x_s, 1000 * s, encoder_hidden_states=embeds).sample
+            total += objectives.flow_matching_loss(u, "flow_prediction", x_s, latents, noise, 1 - s, s).item()
+    return total / draws
+
+
+def test_unet_objective_flow_trains_and_samples_consistently(assets, tmp_path):
+    out = tmp_path / "out"
+    result = unet_main(argv(assets, out, "sd15", 60, "--objective", "flow", "--zero_terminal_snr",
+                            "--weighting_scheme", "logit_normal"))
+    assert np.isfinite(result["losses"]).all()
+    before, after = unet_fixed_batch_flow_loss(assets, None), unet_fixed_batch_flow_loss(assets, out)
+    assert after < 0.97 * before, (before, after)
+    card = (out / "README.md").read_text()
+    assert "rectified flow" in card and "VPModelAsFlow" in card
+    # the shipped VP scheduler (v_prediction + ZTSNR) and the flow scheduler through the adapter sample the
+    # same ODE: as steps grow the images agree
+    pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    vp_scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
+    assert vp_scheduler.config.prediction_type == "v_prediction" and vp_scheduler.config.rescale_betas_zero_snr
+    kw = dict(prompt="a red disc", height=RES, width=RES, output_type="np", guidance_scale=1.0)
+    pipe.scheduler = vp_scheduler
+    native = pipe(**kw, num_inference_steps=60, generator=torch.Generator().manual_seed(0)).images
+    unet = pipe.unet
+    pipe.unet = VPModelAsFlow.from_scheduler_config(unet, vp_scheduler.config)
+    pipe.scheduler = ZTSNRFlowMatchScheduler(shift=1.0)
+    flow = pipe(**kw, num_inference_steps=60, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(flow - native).max() < 0.03
+
+
+UNET_BAD = [
+    (["--objective", "flow"], "--objective flow starts its paths at pure noise"),
+    (["--objective", "flow", "--zero_terminal_snr", "--snr_gamma", "5"], "use --weighting_scheme"),
+    (["--precondition_outputs", "1"], "apply to the flow-matching objective: add --objective flow"),
+    (["--weighting_scheme", "cosmap"], "apply to the flow-matching objective"),
+]
+
+
+@pytest.mark.parametrize("extra,message", UNET_BAD, ids=lambda v: str(v)[:40])
+def test_unet_flow_objective_bad_combinations(assets, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        unet_main(argv(assets, tmp_path / "out", "sd15", 1, *extra))
+
+
+def test_unet_flow_objective_with_an_epsilon_model_is_refused(assets, tmp_path):
+    with pytest.raises(ValueError, match="epsilon"):
+        unet_main(argv(assets, tmp_path / "out", "sd15", 1, "--objective", "flow", "--zero_terminal_snr",
+                       "--prediction_type", "epsilon"))
