@@ -38,3 +38,75 @@ def test_markers_replace_stale_ones_and_bad_input_is_clear(tmp_path):
         with_markers(WEIGHTS, "sample", False)
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
         scheduler_settings_from_checkpoint(tmp_path / "missing.safetensors")
+
+
+# --- LoRA <-> pipeline mismatch, markers on every export path -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_loras(tmp_path_factory):
+    """A v-prediction + ZTSNR UNet LoRA and a flow-matching SD3 LoRA, 1 step each, from the training scripts."""
+    import warnings
+
+    from diffusers_ztsnr.demo_data import make_demo_dataset
+    from diffusers_ztsnr.tiny import save_tiny_pipeline
+    from diffusers_ztsnr.training.flow import main as flow_main
+    from diffusers_ztsnr.training.unet import main as unet_main
+
+    root = tmp_path_factory.mktemp("loras")
+    data = make_demo_dataset(root / "data", num_images=2, size=32)
+    common = ["--train_data_dir", str(data), "--resolution", "32", "--center_crop", "--max_train_steps", "1",
+              "--train_batch_size", "2", "--report_to", "none"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd15, sd3 = save_tiny_pipeline("sd15", root / "sd15"), save_tiny_pipeline("sd3", root / "sd3")
+        unet_main(["--pretrained_model_name_or_path", str(sd15), "--output_dir", str(root / "v"), *common,
+                   "--prediction_type", "v_prediction", "--zero_terminal_snr"])
+        flow_main(["--pretrained_model_name_or_path", str(sd3), "--output_dir", str(root / "flow"), *common])
+    return {"sd15": sd15, "sd3": sd3, "v": root / "v", "flow": root / "flow"}
+
+
+def test_every_export_path_carries_the_markers(trained_loras):
+    expected = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    v = trained_loras["v"]
+    assert scheduler_settings_from_checkpoint(v) == expected  # the folder -> pytorch_lora_weights metadata
+    assert scheduler_settings_from_checkpoint(v / "pytorch_lora_weights.safetensors") == expected
+    assert scheduler_settings_from_checkpoint(v / "lora_kohya.safetensors") == expected
+    from safetensors.torch import load_file
+
+    assert {"v_pred", "ztsnr"} <= set(load_file(v / "lora_kohya.safetensors"))  # ComfyUI's marker tensors
+    flow = {"prediction_type": "flow_prediction", "rescale_betas_zero_snr": False}
+    assert scheduler_settings_from_checkpoint(trained_loras["flow"]) == flow
+    assert scheduler_settings_from_checkpoint(trained_loras["flow"] / "lora_kohya.safetensors") == flow
+
+
+def test_loading_a_v_ztsnr_lora_into_an_epsilon_pipeline_warns_with_the_fix(trained_loras):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_ztsnr.checkpoints import check_lora_for_pipeline, load_lora_weights
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained_loras["sd15"], safety_checker=None,
+                                                   requires_safety_checker=False)
+    with pytest.warns(UserWarning, match=r"prediction_type='v_prediction', rescale_betas_zero_snr=True"):
+        problems = load_lora_weights(pipe, trained_loras["v"])
+    assert len(problems) == 1 and "samples prediction_type='epsilon'" in problems[0]
+    # configured as the fix says: silent
+    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="logsnr")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_lora_for_pipeline(pipe, trained_loras["v"]) == []
+
+
+def test_a_flow_lora_checks_against_the_scheduler_path(trained_loras):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_ztsnr.checkpoints import check_lora_for_pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(trained_loras["sd3"])
+    assert check_lora_for_pipeline(pipe, trained_loras["flow"]) == []
+    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler()
+    with pytest.warns(UserWarning, match="trained with flow matching.*ZTSNRFlowMatchScheduler"):
+        check_lora_for_pipeline(pipe, trained_loras["flow"])

@@ -210,7 +210,7 @@ class FlowTask(ModelTask):
         return kwargs
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
-        lora = save_diffusers_lora(self.pipeline_class, output_dir, states)
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False)
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, args.lora_alpha or args.rank,
                                 "flow_prediction", False, base_model=args.pretrained_model_name_or_path)
         return {"lora": lora, "kohya": kohya}

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..checkpoints import with_markers
+from ..checkpoints import add_marker_metadata, marker_metadata, with_markers
 
 #: attention projections, the targets of diffusers' LoRA examples and of most community LoRAs
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -57,8 +57,10 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise ValueError(f"LoRA state has keys this model has no adapter for: {unexpected[:5]}...")
 
 
-def save_diffusers_lora(pipeline_class, output_dir: Path, states: dict[str, dict[str, torch.Tensor]]) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``.
+def save_diffusers_lora(pipeline_class, output_dir: Path, states: dict[str, dict[str, torch.Tensor]],
+                        prediction_type: str, zero_terminal_snr: bool) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``, plus the
+    marker metadata (:func:`diffusers_ztsnr.checkpoints.marker_metadata`) that says how to sample it.
 
     ``states`` maps pipeline component names (``unet`` / ``transformer``, ``text_encoder``, ``text_encoder_2``) to
     peft state dicts (:func:`lora_state_dict`).
@@ -67,7 +69,7 @@ def save_diffusers_lora(pipeline_class, output_dir: Path, states: dict[str, dict
 
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in states.items()}
     pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers)
-    return output_dir / "pytorch_lora_weights.safetensors"
+    return add_marker_metadata(output_dir / "pytorch_lora_weights.safetensors", prediction_type, zero_terminal_snr)
 
 
 def save_kohya_lora(path: Path, states: dict[str, dict[str, torch.Tensor]], alpha: float, prediction_type: str,
@@ -93,10 +95,8 @@ def save_kohya_lora(path: Path, states: dict[str, dict[str, torch.Tensor]], alph
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_alpha": str(alpha),
-        "ss_v_parameterization": str(prediction_type == "v_prediction"),
-        "ss_zero_terminal_snr": str(bool(zero_terminal_snr)),
         "ss_sd_model_name": base_model,
-        "modelspec.prediction_type": prediction_type,
+        **marker_metadata(prediction_type, zero_terminal_snr),
     }
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(path), metadata=metadata)
     return path

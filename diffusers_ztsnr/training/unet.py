@@ -181,7 +181,8 @@ class UNetTask(ModelTask):
         return {"guidance_rescale": 0.7 if args.zero_terminal_snr else 0.0}
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
-        lora = save_diffusers_lora(self.pipeline_class, output_dir, states)
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
+                                   args.zero_terminal_snr)
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, args.lora_alpha or args.rank,
                                 self.prediction_type, args.zero_terminal_snr,
                                 base_model=args.pretrained_model_name_or_path)
