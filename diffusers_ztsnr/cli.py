@@ -50,6 +50,18 @@ def run_demo(output_dir: Path, steps: int, num_images: int, seed: int, train_ste
             "scheduler": result["scheduler"], "kohya": result["kohya"]}
 
 
+def _step_list(text: str) -> tuple[int, ...]:
+    """``--steps 5,10,25``: positive integers, comma-separated."""
+    try:
+        steps = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        message = f"invalid value {text!r}: comma-separated integers >= 1, e.g. 5,10,25"
+        raise argparse.ArgumentTypeError(message) from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: every step count must be >= 1")
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusers-ztsnr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,12 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--plot", type=Path, default=None, help="write the log-SNR plot (PNG; needs matplotlib)")
     light = sub.add_parser("lighting", help="the uniform-lighting curse computed exactly: table and plot")
     light.add_argument("--output_dir", type=Path, default=Path("lighting_output"))
-    light.add_argument("--steps", default="5,10,25,50,100", help="comma-separated step counts")
+    light.add_argument("--steps", type=_step_list, default="5,10,25,50,100", help="comma-separated step counts")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: one line naming the fix, not a traceback
+        parser.error(f"{args.command}: {error}")
+    return 2
 
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
-        if args.steps < 1 or args.num_images < 1 or args.train_steps < 1:
-            parser.error("--steps, --train_steps and --num_images must be >= 1")
+        for flag in ("steps", "num_images", "train_steps"):
+            if getattr(args, flag) < 1:
+                parser.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
         paths = run_demo(args.output_dir, args.steps, args.num_images, args.seed, args.train_steps)
         print(f"base model (tiny, epsilon): {paths['pipeline']}")
         print(f"LoRA (diffusers format):    {paths['lora']}")
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "lighting":
         from .lighting import lighting_table, markdown, plot
 
-        rows = lighting_table(tuple(int(n) for n in args.steps.split(",")))
+        rows = lighting_table(args.steps)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         table = markdown(rows)
         (args.output_dir / "lighting.md").write_text(table + "\n", encoding="utf-8")
