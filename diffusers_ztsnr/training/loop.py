@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpointing import checkpoint_step, resolve_resume_checkpoint, save_checkpoint
+from .checkpointing import atomic_write_text, checkpoint_step, resolve_resume_checkpoint, save_checkpoint
 from .lora import load_lora_state_dict, lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     if accelerator.is_main_process:
         check_output_dir(args)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+        atomic_write_text(output_dir / "training_args.json", json.dumps(vars(args), indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
     set_seed(args.seed)
 
@@ -349,6 +349,7 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     micro = 0
+    step_finite, bad_loss = True, None  # over all micro-steps of one optimizer step (gradient accumulation)
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
         if buckets is not None:
@@ -372,23 +373,27 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
                 # a NaN/Inf loss on any rank skips the optimizer step on every rank (same decision everywhere)
                 finite = torch.isfinite(loss.detach()).float().reshape(1)
                 all_finite = bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+                if not all_finite and step_finite:
+                    step_finite, bad_loss = False, loss.item()
                 accelerator.backward(loss if all_finite else loss * 0.0)
-                if accelerator.sync_gradients and all_finite:
+                # one bad micro-step spoils the accumulated gradient (0 * NaN is NaN): skip the whole update
+                if accelerator.sync_gradients and step_finite:
                     if te_params and accelerator.num_processes > 1:
                         for p in te_params:
                             if p.grad is not None:
                                 torch.distributed.all_reduce(p.grad)
                                 p.grad /= accelerator.num_processes
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                if all_finite:
+                if step_finite:
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
-                if not all_finite:
+                if not step_finite:
+                    step_finite = True
                     counters["skipped_steps"] += 1
                     counters["consecutive_bad"] += 1
-                    accelerator.print(f"step {global_step + 1}: non-finite loss ({loss.item()}), update skipped "
+                    accelerator.print(f"step {global_step + 1}: non-finite loss ({bad_loss}), update skipped "
                                       f"({counters['consecutive_bad']} in a row)")
                     if counters["consecutive_bad"] >= args.max_consecutive_bad_losses:
                         raise NonFiniteLossError(
