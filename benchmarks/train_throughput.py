@@ -1,26 +1,57 @@
-"""Training throughput: steps/s and peak memory of our LoRA trainer (latent cache on / off) vs a plain loop.
+"""Training throughput: steps/s and peak memory of our LoRA trainers (latent cache on / off) vs plain loops.
 
-Run: ``python benchmarks/train_throughput.py`` (``--quick`` for a smoke run on the tiny model only, < 90 s;
-``--json PATH`` to dump every number). CPU, Linux (the runs are forked children, see below).
+Run: ``python benchmarks/train_throughput.py`` (``--family unet|flow|all``, default all: about 4 min for unet and
+6.5 min for flow on a loaded 2-core machine; ``--quick`` for a smoke run on the tiny models only, about 1.5 min
+for both families; ``--json PATH`` to dump every number). CPU, Linux (the runs are forked children, see below).
 
-Rows, side by side on the same data, batch size, LoRA rank, resolution and number of steps:
+Two families, each with the same three rows side by side on the same data, batch size, LoRA rank, resolution and
+number of steps:
 
-* **ours, --cache_latents**: ``diffusers_ztsnr.training.unet.main`` with ``--cache_latents --center_crop``,
-  timed on runs that HIT the encodings cache. The cache is built first by a separate 1-step run into an empty
-  cache folder; its build time (``cache_image_encodings`` on a miss) is reported on its own, as is the time a
-  hit spends loading and verifying the cache. Neither is in steps/s.
-* **ours, no cache**: the same script without ``--cache_latents`` (VAE + text encoder run every step).
-* **plain loop**: what diffusers' ``examples/text_to_image/train_text_to_image_lora.py`` does, written here:
-  load the components (``DDPMScheduler``, ``CLIPTokenizer``, ``CLIPTextModel``, ``AutoencoderKL``,
-  ``UNet2DConditionModel``), freeze them, ``unet.add_adapter(LoraConfig(r, lora_alpha=r,
-  init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))``, AdamW on the LoRA
-  parameters, an ``imagefolder`` dataset with the example's preprocessing (resize, center crop, to tensor,
-  normalize; captions tokenized to ``model_max_length``) and accelerate's ``prepare`` / ``accumulate`` /
-  ``backward`` / ``clip_grad_norm_``; per step: ``vae.encode(x).latent_dist.sample() * scaling_factor``,
-  text-encode the ids, ``DDPMScheduler.add_noise`` at uniform timesteps, UNet forward, MSE to the noise,
-  backward, step. No caching. (torchvision is not required: its transforms are reproduced with PIL.)
+* **unet** (SD1.5-style models, ``diffusers_ztsnr.training.unet``):
 
-Both trainers are epsilon-prediction MSE in fp32 with gradient clipping at 1.0, ``dataloader_num_workers=0``.
+  * **ours, --cache_latents**: ``diffusers_ztsnr.training.unet.main`` with ``--cache_latents --center_crop``,
+    timed on runs that HIT the encodings cache. The cache is built first by a separate 1-step run into an empty
+    cache folder; its build time (``cache_image_encodings`` on a miss) is reported on its own, as is the time a
+    hit spends loading and verifying the cache. Neither is in steps/s.
+  * **ours, no cache**: the same script without ``--cache_latents`` (VAE + text encoder run every step).
+  * **plain loop**: what diffusers' ``examples/text_to_image/train_text_to_image_lora.py`` does, written here:
+    load the components (``DDPMScheduler``, ``CLIPTokenizer``, ``CLIPTextModel``, ``AutoencoderKL``,
+    ``UNet2DConditionModel``), freeze them, ``unet.add_adapter(LoraConfig(r, lora_alpha=r,
+    init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))``, AdamW on the LoRA
+    parameters, an ``imagefolder`` dataset with the example's preprocessing (resize, center crop, to tensor,
+    normalize; captions tokenized to ``model_max_length``) and accelerate's ``prepare`` / ``accumulate`` /
+    ``backward`` / ``clip_grad_norm_``; per step: ``vae.encode(x).latent_dist.sample() * scaling_factor``,
+    text-encode the ids, ``DDPMScheduler.add_noise`` at uniform timesteps, UNet forward, MSE to the noise,
+    backward, step. No caching. (torchvision is not required: its transforms are reproduced with PIL.)
+
+  Both are epsilon-prediction MSE.
+
+* **flow** (SD3 models, ``diffusers_ztsnr.training.flow``):
+
+  * **ours, --cache_latents** / **ours, no cache**: as above with ``diffusers_ztsnr.training.flow.main``
+    (defaults: ``--weighting_scheme logit_normal``, the scheduler's static shift 3.0, T5 length 77, LoRA on
+    the eight attention projections below). The cache holds the VAE latents and the prompt embeddings of all
+    three text encoders (CLIP-L-like, CLIP-G-like, T5).
+  * **plain loop**: what diffusers' ``examples/dreambooth/train_dreambooth_lora_sd3.py`` does when every image
+    has its own caption (a dataset with a caption column: the prompts are then encoded every step), written
+    here: load ``FlowMatchEulerDiscreteScheduler`` (and a deep copy of it for the time tables), the three
+    tokenizers, ``CLIPTextModelWithProjection`` x 2, ``T5EncoderModel``, ``AutoencoderKL`` and
+    ``SD3Transformer2DModel`` with ``from_pretrained(subfolder=...)``, freeze them,
+    ``transformer.add_adapter(LoraConfig(r, lora_alpha=r, init_lora_weights="gaussian", target_modules=[
+    attn.add_k_proj, attn.add_q_proj, attn.add_v_proj, attn.to_add_out, attn.to_k, attn.to_out.0, attn.to_q,
+    attn.to_v]))``, AdamW on the LoRA parameters, the ``imagefolder`` images preprocessed once up front (resize,
+    center crop, to tensor, normalize: the example's DreamBooth dataset does this in its constructor) and
+    accelerate's ``prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``; per step: the prompts
+    through both CLIPs (penultimate hidden states + pooled projections, concatenated, zero-padded to the T5
+    width) and T5 (``max_length`` 77), joined along the sequence, under ``no_grad``;
+    ``(vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor``;
+    ``compute_density_for_timestep_sampling(weighting_scheme="logit_normal")``, indices into the scheduler
+    copy's ``timesteps`` / ``sigmas``, ``noisy = (1 - sigma) * x0 + sigma * noise``, transformer forward,
+    target ``noise - x0``, ``compute_loss_weighting_for_sd3``, weighted MSE, backward, clip, step. No caching.
+
+  Both are velocity (flow-matching) MSE with the same time density and shift.
+
+All trainers run in fp32 with gradient clipping at 1.0, ``dataloader_num_workers=0``.
 
 Timing: every run is one forked child (see memory) and ``time.perf_counter`` brackets the whole call, model
 loading, dataset, cache load, training and saving included. Each row is run with N1 and N2 > N1 steps and
@@ -39,20 +70,35 @@ starts from its current RSS, not the parent's peak), read at the end of the N2 r
 state, data, cache). A fresh interpreter running the same thing shows some tens of MiB more (import-time pages
 the child never touches again).
 
-Models: the tiny SD1.5-style pipeline of :func:`diffusers_ztsnr.tiny.save_tiny_pipeline` ("sd15") at 64 px,
-and a "small" one: the same pipeline folder with its UNet replaced by a larger ``UNet2DConditionModel``
+Models, unet family: the tiny SD1.5-style pipeline of :func:`diffusers_ztsnr.tiny.save_tiny_pipeline` ("sd15")
+at 64 px, and a "small" one: the same pipeline folder with its UNet replaced by a larger ``UNet2DConditionModel``
 (block_out_channels (64, 128, 256), 2 layers per block, 8 heads, cross-attention dim 32 = the tiny text
 encoder's width, cross-attention in the two lower levels only, as in SDXL's layout) at ``--small_resolution``
 (default 64 px: at 128 px one training step of it took ~8 s on one thread of the 2-core machine this was
 written on, too slow for a few-minute run). The tiny VAE has a spatial factor of 2, so 64 px images are
 32 x 32 latents.
 
-Reading the result: caching removes the VAE encode and the text encoder from every step and nothing else,
-so what it can give is capped by their share of a step, which is set by the model, not by the trainer: the
-small model keeps the tiny VAE (two blocks of 32 / 64 channels) under a 24x larger UNet, so its share is
-small; a real SD1.5 at 512 px has its own ratio, which these tiny models do not represent. The printed notes
-give ours-cached / ours-uncached and the share it implies. On a shared CPU, differences of ~5-10 % between
-rows can be run-to-run noise.
+Models, flow family: the tiny SD3 pipeline of ``save_tiny_pipeline("sd3")`` ("tiny-sd3": two CLIPs of width 16
+and 32, a 2-layer T5 of width 64, the 16-channel tiny VAE, a 2-layer SD3 transformer of width 32) at 64 px, and
+"small-sd3": the same pipeline folder with its transformer replaced by a larger ``SD3Transformer2DModel`` (6 joint
+blocks, 4 heads of 64, width 256, patch 2; joint_attention_dim 64 = the T5 width, pooled_projection_dim 48 =
+the two CLIP widths, 16 input channels = the VAE's latents) at ``--small_resolution``. Prompts are 77 CLIP +
+77 T5 tokens, so the transformer sees 154 text tokens next to 256 image tokens (32 x 32 latents, 2 x 2 patches)
+at 64 px. Flux is not benchmarked: its trainer is the same code path (only the transformer call and the token
+packing differ) and its plain-loop counterpart would be a second reimplementation (diffusers'
+``train_dreambooth_lora_flux.py``, with latent packing, position ids and guidance) for the same caching question.
+Not measured, so not claimed: Flux's T5 prompts are 512 tokens (SD3's 77), which enlarges both what the cache
+removes and the transformer's text stream.
+
+The SD3-medium-sized number (a 24-block, width-1536 transformer at 512 px in bf16) needs a GPU and is not
+measured by this script.
+
+Reading the result: caching removes the VAE encode and the text encoders from every step and nothing else
+(for the flow family: VAE + both CLIPs + T5), so what it can give is capped by their share of a step, which is
+set by the model, not by the trainer: the small models keep the tiny VAE (two blocks of 32 / 64 channels) and
+the tiny text encoders under a much larger denoiser, so their share is small; a real SD1.5 / SD3 at 512 px has
+its own ratio, which these tiny models do not represent. The printed notes give ours-cached / ours-uncached
+and the share it implies. On a shared CPU, differences of ~5-10 % between rows can be run-to-run noise.
 """
 
 from __future__ import annotations
@@ -85,6 +131,12 @@ ROW_PLAIN = "plain diffusers-example loop"
 ROWS = (ROW_CACHED, ROW_UNCACHED, ROW_PLAIN)
 TARGET_SPEEDUP = 1.5
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# diffusers' train_dreambooth_lora_sd3.py default (and our flow trainer's default for SD3)
+SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                    "attn.to_out.0", "attn.to_q", "attn.to_v"]
+FAMILIES = ("unet", "flow")
+DENOISER = {"unet": "UNet", "flow": "SD3 transformer"}
+ENCODERS = {"unet": "VAE + text", "flow": "VAE + CLIP x 2 + T5"}
 
 
 def preimport() -> None:
@@ -99,11 +151,19 @@ def preimport() -> None:
     import transformers  # noqa: F401
 
     import diffusers_ztsnr.training.data  # noqa: F401
+    import diffusers_ztsnr.training.flow  # noqa: F401
     import diffusers_ztsnr.training.unet  # noqa: F401
 
-    for name in ("StableDiffusionPipeline", "AutoencoderKL", "UNet2DConditionModel", "DDPMScheduler"):
+    for name in ("StableDiffusionPipeline", "AutoencoderKL", "UNet2DConditionModel", "DDPMScheduler",
+                 "StableDiffusion3Pipeline", "SD3Transformer2DModel", "FlowMatchEulerDiscreteScheduler"):
         getattr(diffusers, name)
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    from transformers import (  # noqa: F401
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
 
 def rss_mib() -> float:
@@ -171,32 +231,68 @@ def small_unet_config(cross_attention_dim: int, sample_size: int) -> dict:
     )
 
 
-def build_assets(root: str, small: bool, small_resolution: int, num_images: int) -> dict:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
+def small_sd3_config(joint_attention_dim: int, pooled_projection_dim: int, latent_channels: int,
+                     sample_size: int) -> dict:
+    heads, head_dim = 4, 64
+    return dict(
+        sample_size=sample_size, patch_size=2, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=6, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=joint_attention_dim, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=max(32, sample_size // 2),
+    )
+
+
+def _vae_factor(pipeline: Path) -> int:
+    return 2 ** (len(json.loads((pipeline / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+
+
+def build_assets(root: str, families: tuple[str, ...], small: bool, small_resolution: int, num_images: int) -> dict:
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, T5Config
 
     from diffusers_ztsnr.demo_data import make_demo_dataset
     from diffusers_ztsnr.tiny import save_tiny_pipeline
 
     root = Path(root)
-    tiny = save_tiny_pipeline("sd15", root / "tiny-sd15")
-    out = {"tiny": str(tiny), "data": {}, "unet_params": {}}
-    out["unet_params"]["tiny"] = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny / "unet")
-                                     .parameters())
+    out = {"pipelines": {}, "data": {}, "params": {}}
     resolutions = {64} | ({small_resolution} if small else set())
     for res in sorted(resolutions):
         out["data"][res] = str(make_demo_dataset(root / f"data-{res}", num_images=num_images, size=res))
-    if small:
-        folder = root / "small-sd15"
-        shutil.copytree(tiny, folder)
-        width = CLIPTextConfig.from_pretrained(tiny / "text_encoder").hidden_size
-        vae_factor = 2 ** (len(json.loads((tiny / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**small_unet_config(width, small_resolution // vae_factor))
-        shutil.rmtree(folder / "unet")
-        unet.save_pretrained(folder / "unet", safe_serialization=True)
-        out["small"] = str(folder)
-        out["unet_params"]["small"] = sum(p.numel() for p in unet.parameters())
+    if "unet" in families:
+        tiny = save_tiny_pipeline("sd15", root / "tiny-sd15")
+        out["pipelines"]["tiny"] = str(tiny)
+        out["params"]["tiny"] = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny / "unet")
+                                    .parameters())
+        if small:
+            folder = root / "small-sd15"
+            shutil.copytree(tiny, folder)
+            width = CLIPTextConfig.from_pretrained(tiny / "text_encoder").hidden_size
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**small_unet_config(width, small_resolution // _vae_factor(tiny)))
+            shutil.rmtree(folder / "unet")
+            unet.save_pretrained(folder / "unet", safe_serialization=True)
+            out["pipelines"]["small"] = str(folder)
+            out["params"]["small"] = sum(p.numel() for p in unet.parameters())
+    if "flow" in families:
+        tiny = save_tiny_pipeline("sd3", root / "tiny-sd3")
+        out["pipelines"]["tiny-sd3"] = str(tiny)
+        out["params"]["tiny-sd3"] = sum(p.numel() for p in SD3Transformer2DModel.from_pretrained(
+            tiny / "transformer").parameters())
+        if small:
+            folder = root / "small-sd3"
+            shutil.copytree(tiny, folder)
+            # the text wiring of the tiny pipeline: T5 width -> joint attention, both CLIP projections -> pooled
+            t5_width = T5Config.from_pretrained(tiny / "text_encoder_3").d_model
+            pooled = sum(CLIPTextConfig.from_pretrained(tiny / sub).projection_dim
+                         for sub in ("text_encoder", "text_encoder_2"))
+            latent_channels = json.loads((tiny / "vae" / "config.json").read_text())["latent_channels"]
+            torch.manual_seed(0)
+            transformer = SD3Transformer2DModel(**small_sd3_config(t5_width, pooled, latent_channels,
+                                                                   small_resolution // _vae_factor(tiny)))
+            shutil.rmtree(folder / "transformer")
+            transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+            out["pipelines"]["small-sd3"] = str(folder)
+            out["params"]["small-sd3"] = sum(p.numel() for p in transformer.parameters())
     return out
 
 
@@ -204,9 +300,13 @@ def build_assets(root: str, small: bool, small_resolution: int, num_images: int)
 
 
 def run_ours(pipeline: str, data: str, resolution: int, batch_size: int, rank: int, steps: int, output_dir: str,
-             cache_dir: str | None) -> dict:
+             cache_dir: str | None, family: str = "unet") -> dict:
     import diffusers_ztsnr.training.data as data_module
-    from diffusers_ztsnr.training.unet import main
+
+    if family == "flow":
+        from diffusers_ztsnr.training.flow import main
+    else:
+        from diffusers_ztsnr.training.unet import main
 
     cache_seconds = []
     original = data_module.cache_image_encodings
@@ -342,12 +442,143 @@ def run_plain(pipeline: str, data: str, resolution: int, batch_size: int, rank: 
     return {"seconds": seconds, "steps": global_step, "direct_steps_per_s": direct, "final_loss": loss_value}
 
 
+def run_plain_flow(pipeline: str, data: str, resolution: int, batch_size: int, rank: int, steps: int) -> dict:
+    """diffusers' train_dreambooth_lora_sd3.py with per-image captions, reduced to one CPU process at fp32."""
+    import copy
+    import math
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from datasets import load_dataset
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from peft import LoraConfig
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    max_sequence_length, weighting_scheme = 77, "logit_normal"  # the example's defaults
+    start = time.perf_counter()
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+    set_seed(0)
+    tokenizers = [CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer"),
+                  CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer_2"),
+                  T5TokenizerFast.from_pretrained(pipeline, subfolder="tokenizer_3")]
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pipeline, subfolder="scheduler")
+    noise_scheduler_copy = copy.deepcopy(noise_scheduler)
+    text_encoders = [CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder"),
+                     CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder_2"),
+                     T5EncoderModel.from_pretrained(pipeline, subfolder="text_encoder_3")]
+    vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+    transformer = SD3Transformer2DModel.from_pretrained(pipeline, subfolder="transformer")
+    transformer.requires_grad_(False)
+    vae.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
+    weight_dtype = torch.float32
+    vae.to(accelerator.device, dtype=torch.float32)
+    transformer.to(accelerator.device, dtype=weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=SD3_LORA_TARGETS))
+    lora_layers = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+
+    # the example's DreamBooth dataset transforms every image once, in its constructor
+    dataset = load_dataset("imagefolder", data_dir=data)["train"]
+    pixel_values = [_example_transform(im.convert("RGB"), resolution) for im in dataset["image"]]
+    prompts = list(dataset["text"])
+    examples = [{"pixel_values": x, "prompt": c} for x, c in zip(pixel_values, prompts, strict=True)]
+
+    def collate_fn(batch):
+        pixels = torch.stack([e["pixel_values"] for e in batch]).to(memory_format=torch.contiguous_format).float()
+        return {"pixel_values": pixels, "prompts": [e["prompt"] for e in batch]}
+
+    train_dataloader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
+                                                   collate_fn=collate_fn, num_workers=0)
+
+    def clip_embeddings(tokenizer, text_encoder, prompt: list[str]):
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = text_encoder(ids.to(accelerator.device), output_hidden_states=True)
+        return out.hidden_states[-2].to(dtype=text_encoder.dtype), out[0]  # penultimate layer, pooled projection
+
+    def compute_text_embeddings(prompt: list[str]):
+        with torch.no_grad():
+            clip = [clip_embeddings(t, e, prompt) for t, e in zip(tokenizers[:2], text_encoders[:2], strict=True)]
+            clip_embeds = torch.cat([c[0] for c in clip], dim=-1)
+            pooled_embeds = torch.cat([c[1] for c in clip], dim=-1)
+            t5_ids = tokenizers[2](prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt").input_ids
+            t5_embeds = text_encoders[2](t5_ids.to(accelerator.device))[0].to(dtype=text_encoders[2].dtype)
+            clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
+            return torch.cat([clip_embeds, t5_embeds], dim=-2), pooled_embeds
+
+    def get_sigmas(timesteps, n_dim: int, dtype):
+        sigmas = noise_scheduler_copy.sigmas.to(device=accelerator.device, dtype=dtype)
+        schedule_timesteps = noise_scheduler_copy.timesteps.to(accelerator.device)
+        indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps.to(accelerator.device)]
+        sigma = sigmas[indices].flatten()
+        return sigma.reshape(sigma.shape + (1,) * (n_dim - sigma.ndim))
+
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer,
+                                                                                 train_dataloader, lr_scheduler)
+    shift_factor, scaling_factor = vae.config.shift_factor, vae.config.scaling_factor
+    num_train_timesteps = noise_scheduler_copy.config.num_train_timesteps
+    num_epochs = math.ceil(steps / len(train_dataloader))
+    global_step, step_times, loss_value = 0, [], float("nan")
+    for _epoch in range(num_epochs):
+        transformer.train()
+        for batch in train_dataloader:
+            with accelerator.accumulate([transformer]):
+                prompt_embeds, pooled_prompt_embeds = compute_text_embeddings(batch["prompts"])
+                model_input = vae.encode(batch["pixel_values"].to(dtype=vae.dtype)).latent_dist.sample()
+                model_input = ((model_input - shift_factor) * scaling_factor).to(dtype=weight_dtype)
+                noise = torch.randn_like(model_input)
+                bsz = model_input.shape[0]
+                u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=bsz,
+                                                          logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+                indices = (u * num_train_timesteps).long()
+                timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+                sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+                noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+                model_pred = transformer(hidden_states=noisy_model_input, timestep=timesteps,
+                                         encoder_hidden_states=prompt_embeds, pooled_projections=pooled_prompt_embeds,
+                                         return_dict=False)[0]
+                weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+                target = noise - model_input
+                loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
+                loss = loss.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_layers, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                global_step += 1
+                loss_value = loss.detach().item()
+                step_times.append(time.perf_counter())
+            if global_step >= steps:
+                break
+        if global_step >= steps:
+            break
+    seconds = time.perf_counter() - start
+    direct = (len(step_times) - 1) / (step_times[-1] - step_times[0]) if len(step_times) > 1 else None
+    accelerator.end_training()
+    return {"seconds": seconds, "steps": global_step, "direct_steps_per_s": direct, "final_loss": loss_value}
+
+
+PLAIN = {"unet": run_plain, "flow": run_plain_flow}
+
+
 # --- the benchmark ------------------------------------------------------------------------------------------
 
 
 def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work: Path, n1: int, n2: int,
-                log) -> dict:
+                log, family: str = "unet") -> dict:
     threads = args.threads
+    ours = dict(family=family)
     cache_dir = work / f"cache-{name}"
     common = dict(pipeline=pipeline, data=data, resolution=resolution, batch_size=args.batch_size, rank=args.rank)
     counter = iter(range(10**6))
@@ -356,7 +587,7 @@ def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work
         return str(work / f"out-{name}-{next(counter)}")
 
     log(f"[{name}] building the encodings cache (1-step run, cache miss)")
-    build = in_child(threads, work / "child.log", run_ours, **common, steps=1, output_dir=out_dir(),
+    build = in_child(threads, work / "child.log", run_ours, **common, **ours, steps=1, output_dir=out_dir(),
                      cache_dir=str(cache_dir))
     if not build["cache"] or build["cache"]["misses"] == 0:
         raise RuntimeError(f"the cache-building run did not build anything: {build['cache']}")
@@ -367,11 +598,11 @@ def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work
             for row in ROWS:
                 log(f"[{name}] repeat {repeat + 1}/{args.repeats}: {row}, {n} steps")
                 if row == ROW_PLAIN:
-                    rec = in_child(threads, work / "child.log", run_plain, **common, steps=n)
+                    rec = in_child(threads, work / "child.log", PLAIN[family], **common, steps=n)
                 else:
                     cached = row == ROW_CACHED
-                    rec = in_child(threads, work / "child.log", run_ours, **common, steps=n, output_dir=out_dir(),
-                                   cache_dir=str(cache_dir) if cached else None)
+                    rec = in_child(threads, work / "child.log", run_ours, **common, **ours, steps=n,
+                                   output_dir=out_dir(), cache_dir=str(cache_dir) if cached else None)
                     if cached and rec["cache"]["misses"]:
                         raise RuntimeError(f"the timed cached run missed the cache: {rec['cache']}")
                 if rec["steps"] != n:
@@ -392,7 +623,7 @@ def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work
     summary[ROW_PLAIN]["direct_steps_per_s"] = statistics.median(r["n2"]["direct_steps_per_s"]
                                                                  for r in runs[ROW_PLAIN])
     hits = [r[k]["cache_seconds"] for r in runs[ROW_CACHED] for k in ("n1", "n2")]
-    return {"model": name, "pipeline": pipeline, "resolution": resolution, "n1": n1, "n2": n2,
+    return {"model": name, "family": family, "pipeline": pipeline, "resolution": resolution, "n1": n1, "n2": n2,
             "cache_build": {"seconds": build["cache_seconds"], "run_seconds": build["seconds"],
                             "peak_rss_mib": build["peak_rss_mib"], "growth_mib": build["growth_mib"],
                             "items": build["cache"]["misses"]},
@@ -409,19 +640,25 @@ def speed_cell(summary: dict, repeats: int) -> str:
     return f"{fmt(summary['steps_per_s'])} ({fmt(summary['steps_per_s_min'])}-{fmt(summary['steps_per_s_max'])})"
 
 
-def report(results: list[dict], args, unet_params: dict, header: str, elapsed: float) -> str:
-    lines = ["# Training throughput: our LoRA trainer (latent cache on / off) vs a plain diffusers-example loop", "",
+def report(results: list[dict], args, params: dict, header: str, elapsed: float) -> str:
+    families = [f for f in FAMILIES if any(r.get("family", "unet") == f for r in results)]
+    targets = {"unet": "to_q/to_k/to_v/to_out.0 (UNet rows)",
+               "flow": "attn.to_q/k/v/out.0 + attn.add_q/k/v_proj/to_add_out (SD3 rows)"}
+    plains = {"unet": "the plain loop is diffusers' train_text_to_image_lora.py (UNet rows)",
+              "flow": "train_dreambooth_lora_sd3.py with per-image captions (SD3 rows)"}
+    lines = ["# Training throughput: our LoRA trainers (latent cache on / off) vs plain diffusers-example loops", "",
              header, "",
-             f"mode: {'quick' if args.quick else 'full'}; torch threads {args.threads} in every row; batch "
-             f"{args.batch_size}, LoRA rank {args.rank} on to_q/to_k/to_v/to_out.0, fp32, {args.num_images} "
-             f"images; steps/s = (N2 - N1) / (t(N2) - t(N1)) over whole runs (setup cancels), median of "
+             f"mode: {'quick' if args.quick else 'full'}, family {args.family}; torch threads {args.threads} in every "
+             f"row; batch {args.batch_size}, LoRA rank {args.rank} on {' / '.join(targets[f] for f in families)}, "
+             f"fp32, {args.num_images} images; {'; '.join(plains[f] for f in families)}; "
+             f"steps/s = (N2 - N1) / (t(N2) - t(N1)) over whole runs (setup cancels), median of "
              f"{args.repeats} repeat(s); peak RSS = ru_maxrss of the N2 run's forked child; growth = peak minus "
              "the child's RSS at start.", ""]
     table = []
     for res in results:
         s = res["summary"]
         plain = s[ROW_PLAIN]
-        label = f"{res['model']} ({unet_params[res['model']] / 1e6:.2f}M-param UNet)"
+        label = f"{res['model']} ({params[res['model']] / 1e6:.2f}M-param {DENOISER[res.get('family', 'unet')]})"
         for row in ROWS:
             r = s[row]
             table.append([
@@ -459,8 +696,8 @@ def report(results: list[dict], args, unet_params: dict, header: str, elapsed: f
         resolved = (f"below the {spread:.0%} run-to-run spread of those rows, so not resolved by this run"
                     if args.repeats > 1 and abs(share) < spread else "that share caps what caching can give here")
         lines.append(
-            f"  ours cached / ours no cache: steps/s x{uncached_step / cached_step:.2f}, i.e. the VAE + text "
-            f"encoding was {share:.0%} of our uncached step: {resolved}."
+            f"  ours cached / ours no cache: steps/s x{uncached_step / cached_step:.2f}, i.e. the "
+            f"{ENCODERS[res.get('family', 'unet')]} encoding was {share:.0%} of our uncached step: {resolved}."
         )
     lines.append(f"- total benchmark wall time {elapsed:.0f} s.")
     return "\n".join(lines)
@@ -468,7 +705,10 @@ def report(results: list[dict], args, unet_params: dict, header: str, elapsed: f
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model only, fewer steps (< 90 s)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny models only, fewer steps (< 90 s per family)")
+    p.add_argument("--family", choices=("unet", "flow", "all"), default="all",
+                   help="unet: SD1.5-style UNet trainer; flow: SD3 transformer trainer; all: both (default)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write all numbers to PATH as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every row (default 1)")
     p.add_argument("--repeats", type=int, default=None,
@@ -477,11 +717,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank) in every row")
     p.add_argument("--num_images", type=int, default=16, help="images in the demo dataset")
     p.add_argument("--tiny_steps", type=int, nargs=2, metavar=("N1", "N2"), default=None,
-                   help="step counts of the tiny model's two runs (default 4 64; quick 2 22)")
+                   help="step counts of the tiny UNet model's two runs (default 4 64; quick 2 22)")
     p.add_argument("--small_steps", type=int, nargs=2, metavar=("N1", "N2"), default=(2, 12),
-                   help="step counts of the small model's two runs (default 2 12)")
-    p.add_argument("--small_resolution", type=int, default=64, help="resolution of the small model (default 64)")
-    p.add_argument("--no_small", action="store_true", help="tiny model only (implied by --quick)")
+                   help="step counts of the small UNet model's two runs (default 2 12)")
+    p.add_argument("--flow_tiny_steps", type=int, nargs=2, metavar=("N1", "N2"), default=None,
+                   help="step counts of the tiny SD3 model's two runs (default 4 64; quick 2 22)")
+    p.add_argument("--flow_small_steps", type=int, nargs=2, metavar=("N1", "N2"), default=(2, 22),
+                   help="step counts of the small SD3 model's two runs (default 2 22)")
+    p.add_argument("--small_resolution", type=int, default=64,
+                   help="resolution of the small models (default 64)")
+    p.add_argument("--no_small", action="store_true", help="tiny models only (implied by --quick)")
     p.add_argument("--workdir", default=None, help="keep models, data, caches and outputs here (default: a temp dir)")
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -490,7 +735,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--repeats must be >= 1")
     if args.tiny_steps is None:
         args.tiny_steps = (2, 22) if args.quick else (4, 64)
-    for n1, n2 in (args.tiny_steps, args.small_steps):
+    if args.flow_tiny_steps is None:
+        args.flow_tiny_steps = (2, 22) if args.quick else (4, 64)
+    for n1, n2 in (args.tiny_steps, args.small_steps, args.flow_tiny_steps, args.flow_small_steps):
         if not 1 <= n1 < n2:
             p.error(f"need 1 <= N1 < N2, got {n1} {n2}")
     if args.small_resolution % 16:
@@ -515,17 +762,22 @@ def main(argv=None) -> None:
         preimport()
         header = machine_header()
         small = not (args.quick or args.no_small)
-        log("building the tiny (and small) pipelines and the demo data")
-        assets = in_child(args.threads, work / "child.log", build_assets, root=str(work), small=small,
-                          small_resolution=args.small_resolution, num_images=args.num_images)
-        results = [bench_model("tiny", assets["tiny"], assets["data"][64], 64, args, work, *args.tiny_steps, log)]
-        if small:
-            results.append(bench_model("small", assets["small"], assets["data"][args.small_resolution],
-                                       args.small_resolution, args, work, *args.small_steps, log))
+        families = FAMILIES if args.family == "all" else (args.family,)
+        log(f"building the tiny (and small) pipelines of {'/'.join(families)} and the demo data")
+        assets = in_child(args.threads, work / "child.log", build_assets, root=str(work), families=families,
+                          small=small, small_resolution=args.small_resolution, num_images=args.num_images)
+        models = {"unet": [("tiny", 64, args.tiny_steps), ("small", args.small_resolution, args.small_steps)],
+                  "flow": [("tiny-sd3", 64, args.flow_tiny_steps),
+                           ("small-sd3", args.small_resolution, args.flow_small_steps)]}
+        results = []
+        for family in families:
+            for name, resolution, steps in models[family][:2 if small else 1]:
+                results.append(bench_model(name, assets["pipelines"][name], assets["data"][resolution], resolution,
+                                           args, work, *steps, log, family=family))
         elapsed = time.perf_counter() - began
-        print(report(results, args, assets["unet_params"], header, elapsed))
+        print(report(results, args, assets["params"], header, elapsed))
         if args.json:
-            payload = {"header": header, "args": vars(args), "unet_params": assets["unet_params"],
+            payload = {"header": header, "args": vars(args), "denoiser_params": assets["params"],
                        "elapsed_s": elapsed, "results": results}
             Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
     finally:
