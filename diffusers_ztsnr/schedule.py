@@ -193,7 +193,12 @@ def shift_flow_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
     """Static shift of SD3 (Esser et al. 2024, eq. 23): ``shift * s / (1 + (shift - 1) * s)``."""
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}.")
-    return shift * s / (1 + (shift - 1) * s)
+    # written as ``shift*s / (shift*s + (1 - s))``, which is exactly 1 at s = 1 and never above it: in the form
+    # above ``1 + (shift - 1)`` rounds away from ``shift`` (shift=0.2 gave s = 1 + 2e-16, alpha = 1 - s < 0: a
+    # math domain error in DPM-Solver++; shift=0.3 gave alpha = 2e-16), so the grid missed SNR 0 exactly and an
+    # epsilon model escaped its SNR-0 error
+    scaled = shift * s
+    return scaled / (scaled + (1 - s))
 
 
 def dynamic_shift_flow_sigmas(
@@ -212,6 +217,9 @@ def dynamic_shift_flow_sigmas(
         raise ValueError(f"time_shift_type={time_shift_type!r}; allowed: 'exponential', 'linear'.")
     s = _as_f64(s)
     odds = torch.where(s > 0, (1 / s.clamp(min=1e-300) - 1) ** exponent, torch.full_like(s, math.inf))
+    # a tensor numerator: torch evaluates ``float / tensor`` as ``float * reciprocal(tensor)``, which mapped s = 1
+    # to 1 - 1e-16 for some mu; the grid then missed SNR 0 exactly and an epsilon model escaped its error
+    factor = torch.tensor(factor, dtype=_F64)
     return factor / (factor + odds)
 
 
@@ -231,6 +239,10 @@ def stretch_flow_sigmas_to_terminal(s: torch.Tensor, shift_terminal: float) -> t
     """Stretch a descending flow-sigma grid so that its last value equals ``shift_terminal``
     (diffusers' ``shift_terminal`` key, used by LTX-Video)."""
     one_minus = 1 - s
+    if float(one_minus[-1]) == 0:
+        # a grid that is only s = 1 (one step from pure noise): nothing to stretch, and the scale below
+        # would be 0, giving 0/0 = NaN timesteps (diffusers does the same)
+        return s
     scale = one_minus[-1] / (1 - shift_terminal)
     return 1 - one_minus / scale
 

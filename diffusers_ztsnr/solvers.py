@@ -71,7 +71,9 @@ def dpmpp_2m_update(
     (alpha, sigma), (alpha_n, sigma_n) = level, next_level
     decay = (alpha * sigma_n) / (sigma * alpha_n)  # e^{-h}
     first = Update(x=sigma_n / sigma, x0=alpha_n * (1 - decay))
-    if previous_level is None or previous_level[0] == 0 or sigma_n == 0 or alpha == 0:
+    # a zero-length step (next level == this one, e.g. final_sigmas_type="sigma_min" after a grid ending at
+    # t = 0) is the identity; the second-order branch would divide by h = 0 (ZeroDivisionError)
+    if previous_level is None or previous_level[0] == 0 or sigma_n == 0 or alpha == 0 or next_level == level:
         return first
     lam = math.log(alpha / sigma)
     h = math.log(alpha_n / sigma_n) - lam

@@ -70,7 +70,7 @@ def discrete_timesteps(
         if int(grid[0]) > T - 1:
             raise ValueError(
                 f"timestep_spacing='leading' with steps_offset={steps_offset} reaches timestep {int(grid[0])} "
-                f"> {T - 1} at {n} steps; use timestep_spacing='trailing' or fewer steps."
+                f"> {T - 1} at num_inference_steps={n}; use timestep_spacing='trailing' or fewer steps."
             )
         return grid
     if spacing == "trailing":
@@ -129,7 +129,11 @@ def karras_grid(schedule: VPSchedule, n: int, rho: float = 7.0) -> torch.Tensor:
     ramp = torch.linspace(0, 1, count, dtype=torch.float64)
     inv_max, inv_min = ve[0] ** (1 / rho), ve[1] ** (1 / rho)
     ve_grid = (inv_max + ramp * (inv_min - inv_max)) ** rho
-    rest = schedule.timestep_from_alpha(1 / (1 + ve_grid**2).sqrt())
+    # the rho-power round trip can put the end points an ulp outside the table (every n >= 2 on the
+    # non-ZTSNR linear/scaled_linear schedules raised "alpha must lie in ..."): clamp, the ends are set below
+    alpha_ends = schedule.alpha(torch.tensor([start, 0.0], dtype=torch.float64))
+    alpha_grid = (1 / (1 + ve_grid**2).sqrt()).clamp(float(alpha_ends[0]), float(alpha_ends[1]))
+    rest = schedule.timestep_from_alpha(alpha_grid)
     rest[0], rest[-1] = start, 0
     if schedule.is_zero_terminal_snr:
         return torch.cat([torch.tensor([T - 1.0], dtype=torch.float64), rest])

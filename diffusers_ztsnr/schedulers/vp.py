@@ -79,8 +79,19 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
                 ve = ve[:-1]
             if ve.ndim != 1 or len(ve) == 0 or bool((ve.diff() >= 0).any()) or bool((ve <= 0).any()):
                 raise ValueError("custom sigmas must be positive and strictly decreasing (a final 0 is allowed).")
+            # The schedule's own range, in sigma/alpha. Its ends used to raise "alpha must lie in [...]": the float64
+            # round trip of our own sigma_min lands an ulp outside the table, and diffusers' sigmas are float32 (its
+            # cosine sigma_min is 0.2% off, from 1 - alphabar_0 in float32). Ends within 1% are clamped to the
+            # table (diffusers clamps any value); anything further is refused with the range.
+            alpha_ends = self.schedule.alpha(torch.tensor([T - 1.0, 0.0], dtype=torch.float64))
+            ve_ends = (1 - alpha_ends**2).sqrt() / alpha_ends  # [sigma_max (inf on ZTSNR), sigma_min]
+            if bool(((ve < ve_ends[1] * 0.99) | (ve > ve_ends[0] * 1.01)).any()):
+                raise ValueError(
+                    f"custom sigmas (sigma/alpha) must lie in [{float(ve_ends[1]):.6g}, {float(ve_ends[0]):.6g}] "
+                    f"for this schedule (inf only on a zero-terminal-SNR one), got {ve.tolist()}."
+                )
             alpha = torch.where(torch.isinf(ve), torch.zeros_like(ve), 1 / (1 + ve**2).sqrt())
-            grid = self.schedule.timestep_from_alpha(alpha)
+            grid = self.schedule.timestep_from_alpha(alpha.clamp(float(alpha_ends[0]), float(alpha_ends[1])))
         elif getattr(self.config, "use_karras_sigmas", False):
             check_num_inference_steps(num_inference_steps, T)
             grid = karras_grid(self.schedule, num_inference_steps)
