@@ -308,3 +308,21 @@ def test_unet_flow_objective_with_an_epsilon_model_is_refused(assets, tmp_path):
     with pytest.raises(ValueError, match="epsilon"):
         unet_main(argv(assets, tmp_path / "out", "sd15", 1, "--objective", "flow", "--zero_terminal_snr",
                        "--prediction_type", "epsilon"))
+
+
+def test_a_nan_flow_loss_is_skipped_and_counted(assets, tmp_path, monkeypatch):
+    """The shared loop's fault handling holds for the flow script too (the campaigns run the UNet script)."""
+    calls = {"n": 0}
+    original = FlowTask.loss
+
+    def sometimes_nan(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(FlowTask, "loss", sometimes_nan)
+    result = run(assets, tmp_path / "out", "flux", 3)
+    assert result["skipped_steps"] == 1 and np.isnan(result["losses"][1]) and np.isfinite(result["losses"][2])
+    weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["skipped_steps"] == 1
