@@ -326,3 +326,19 @@ def test_a_nan_flow_loss_is_skipped_and_counted(assets, tmp_path, monkeypatch):
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux", "sd15"])
+def test_bf16_mixed_precision_trains_and_validates(assets, tmp_path, model):
+    """bf16 autocast (what users run on GPUs; CPU autocast here): finite losses, LoRA saved in fp32, samples."""
+    extra = ["--mixed_precision", "bf16", "--validation_prompt", "a disc", "--num_validation_images", "1",
+             "--validation_inference_steps", "2"]
+    if model == "sd15":
+        result = unet_main(argv(assets, tmp_path / "out", model, 3, *extra, "--objective", "flow",
+                                "--zero_terminal_snr"))
+    else:
+        result = run(assets, tmp_path / "out", model, 3, *extra)
+    assert np.isfinite(result["losses"]).all() and result["skipped_steps"] == 0
+    weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert (tmp_path / "out" / "samples.png").is_file()
