@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpointing import atomic_write_text, checkpoint_step, resolve_resume_checkpoint, save_checkpoint
+from .checkpointing import (
+    CheckpointWriteError,
+    atomic_write_text,
+    checkpoint_step,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
 from .lora import load_lora_state_dict, lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -416,10 +422,7 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
                                  "lora_weight_norm": lora_norm}, step=global_step)
                 progress.set_postfix(loss=f"{loss_value:.4f}")
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        save_checkpoint(output_dir, global_step, accelerator.save_state, args.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()
+                    write_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 if args.validation_prompt and global_step % args.validation_steps == 0 and global_step < max_steps:
                     validate(args, accelerator, task, global_step)
         skip_batches = 0
@@ -450,6 +453,31 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     accelerator.wait_for_everyone()  # no rank leaves (and tears down the process group) while rank 0 writes
     accelerator.end_training()
     return result
+
+
+def write_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
+    """Rank 0 writes ``checkpoint-step``; every rank learns whether it worked.
+
+    A failed write (disk full, ...) raises :class:`CheckpointWriteError` on rank 0 and a ``RuntimeError`` naming it
+    on every other rank. (torchrun stops a node's other workers when one fails, but ranks on other nodes would
+    otherwise wait in their next collective call until the process-group timeout.)
+    """
+    accelerator.wait_for_everyone()
+    error = None
+    if accelerator.is_main_process:
+        try:
+            save_checkpoint(output_dir, step, accelerator.save_state, total_limit)
+        except CheckpointWriteError as caught:
+            error = caught
+    failed = torch.tensor([1.0 if error is not None else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")  # collective: also the barrier after the write
+    if error is not None:
+        raise error
+    if float(failed.item()) > 0:
+        raise RuntimeError(f"rank 0 could not write checkpoint-{step} (see its CheckpointWriteError); this rank "
+                           "stops too. The previous checkpoint is intact: free space and resume with "
+                           "--resume_from_checkpoint latest.")
 
 
 @torch.no_grad()
