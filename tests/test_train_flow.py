@@ -62,14 +62,10 @@ def run(assets, out, model="sd3", steps=4, *extra):
 
 def fixed_batch_flow_loss(assets, model, lora_dir, draws=8):
     """Flow-matching loss of the base transformer (+ LoRA) on the whole dataset, fixed noise and times."""
-    pipe = PIPELINES[model].from_pretrained(assets[model])
+    task = FlowTask(flow_args(argv(assets, "unused", model, 1)))  # the script's own encoders and predict()
+    pipe = task.pipe
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
-    args = flow_args(argv(assets, "unused", model, 1))
-    task = FlowTask.__new__(FlowTask)  # the task's own predict(), around this pipeline
-    task.args, task.pipe, task.pipeline_class = args, pipe, type(pipe)
-    task.is_flux, task.vae, task.max_sequence_length = model == "flux", pipe.vae, 77
-    task.guidance = 3.5 if model == "flux" else None
     ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=assets["data"]), image_column="image",
                              caption_column="text", resolution=RES, center_crop=True)
     batch = collate_fn([ds[i] for i in range(len(ds))])
@@ -135,14 +131,13 @@ def test_every_time_sampling_scheme_trains(assets, tmp_path, model, extra):
 
 
 def test_shift_follows_the_base_scheduler(assets):
-    task = FlowTask.__new__(FlowTask)
-    task.args = flow_args(argv(assets, "x", "sd3", 1))
-    task.scheduler_config = {"shift": 3.0, "use_dynamic_shifting": False}
-    latents = torch.zeros(1, 16, 64, 64)
-    assert task.shift_for(latents) == (3.0, None)  # SD3: its static shift
-    task.scheduler_config = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
-                             "base_shift": 0.5, "max_shift": 1.15}
-    assert task.shift_for(latents) == (1.0, pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840))  # Flux: mu(tokens)
+    latents = torch.zeros(1, 16, 64, 64)  # 32 x 32 = 1024 tokens of 2 x 2 patches
+    sd3 = FlowTask(flow_args(argv(assets, "x", "sd3", 1)))
+    assert sd3.shift_for(latents) == (3.0, None)  # SD3's config: static shift 3.0
+    flux = FlowTask(flow_args(argv(assets, "x", "flux", 1)))
+    assert flux.shift_for(latents) == (1.0, pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840))  # Flux: mu(tokens)
+    fixed = FlowTask(flow_args(argv(assets, "x", "flux", 1, "--timestep_shift", "2.5")))
+    assert fixed.shift_for(latents) == (2.5, None)
 
 
 def test_resume_latest_equals_an_uninterrupted_run(assets, tmp_path):

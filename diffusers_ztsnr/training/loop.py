@@ -31,7 +31,7 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from .lora import load_lora_state_dict, lora_state_dict
+from .lora import add_lora, load_lora_state_dict, lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +237,6 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
         te.requires_grad_(False)
     task.add_adapters(args)
     trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
-    from .lora import add_lora
-
     for te in trained_tes.values():
         add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets)
     denoiser.to(accelerator.device, dtype=weight_dtype)
