@@ -337,3 +337,23 @@ def test_bf16_mixed_precision_trains_and_validates(assets, tmp_path, model):
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     assert (tmp_path / "out" / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_aspect_ratio_buckets_train_non_square_latents(assets, tmp_path, model):
+    """Landscape and portrait images in their own buckets: SD3 patches and Flux packs non-square latents."""
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rows = []
+    for i, size in enumerate([(48, 32), (48, 32), (32, 48), (32, 48)]):
+        Image.new("RGB", size, (40 * i, 200 - 40 * i, 90)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a flat colour {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    args = argv(assets, tmp_path / "out", model, 4, "--bucketing", "--train_batch_size", "2", "--cache_latents",
+                "--cache_latents_dir", str(tmp_path / "cache"))
+    args[args.index("--train_data_dir") + 1] = str(folder)
+    result = flow_main(args)
+    assert result["global_step"] == 4 and np.isfinite(result["losses"]).all()
+    assert result["cache"]["misses"] == 4
