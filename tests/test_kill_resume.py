@@ -48,12 +48,14 @@ from diffusers_ztsnr.training.checkpointing import (
     save_checkpoint,
     verify_checkpoint,
 )
+from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.unet import main
 
 RES = 32
 STEPS = 8
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_lora_unet.py"
+FLOW_SCRIPT = REPO / "train_scripts" / "train_lora_flow.py"
 LORA = "pytorch_lora_weights.safetensors"
 
 
@@ -63,7 +65,16 @@ def assets(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {"sd15": save_tiny_pipeline("sd15", root / "sd15"),
+                "flux": save_tiny_pipeline("flux", root / "flux"),
                 "data": make_demo_dataset(root / "data", num_images=4, size=RES)}
+
+
+def flow_train_args(assets, out, *extra, steps=STEPS):
+    """The flow script on the tiny Flux model (packing, guidance, dynamic shift), same data and schedule of saves."""
+    return ["--pretrained_model_name_or_path", str(assets["flux"]), "--train_data_dir", str(assets["data"]),
+            "--resolution", str(RES), "--center_crop", "--train_batch_size", "2", "--max_train_steps", str(steps),
+            "--output_dir", str(out), "--learning_rate", "1e-2", "--rank", "4", "--report_to", "none",
+            "--checkpointing_steps", "1", "--seed", "3", *extra]
 
 
 def train_args(assets, out, *extra, steps=STEPS):
@@ -109,16 +120,16 @@ def reference(assets, tmp_path_factory):
 # --- the campaign -------------------------------------------------------------------------------------
 
 
-def _script_child(argv: list[str], log: str) -> None:
-    """Forkserver child: run train_lora_unet.py as __main__ with ``argv``, output to ``log``."""
+def _script_child(script: str, argv: list[str], log: str) -> None:
+    """Forkserver child: run the training script as __main__ with ``argv``, output to ``log``."""
     import runpy
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
-    sys.argv = [str(SCRIPT), *argv]
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
 
 
 class Forked:
@@ -127,14 +138,16 @@ class Forked:
     context = None
     startup_s = 1.5  # fork, load the tiny pipeline, resume
 
-    def __init__(self, argv, log):
+    def __init__(self, script, argv, log):
         threads = os.environ.get("OMP_NUM_THREADS")
         if Forked.context is None:
             os.environ["OMP_NUM_THREADS"] = "1"  # the forkserver (started by the first start()) inherits it
             Forked.context = multiprocessing.get_context("forkserver")
             Forked.context.set_forkserver_preload(["torch", "diffusers", "transformers", "accelerate", "peft",
-                                                   "datasets", "diffusers_ztsnr.training.unet"])
-        self.process = Forked.context.Process(target=_script_child, args=(argv, str(log)), daemon=True)
+                                                   "datasets", "diffusers_ztsnr.training.unet",
+                                                   "diffusers_ztsnr.training.flow"])
+        self.process = Forked.context.Process(target=_script_child, args=(str(script), argv, str(log)),
+                                              daemon=True)
         try:
             self.process.start()
         finally:
@@ -159,10 +172,10 @@ class Exec:
 
     startup_s = 20.0  # imports on the 2-core CI machine
 
-    def __init__(self, argv, log):
+    def __init__(self, script, argv, log):
         self.log = open(log, "ab")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdout=self.log,
+        self.process = subprocess.Popen([sys.executable, str(script), *argv], stdout=self.log,
                                         stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
     def poll(self):
@@ -229,7 +242,7 @@ def execute(proc, out: Path, plan, timeout: float, before: dict) -> bool:
 
 
 def campaign(assets, root: Path, launcher, reference, seed: int, kills: int, write_kills: int = 1,
-             max_rounds: int = 3, timeout: float = 300.0) -> dict:
+             max_rounds: int = 3, timeout: float = 300.0, script: Path = SCRIPT, args=train_args) -> dict:
     """Rounds of kill/resume, each until a run completes and its LoRA is checked against ``reference``; a new
     round (new output folder) starts while fewer than ``kills`` / ``write_kills`` kills have been made."""
     rng = random.Random(seed)
@@ -240,7 +253,7 @@ def campaign(assets, root: Path, launcher, reference, seed: int, kills: int, wri
         assert stats["rounds"] < max_rounds, stats
         stats["rounds"] += 1
         out = root / f"round-{stats['rounds']}"
-        run_round(assets, out, launcher, rng, stats, kills, write_kills, timeout)
+        run_round(assets, out, launcher, rng, stats, kills, write_kills, timeout, script, args)
         assert_bitwise_equal(lora(out), reference)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no damaged checkpoint left behind
@@ -253,7 +266,8 @@ def campaign(assets, root: Path, launcher, reference, seed: int, kills: int, wri
     return stats
 
 
-def run_round(assets, out: Path, launcher, rng, stats: dict, kills: int, write_kills: int, timeout: float):
+def run_round(assets, out: Path, launcher, rng, stats: dict, kills: int, write_kills: int, timeout: float,
+              script: Path, args):
     logs = out.parent / f"{out.name}-logs"
     logs.mkdir(parents=True, exist_ok=True)
     first = True
@@ -271,7 +285,7 @@ def run_round(assets, out: Path, launcher, rng, stats: dict, kills: int, write_k
         log = logs / f"trial-{stats['trials']:02d}.log"
         log.write_text(f"# campaign: {note}\n")
         before = tmp_folders(out)
-        proc = launcher(train_args(assets, out, *resume), log)
+        proc = launcher(script, args(assets, out, *resume), log)
         record = {"round": stats["rounds"], "trial": stats["trials"], "start": note}
         remaining = kills - stats["kills"]
         missing_writes = write_kills - stats["write_kills"]
@@ -304,6 +318,17 @@ def test_kill_resume_campaign_ci_subset(assets, reference, tmp_path):
     """3 kills (at least 1 during a checkpoint write), fixed seed; processes forked from a forkserver."""
     stats = campaign(assets, tmp_path, Forked, reference, seed=2024, kills=3, write_kills=1)
     assert stats["kills"] >= 3 and stats["write_kills"] >= 1 and stats["bitwise_equal"] == stats["rounds"]
+
+
+def test_kill_resume_campaign_flow_script(assets, tmp_path_factory, tmp_path):
+    """The flow script (tiny Flux) under the same campaign: 2 kills, 1 during a checkpoint write, bitwise equal."""
+    reference_dir = tmp_path_factory.mktemp("flow-reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flow_main(flow_train_args(assets, reference_dir))
+    stats = campaign(assets, tmp_path, Forked, lora(reference_dir), seed=11, kills=2, write_kills=1,
+                     script=FLOW_SCRIPT, args=flow_train_args)
+    assert stats["kills"] >= 2 and stats["write_kills"] >= 1 and stats["bitwise_equal"] == stats["rounds"]
 
 
 @pytest.mark.slow
