@@ -134,9 +134,16 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 # diffusers' train_dreambooth_lora_sd3.py default (and our flow trainer's default for SD3)
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]
+# Flux rows: the attention projections of the image stream (double and single blocks), passed to our trainer as
+# --lora_layers so both trainers put LoRA on the same modules
+FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
+FLUX_WEIGHTING = "none"  # diffusers' train_dreambooth_lora_flux.py default; passed to our trainer too
+FLUX_MAX_SEQUENCE_LENGTH = 512  # the Flux script's default T5 length (and our trainer's for Flux)
+FLUX_GUIDANCE = 3.5  # the Flux script's default --guidance_scale (and our trainer's)
 FAMILIES = ("unet", "flow")
-DENOISER = {"unet": "UNet", "flow": "SD3 transformer"}
-ENCODERS = {"unet": "VAE + text", "flow": "VAE + CLIP x 2 + T5"}
+# keyed by a result's "kind" (its family where it has none: the UNet and SD3 rows)
+DENOISER = {"unet": "UNet", "flow": "SD3 transformer", "flux": "Flux transformer"}
+ENCODERS = {"unet": "VAE + text", "flow": "VAE + CLIP x 2 + T5", "flux": "VAE + CLIP + T5"}
 
 
 def preimport() -> None:
@@ -155,7 +162,8 @@ def preimport() -> None:
     import diffusers_ztsnr.training.unet  # noqa: F401
 
     for name in ("StableDiffusionPipeline", "AutoencoderKL", "UNet2DConditionModel", "DDPMScheduler",
-                 "StableDiffusion3Pipeline", "SD3Transformer2DModel", "FlowMatchEulerDiscreteScheduler"):
+                 "StableDiffusion3Pipeline", "SD3Transformer2DModel", "FlowMatchEulerDiscreteScheduler",
+                 "FluxPipeline", "FluxTransformer2DModel"):
         getattr(diffusers, name)
     from transformers import (  # noqa: F401
         CLIPTextModel,
@@ -246,8 +254,9 @@ def _vae_factor(pipeline: Path) -> int:
     return 2 ** (len(json.loads((pipeline / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
 
 
-def build_assets(root: str, families: tuple[str, ...], small: bool, small_resolution: int, num_images: int) -> dict:
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+def build_assets(root: str, families: tuple[str, ...], small: bool, small_resolution: int, num_images: int,
+                 flux: bool = False) -> dict:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, T5Config
 
     from diffusers_ztsnr.demo_data import make_demo_dataset
@@ -293,6 +302,11 @@ def build_assets(root: str, families: tuple[str, ...], small: bool, small_resolu
             transformer.save_pretrained(folder / "transformer", safe_serialization=True)
             out["pipelines"]["small-sd3"] = str(folder)
             out["params"]["small-sd3"] = sum(p.numel() for p in transformer.parameters())
+        if flux:
+            tiny = save_tiny_pipeline("flux", root / "tiny-flux")
+            out["pipelines"]["tiny-flux"] = str(tiny)
+            out["params"]["tiny-flux"] = sum(p.numel() for p in FluxTransformer2DModel.from_pretrained(
+                tiny / "transformer").parameters())
     return out
 
 
@@ -300,7 +314,7 @@ def build_assets(root: str, families: tuple[str, ...], small: bool, small_resolu
 
 
 def run_ours(pipeline: str, data: str, resolution: int, batch_size: int, rank: int, steps: int, output_dir: str,
-             cache_dir: str | None, family: str = "unet") -> dict:
+             cache_dir: str | None, family: str = "unet", extra_args: tuple[str, ...] = ()) -> dict:
     import diffusers_ztsnr.training.data as data_module
 
     if family == "flow":
@@ -327,6 +341,7 @@ def run_ours(pipeline: str, data: str, resolution: int, batch_size: int, rank: i
     ]
     if cache_dir is not None:
         argv += ["--cache_latents", "--cache_latents_dir", cache_dir]
+    argv += list(extra_args)
     start = time.perf_counter()
     result = main(argv)
     seconds = time.perf_counter() - start
@@ -569,16 +584,151 @@ def run_plain_flow(pipeline: str, data: str, resolution: int, batch_size: int, r
     return {"seconds": seconds, "steps": global_step, "direct_steps_per_s": direct, "final_loss": loss_value}
 
 
-PLAIN = {"unet": run_plain, "flow": run_plain_flow}
+def run_plain_flux(pipeline: str, data: str, resolution: int, batch_size: int, rank: int, steps: int) -> dict:
+    """diffusers' train_dreambooth_lora_flux.py with per-image captions, reduced to one CPU process at fp32."""
+    import copy
+    import math
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from datasets import load_dataset
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    max_sequence_length, weighting_scheme, guidance_scale = FLUX_MAX_SEQUENCE_LENGTH, FLUX_WEIGHTING, FLUX_GUIDANCE
+    start = time.perf_counter()
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+    set_seed(0)
+    clip_tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+    t5_tokenizer = T5TokenizerFast.from_pretrained(pipeline, subfolder="tokenizer_2")
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pipeline, subfolder="scheduler")
+    noise_scheduler_copy = copy.deepcopy(noise_scheduler)
+    clip_encoder = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder")
+    t5_encoder = T5EncoderModel.from_pretrained(pipeline, subfolder="text_encoder_2")
+    vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+    transformer = FluxTransformer2DModel.from_pretrained(pipeline, subfolder="transformer")
+    for model in (transformer, vae, clip_encoder, t5_encoder):
+        model.requires_grad_(False)
+    weight_dtype = torch.float32
+    vae.to(accelerator.device, dtype=torch.float32)
+    for model in (transformer, clip_encoder, t5_encoder):
+        model.to(accelerator.device, dtype=weight_dtype)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=FLUX_LORA_TARGETS))
+    lora_layers = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+
+    # as in the SD3 loop: the example's DreamBooth dataset transforms every image once, up front
+    dataset = load_dataset("imagefolder", data_dir=data)["train"]
+    pixel_values = [_example_transform(im.convert("RGB"), resolution) for im in dataset["image"]]
+    examples = [{"pixel_values": x, "prompt": c} for x, c in zip(pixel_values, dataset["text"], strict=True)]
+
+    def collate_fn(batch):
+        pixels = torch.stack([e["pixel_values"] for e in batch]).to(memory_format=torch.contiguous_format).float()
+        return {"pixel_values": pixels, "prompts": [e["prompt"] for e in batch]}
+
+    train_dataloader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
+                                                   collate_fn=collate_fn, num_workers=0)
+
+    def compute_text_embeddings(prompt: list[str]):
+        """CLIP's pooled output (77 tokens) and T5's last hidden states (max_sequence_length), text ids all 0."""
+        with torch.no_grad():
+            clip_ids = clip_tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
+                                      return_tensors="pt").input_ids
+            pooled = clip_encoder(clip_ids.to(accelerator.device), output_hidden_states=False).pooler_output
+            pooled = pooled.to(dtype=clip_encoder.dtype)
+            t5_ids = t5_tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                  return_tensors="pt").input_ids
+            embeds = t5_encoder(t5_ids.to(accelerator.device))[0].to(dtype=t5_encoder.dtype)
+            text_ids = torch.zeros(embeds.shape[1], 3, device=accelerator.device, dtype=clip_encoder.dtype)
+            return embeds, pooled, text_ids
+
+    def get_sigmas(timesteps, n_dim: int, dtype):
+        sigmas = noise_scheduler_copy.sigmas.to(device=accelerator.device, dtype=dtype)
+        schedule_timesteps = noise_scheduler_copy.timesteps.to(accelerator.device)
+        indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps.to(accelerator.device)]
+        sigma = sigmas[indices].flatten()
+        return sigma.reshape(sigma.shape + (1,) * (n_dim - sigma.ndim))
+
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer,
+                                                                                 train_dataloader, lr_scheduler)
+    shift_factor, scaling_factor = vae.config.shift_factor, vae.config.scaling_factor
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    num_train_timesteps = noise_scheduler_copy.config.num_train_timesteps
+    guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds
+    num_epochs = math.ceil(steps / len(train_dataloader))
+    global_step, step_times, loss_value = 0, [], float("nan")
+    for _epoch in range(num_epochs):
+        transformer.train()
+        for batch in train_dataloader:
+            with accelerator.accumulate([transformer]):
+                prompt_embeds, pooled_prompt_embeds, text_ids = compute_text_embeddings(batch["prompts"])
+                model_input = vae.encode(batch["pixel_values"].to(dtype=vae.dtype)).latent_dist.sample()
+                model_input = ((model_input - shift_factor) * scaling_factor).to(dtype=weight_dtype)
+                bsz, channels, height, width = model_input.shape
+                latent_image_ids = FluxPipeline._prepare_latent_image_ids(bsz, height // 2, width // 2,
+                                                                          accelerator.device, weight_dtype)
+                noise = torch.randn_like(model_input)
+                u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=bsz,
+                                                          logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+                indices = (u * num_train_timesteps).long()
+                timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+                sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+                noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+                packed = FluxPipeline._pack_latents(noisy_model_input, batch_size=bsz, num_channels_latents=channels,
+                                                    height=height, width=width)
+                guidance = None
+                if guidance_embeds:
+                    guidance = torch.tensor([guidance_scale], device=accelerator.device).expand(bsz)
+                model_pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                         pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
+                                         txt_ids=text_ids, img_ids=latent_image_ids, return_dict=False)[0]
+                model_pred = FluxPipeline._unpack_latents(model_pred, height=height * vae_scale_factor,
+                                                          width=width * vae_scale_factor,
+                                                          vae_scale_factor=vae_scale_factor)
+                weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+                target = noise - model_input
+                loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
+                loss = loss.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_layers, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                global_step += 1
+                loss_value = loss.detach().item()
+                step_times.append(time.perf_counter())
+            if global_step >= steps:
+                break
+        if global_step >= steps:
+            break
+    seconds = time.perf_counter() - start
+    direct = (len(step_times) - 1) / (step_times[-1] - step_times[0]) if len(step_times) > 1 else None
+    accelerator.end_training()
+    return {"seconds": seconds, "steps": global_step, "direct_steps_per_s": direct, "final_loss": loss_value}
+
+
+PLAIN = {"unet": run_plain, "flow": run_plain_flow, "flux": run_plain_flux}
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------
 
 
 def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work: Path, n1: int, n2: int,
-                log, family: str = "unet") -> dict:
+                log, family: str = "unet", kind: str | None = None) -> dict:
     threads = args.threads
+    kind = kind or family
     ours = dict(family=family)
+    if kind == "flux":  # the plain Flux loop's LoRA targets, time density / weighting, T5 length and guidance
+        ours["extra_args"] = ("--lora_layers", ",".join(FLUX_LORA_TARGETS), "--weighting_scheme", FLUX_WEIGHTING,
+                              "--max_sequence_length", str(FLUX_MAX_SEQUENCE_LENGTH),
+                              "--guidance_scale", str(FLUX_GUIDANCE))
     cache_dir = work / f"cache-{name}"
     common = dict(pipeline=pipeline, data=data, resolution=resolution, batch_size=args.batch_size, rank=args.rank)
     counter = iter(range(10**6))
@@ -598,7 +748,7 @@ def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work
             for row in ROWS:
                 log(f"[{name}] repeat {repeat + 1}/{args.repeats}: {row}, {n} steps")
                 if row == ROW_PLAIN:
-                    rec = in_child(threads, work / "child.log", PLAIN[family], **common, steps=n)
+                    rec = in_child(threads, work / "child.log", PLAIN[kind], **common, steps=n)
                 else:
                     cached = row == ROW_CACHED
                     rec = in_child(threads, work / "child.log", run_ours, **common, **ours, steps=n,
@@ -623,7 +773,8 @@ def bench_model(name: str, pipeline: str, data: str, resolution: int, args, work
     summary[ROW_PLAIN]["direct_steps_per_s"] = statistics.median(r["n2"]["direct_steps_per_s"]
                                                                  for r in runs[ROW_PLAIN])
     hits = [r[k]["cache_seconds"] for r in runs[ROW_CACHED] for k in ("n1", "n2")]
-    return {"model": name, "family": family, "pipeline": pipeline, "resolution": resolution, "n1": n1, "n2": n2,
+    return {"model": name, "family": family, "kind": kind, "pipeline": pipeline, "resolution": resolution,
+            "n1": n1, "n2": n2,
             "cache_build": {"seconds": build["cache_seconds"], "run_seconds": build["seconds"],
                             "peak_rss_mib": build["peak_rss_mib"], "growth_mib": build["growth_mib"],
                             "items": build["cache"]["misses"]},
@@ -640,17 +791,25 @@ def speed_cell(summary: dict, repeats: int) -> str:
     return f"{fmt(summary['steps_per_s'])} ({fmt(summary['steps_per_s_min'])}-{fmt(summary['steps_per_s_max'])})"
 
 
+def _kind(result: dict) -> str:
+    """"unet", "flow" (SD3) or "flux"."""
+    return result.get("kind", result.get("family", "unet"))
+
+
 def report(results: list[dict], args, params: dict, header: str, elapsed: float) -> str:
-    families = [f for f in FAMILIES if any(r.get("family", "unet") == f for r in results)]
+    kinds = [k for k in DENOISER if any(_kind(r) == k for r in results)]
     targets = {"unet": "to_q/to_k/to_v/to_out.0 (UNet rows)",
-               "flow": "attn.to_q/k/v/out.0 + attn.add_q/k/v_proj/to_add_out (SD3 rows)"}
+               "flow": "attn.to_q/k/v/out.0 + attn.add_q/k/v_proj/to_add_out (SD3 rows)",
+               "flux": "attn.to_q/k/v/out.0 (Flux rows)"}
     plains = {"unet": "the plain loop is diffusers' train_text_to_image_lora.py (UNet rows)",
-              "flow": "train_dreambooth_lora_sd3.py with per-image captions (SD3 rows)"}
+              "flow": "train_dreambooth_lora_sd3.py with per-image captions (SD3 rows)",
+              "flux": f"train_dreambooth_lora_flux.py with per-image captions, weighting '{FLUX_WEIGHTING}', T5 "
+                      f"length {FLUX_MAX_SEQUENCE_LENGTH}, guidance {FLUX_GUIDANCE} (Flux rows)"}
     lines = ["# Training throughput: our LoRA trainers (latent cache on / off) vs plain diffusers-example loops", "",
              header, "",
              f"mode: {'quick' if args.quick else 'full'}, family {args.family}; torch threads {args.threads} in every "
-             f"row; batch {args.batch_size}, LoRA rank {args.rank} on {' / '.join(targets[f] for f in families)}, "
-             f"fp32, {args.num_images} images; {'; '.join(plains[f] for f in families)}; "
+             f"row; batch {args.batch_size}, LoRA rank {args.rank} on {' / '.join(targets[k] for k in kinds)}, "
+             f"fp32, {args.num_images} images; {'; '.join(plains[k] for k in kinds)}; "
              f"steps/s = (N2 - N1) / (t(N2) - t(N1)) over whole runs (setup cancels), median of "
              f"{args.repeats} repeat(s); peak RSS = ru_maxrss of the N2 run's forked child; growth = peak minus "
              "the child's RSS at start.", ""]
@@ -658,7 +817,7 @@ def report(results: list[dict], args, params: dict, header: str, elapsed: float)
     for res in results:
         s = res["summary"]
         plain = s[ROW_PLAIN]
-        label = f"{res['model']} ({params[res['model']] / 1e6:.2f}M-param {DENOISER[res.get('family', 'unet')]})"
+        label = f"{res['model']} ({params[res['model']] / 1e6:.2f}M-param {DENOISER[_kind(res)]})"
         for row in ROWS:
             r = s[row]
             table.append([
@@ -697,7 +856,7 @@ def report(results: list[dict], args, params: dict, header: str, elapsed: float)
                     if args.repeats > 1 and abs(share) < spread else "that share caps what caching can give here")
         lines.append(
             f"  ours cached / ours no cache: steps/s x{uncached_step / cached_step:.2f}, i.e. the "
-            f"{ENCODERS[res.get('family', 'unet')]} encoding was {share:.0%} of our uncached step: {resolved}."
+            f"{ENCODERS[_kind(res)]} encoding was {share:.0%} of our uncached step: {resolved}."
         )
     lines.append(f"- total benchmark wall time {elapsed:.0f} s.")
     return "\n".join(lines)
@@ -724,6 +883,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="step counts of the tiny SD3 model's two runs (default 4 64; quick 2 22)")
     p.add_argument("--flow_small_steps", type=int, nargs=2, metavar=("N1", "N2"), default=(2, 22),
                    help="step counts of the small SD3 model's two runs (default 2 22)")
+    p.add_argument("--flux_steps", type=int, nargs=2, metavar=("N1", "N2"), default=None,
+                   help="step counts of the tiny Flux model's two runs (default 4 64; quick 2 22)")
     p.add_argument("--small_resolution", type=int, default=64,
                    help="resolution of the small models (default 64)")
     p.add_argument("--no_small", action="store_true", help="tiny models only (implied by --quick)")
@@ -737,7 +898,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tiny_steps = (2, 22) if args.quick else (4, 64)
     if args.flow_tiny_steps is None:
         args.flow_tiny_steps = (2, 22) if args.quick else (4, 64)
-    for n1, n2 in (args.tiny_steps, args.small_steps, args.flow_tiny_steps, args.flow_small_steps):
+    if args.flux_steps is None:
+        args.flux_steps = (2, 22) if args.quick else (4, 64)
+    for n1, n2 in (args.tiny_steps, args.small_steps, args.flow_tiny_steps, args.flow_small_steps, args.flux_steps):
         if not 1 <= n1 < n2:
             p.error(f"need 1 <= N1 < N2, got {n1} {n2}")
     if args.small_resolution % 16:
@@ -764,16 +927,23 @@ def main(argv=None) -> None:
         small = not (args.quick or args.no_small)
         families = FAMILIES if args.family == "all" else (args.family,)
         log(f"building the tiny (and small) pipelines of {'/'.join(families)} and the demo data")
+        flux = "flow" in families
         assets = in_child(args.threads, work / "child.log", build_assets, root=str(work), families=families,
-                          small=small, small_resolution=args.small_resolution, num_images=args.num_images)
-        models = {"unet": [("tiny", 64, args.tiny_steps), ("small", args.small_resolution, args.small_steps)],
-                  "flow": [("tiny-sd3", 64, args.flow_tiny_steps),
-                           ("small-sd3", args.small_resolution, args.flow_small_steps)]}
+                          small=small, small_resolution=args.small_resolution, num_images=args.num_images,
+                          flux=flux)
+        # (name, resolution, steps, kind, run when): "always", "small" (not with --quick / --no_small)
+        models = {"unet": [("tiny", 64, args.tiny_steps, "unet", "always"),
+                           ("small", args.small_resolution, args.small_steps, "unet", "small")],
+                  "flow": [("tiny-sd3", 64, args.flow_tiny_steps, "flow", "always"),
+                           ("small-sd3", args.small_resolution, args.flow_small_steps, "flow", "small"),
+                           ("tiny-flux", 64, args.flux_steps, "flux", "always")]}
+        wanted = {"always": True, "small": small}
         results = []
         for family in families:
-            for name, resolution, steps in models[family][:2 if small else 1]:
-                results.append(bench_model(name, assets["pipelines"][name], assets["data"][resolution], resolution,
-                                           args, work, *steps, log, family=family))
+            for name, resolution, steps, kind, when in models[family]:
+                if wanted[when]:
+                    results.append(bench_model(name, assets["pipelines"][name], assets["data"][resolution],
+                                               resolution, args, work, *steps, log, family=family, kind=kind))
         elapsed = time.perf_counter() - began
         print(report(results, args, assets["params"], header, elapsed))
         if args.json:
