@@ -121,6 +121,9 @@ SCHEMES = [
     ("sd3", ["--weighting_scheme", "cosmap", "--timestep_shift", "dynamic"]),
     ("flux", ["--weighting_scheme", "logit_normal"]),  # auto shift: Flux's resolution-dependent mu
     ("flux", ["--weighting_scheme", "none", "--timestep_shift", "3.0", "--guidance_scale", "1.0"]),
+    ("flux", ["--weighting_scheme", "mode", "--mode_scale", "0.5"]),
+    ("flux", ["--weighting_scheme", "sigma_sqrt", "--precondition_outputs", "1"]),
+    ("flux", ["--weighting_scheme", "cosmap", "--timestep_shift", "dynamic"]),
 ]
 
 
