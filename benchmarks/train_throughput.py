@@ -1,8 +1,9 @@
 """Training throughput: steps/s and peak memory of our LoRA trainers (latent cache on / off) vs plain loops.
 
 Run: ``python benchmarks/train_throughput.py`` (``--family unet|flow|all``, default all: about 4 min for unet and
-6.5 min for flow on a loaded 2-core machine; ``--quick`` for a smoke run on the tiny models only, about 1.5 min
-for both families; ``--json PATH`` to dump every number). CPU, Linux (the runs are forked children, see below).
+6 min for flow (SD3 + Flux) on a 2-core machine; ``--quick`` for a smoke run on the tiny models only (tiny-flux
+included), about 1.5 min for both families; ``--json PATH`` to dump every number). CPU, Linux (the runs are
+forked children, see below).
 
 Two families, each with the same three rows side by side on the same data, batch size, LoRA rank, resolution and
 number of steps:
@@ -26,7 +27,7 @@ number of steps:
 
   Both are epsilon-prediction MSE.
 
-* **flow** (SD3 models, ``diffusers_ztsnr.training.flow``):
+* **flow** (SD3 and Flux models, ``diffusers_ztsnr.training.flow``):
 
   * **ours, --cache_latents** / **ours, no cache**: as above with ``diffusers_ztsnr.training.flow.main``
     (defaults: ``--weighting_scheme logit_normal``, the scheduler's static shift 3.0, T5 length 77, LoRA on
@@ -50,6 +51,28 @@ number of steps:
     target ``noise - x0``, ``compute_loss_weighting_for_sd3``, weighted MSE, backward, clip, step. No caching.
 
   Both are velocity (flow-matching) MSE with the same time density and shift.
+
+  Flux rows (tiny-flux): **ours** with ``--lora_layers attn.to_k,attn.to_q,attn.to_v,attn.to_out.0
+  --weighting_scheme none --max_sequence_length 512 --guidance_scale 3.5`` (the last two are its Flux defaults
+  anyway); its cache holds the VAE latents and the CLIP pooled + T5 prompt embeddings. The **plain loop**
+  (``run_plain_flux``) is what diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` does with
+  per-image captions, written here: ``FlowMatchEulerDiscreteScheduler`` (+ deep copy), ``CLIPTokenizer``,
+  ``T5TokenizerFast``, ``CLIPTextModel``, ``T5EncoderModel``, ``AutoencoderKL``, ``FluxTransformer2DModel``
+  via ``from_pretrained(subfolder=...)``, frozen, ``transformer.add_adapter(LoraConfig(r, lora_alpha=r,
+  init_lora_weights="gaussian", target_modules=[attn.to_k, attn.to_q, attn.to_v, attn.to_out.0]))`` (the
+  script's default before diffusers PR #9646; since then it defaults to these plus attn.add_k/q/v_proj,
+  attn.to_add_out and the ff / ff_context projections, which is also our trainer's Flux default: here both
+  trainers get the four), AdamW, images preprocessed once up front, accelerate as above; per step, under
+  ``no_grad``: CLIP's ``pooler_output`` (77 tokens) and T5's last hidden states (512 tokens), ``txt_ids`` all
+  zero; ``(vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor``,
+  ``FluxPipeline._prepare_latent_image_ids``, ``compute_density_for_timestep_sampling("none")`` (the script's
+  default: uniform), indices into the scheduler copy's tables, ``noisy = (1 - sigma) * x0 + sigma * noise``,
+  ``FluxPipeline._pack_latents``, guidance 3.5 expanded over the batch, ``transformer(packed, timestep=t / 1000,
+  guidance, pooled_projections, encoder_hidden_states, txt_ids, img_ids)``, ``FluxPipeline._unpack_latents``,
+  target ``noise - x0``, ``compute_loss_weighting_for_sd3("none")`` (1), MSE, backward, clip, step. One
+  difference that costs nothing: the script takes the copy's sigma table, unshifted for Flux's
+  ``use_dynamic_shifting`` scheduler, while ours (``--timestep_shift auto``) applies Flux's resolution-dependent
+  ``mu`` shift to the same uniform draw.
 
 All trainers run in fp32 with gradient clipping at 1.0, ``dataloader_num_workers=0``.
 
@@ -84,17 +107,18 @@ and 32, a 2-layer T5 of width 64, the 16-channel tiny VAE, a 2-layer SD3 transfo
 blocks, 4 heads of 64, width 256, patch 2; joint_attention_dim 64 = the T5 width, pooled_projection_dim 48 =
 the two CLIP widths, 16 input channels = the VAE's latents) at ``--small_resolution``. Prompts are 77 CLIP +
 77 T5 tokens, so the transformer sees 154 text tokens next to 256 image tokens (32 x 32 latents, 2 x 2 patches)
-at 64 px. Flux is not benchmarked: its trainer is the same code path (only the transformer call and the token
-packing differ) and its plain-loop counterpart would be a second reimplementation (diffusers'
-``train_dreambooth_lora_flux.py``, with latent packing, position ids and guidance) for the same caching question.
-Not measured, so not claimed: Flux's T5 prompts are 512 tokens (SD3's 77), which enlarges both what the cache
-removes and the transformer's text stream.
+at 64 px. "tiny-flux": ``save_tiny_pipeline("flux")`` as is (one CLIP of width 32 whose pooled output is the
+pooled projection, a 2-layer T5 of width 64, the 16-channel tiny VAE, a Flux transformer with 1 double- and 1
+single-stream block, 2 heads of 16, guidance embedding) at 64 px: 256 packed image tokens (32 x 32 latents,
+2 x 2 packing) next to 512 T5 tokens, so on these tiny models the T5 encoding at 512 tokens is a large part of
+the uncached step (Flux's 512 vs SD3's 77 T5 tokens enlarges what the cache removes). No small Flux model is
+benchmarked; tiny-flux also runs with ``--quick``.
 
 The SD3-medium-sized number (a 24-block, width-1536 transformer at 512 px in bf16) needs a GPU and is not
 measured by this script.
 
 Reading the result: caching removes the VAE encode and the text encoders from every step and nothing else
-(for the flow family: VAE + both CLIPs + T5), so what it can give is capped by their share of a step, which is
+(SD3: VAE + both CLIPs + T5; Flux: VAE + CLIP + T5), so what it can give is capped by their share of a step, which is
 set by the model, not by the trainer: the small models keep the tiny VAE (two blocks of 32 / 64 channels) and
 the tiny text encoders under a much larger denoiser, so their share is small; a real SD1.5 / SD3 at 512 px has
 its own ratio, which these tiny models do not represent. The printed notes give ours-cached / ours-uncached
