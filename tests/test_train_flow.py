@@ -329,6 +329,17 @@ def test_a_nan_flow_loss_is_skipped_and_counted(assets, tmp_path, monkeypatch):
 @pytest.mark.parametrize("model", ["sd3", "flux", "sd15"])
 def test_bf16_mixed_precision_trains_and_validates(assets, tmp_path, model):
     """bf16 autocast (what users run on GPUs; CPU autocast here): finite losses, LoRA saved in fp32, samples."""
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state; earlier in-process runs fixed mixed_precision="no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        bf16_run(assets, tmp_path, model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def bf16_run(assets, tmp_path, model):
     extra = ["--mixed_precision", "bf16", "--validation_prompt", "a disc", "--num_validation_images", "1",
              "--validation_inference_steps", "2"]
     if model == "sd15":
