@@ -42,20 +42,15 @@ def _time_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def schedule_from_config(config: Mapping[str, Any]) -> VPSchedule:
-    """The VP schedule a diffusers scheduler config describes (including ``rescale_betas_zero_snr``)."""
-    return VPSchedule.from_config(
-        config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001), config.get("beta_end", 0.02),
-        config.get("beta_schedule", "linear"), config.get("trained_betas"),
-        bool(config.get("rescale_betas_zero_snr", False)),
-    )
-
-
 class _Wrapper(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, input_name: str):
+    def __init__(self, model: torch.nn.Module, schedule: VPSchedule, prediction_type: str, output_type: str,
+                 input_name: str, flow_time_scale: float):
         super().__init__()
-        self.model = model
-        self.input_name = input_name
+        _check_type("prediction_type", prediction_type)
+        _check_type("output_type", output_type)
+        self.model, self.input_name = model, input_name
+        self.schedule, self.prediction_type, self.output_type = schedule, prediction_type, output_type
+        self.flow_time_scale = float(flow_time_scale)
 
     def __getattr__(self, name: str):
         try:
@@ -99,17 +94,13 @@ class VPModelAsFlow(_Wrapper):
     def __init__(self, model: torch.nn.Module, schedule: VPSchedule, prediction_type: str,
                  output_type: str = "flow_prediction", input_name: str = "sample",
                  flow_time_scale: float = FLOW_TIME_SCALE):
-        super().__init__(model, input_name)
-        _check_type("prediction_type", prediction_type)
-        _check_type("output_type", output_type)
-        self.schedule, self.prediction_type, self.output_type = schedule, prediction_type, output_type
-        self.flow_time_scale = float(flow_time_scale)
+        super().__init__(model, schedule, prediction_type, output_type, input_name, flow_time_scale)
 
     @classmethod
     def from_scheduler_config(cls, model: torch.nn.Module, config: Mapping[str, Any], **kwargs) -> VPModelAsFlow:
         """From the model's VP scheduler config (its betas, ``rescale_betas_zero_snr``, ``prediction_type``)."""
         kwargs.setdefault("prediction_type", config.get("prediction_type", "epsilon"))
-        return cls(model, schedule_from_config(config), **kwargs)
+        return cls(model, VPSchedule.from_scheduler_config(config), **kwargs)
 
     @property
     def max_flow_sigma(self) -> float:
@@ -163,17 +154,13 @@ class FlowModelAsVP(_Wrapper):
     def __init__(self, model: torch.nn.Module, schedule: VPSchedule, output_type: str = "v_prediction",
                  prediction_type: str = "flow_prediction", input_name: str = "hidden_states",
                  flow_time_scale: float = FLOW_TIME_SCALE):
-        super().__init__(model, input_name)
-        _check_type("prediction_type", prediction_type)
-        _check_type("output_type", output_type)
-        self.schedule, self.prediction_type, self.output_type = schedule, prediction_type, output_type
-        self.flow_time_scale = float(flow_time_scale)
+        super().__init__(model, schedule, prediction_type, output_type, input_name, flow_time_scale)
 
     @classmethod
     def from_scheduler_config(cls, model: torch.nn.Module, config: Mapping[str, Any], **kwargs) -> FlowModelAsVP:
         """For the VP scheduler with this config: its schedule, and its ``prediction_type`` as the output."""
         kwargs.setdefault("output_type", config.get("prediction_type", "v_prediction"))
-        return cls(model, schedule_from_config(config), **kwargs)
+        return cls(model, VPSchedule.from_scheduler_config(config), **kwargs)
 
     def forward(self, *args, **kwargs):
         x_vp, timestep, args, kwargs = self._split(args, kwargs)

@@ -100,10 +100,7 @@ def inspect_scheduler_config(config: dict[str, Any], num_inference_steps: int = 
                             "information about the image.")
         _check_lora(report, lora_settings)
         return report
-    schedule = VPSchedule.from_config(
-        config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001), config.get("beta_end", 0.02),
-        config.get("beta_schedule", "linear"), config.get("trained_betas"), zsnr_requested,
-    )
+    schedule = VPSchedule.from_scheduler_config(config, zsnr_requested)
     T = schedule.num_train_timesteps
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(T - 1))
     spacing = spacing or config.get("timestep_spacing", "leading")

@@ -116,6 +116,17 @@ class VPSchedule:
         schedule = cls(torch.cumprod(1.0 - betas, dim=0))
         return schedule.zero_terminal_snr() if rescale_betas_zero_snr else schedule
 
+    @classmethod
+    def from_scheduler_config(cls, config, rescale_betas_zero_snr: bool | None = None) -> VPSchedule:
+        """The schedule of a diffusers scheduler config (a mapping), with diffusers' defaults for absent keys;
+        ``rescale_betas_zero_snr`` overrides the config's own value when given."""
+        if rescale_betas_zero_snr is None:
+            rescale_betas_zero_snr = bool(config.get("rescale_betas_zero_snr", False))
+        return cls.from_config(
+            config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001), config.get("beta_end", 0.02),
+            config.get("beta_schedule", "linear"), config.get("trained_betas"), rescale_betas_zero_snr,
+        )
+
     def zero_terminal_snr(self) -> VPSchedule:
         """This schedule after the ZTSNR rescale (see :func:`rescale_zero_terminal_snr`)."""
         return VPSchedule(rescale_zero_terminal_snr(self.alphas_cumprod))
