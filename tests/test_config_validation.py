@@ -65,6 +65,9 @@ UNET_ONLY = [
     (["--objective", "flow", "--zero_terminal_snr", "--snr_gamma", "5"], ["--snr_gamma", "use --weighting_scheme"]),
     (["--precondition_outputs", "1"], ["--precondition_outputs", "add --objective flow"]),
     (["--weighting_scheme", "sigma_sqrt"], ["--weighting_scheme", "add --objective flow"]),
+    (["--objective", "flow", "--zero_terminal_snr", "--logit_std", "-1"], ["logit_std > 0", "logit_std=-1.0"]),
+    (["--objective", "flow", "--zero_terminal_snr", "--weighting_scheme", "mode", "--mode_scale", "5"],
+     ["mode_scale must lie in [-1, 2/(pi-2)", "got 5.0"]),
 ]
 FLOW_ONLY = [
     (["--weighting_scheme", "uniform"], ["--weighting_scheme: invalid choice: 'uniform'", "logit_normal"]),

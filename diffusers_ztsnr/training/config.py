@@ -110,6 +110,20 @@ def add_flow_objective_arguments(parser: argparse.ArgumentParser) -> None:
            "velocity eps - x0.")
 
 
+FLOW_OBJECTIVE_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+
+
+def check_flow_objective_arguments(args: argparse.Namespace) -> list[str]:
+    """Problems with the flow-matching flags (returned, like ``loop.check_common_args``)."""
+    from .objectives import check_flow_weighting
+
+    try:
+        check_flow_weighting(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    except ValueError as error:
+        return [str(error).rstrip(".")]
+    return []
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; values from ``--config`` fill every flag not given on the command line."""
     pre, _ = parser.parse_known_args(argv)

@@ -23,7 +23,12 @@ import torch
 
 from ..schedule import flow_mu
 from . import objectives
-from .config import add_common_arguments, add_flow_objective_arguments, parse_with_config
+from .config import (
+    add_common_arguments,
+    add_flow_objective_arguments,
+    check_flow_objective_arguments,
+    parse_with_config,
+)
 from .loop import ModelTask, check_common_args, raise_problems
 from .loop import train as run_training
 from .lora import add_lora, save_diffusers_lora, save_kohya_lora
@@ -78,10 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resolution % 16:
         problems.append(f"--resolution must be a multiple of 16 for flow transformers (VAE factor 8 x patch 2), got "
                         f"{args.resolution}")
-    try:
-        objectives.check_flow_weighting(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
-    except ValueError as error:
-        problems.append(str(error).rstrip("."))
+    problems += check_flow_objective_arguments(args)
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         problems.append(f"--max_sequence_length must be >= 1 (got {args.max_sequence_length})")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:
@@ -98,18 +100,9 @@ class FlowTask(ModelTask):
     script = "train_lora_flow.py"
 
     def __init__(self, args: argparse.Namespace):
-        import diffusers
-
-        path = args.pretrained_model_name_or_path
-        class_name = diffusers.DiffusionPipeline.load_config(path, revision=args.revision)["_class_name"]
-        if class_name not in PIPELINES:
-            raise ValueError(
-                f"{path} is a {class_name}; train_lora_flow.py trains StableDiffusion3Pipeline and FluxPipeline "
-                "models. SD 1.x / 2.x / SDXL UNets: use train_lora_unet.py (--objective flow trains them as flows)."
-            )
-        self.args = args
-        self.pipeline_class = getattr(diffusers, class_name)
-        self.pipe = pipe = self.pipeline_class.from_pretrained(path, revision=args.revision, variant=args.variant)
+        class_name = self.load_pipeline(args, PIPELINES, "SD 1.x / 2.x / SDXL UNets: use train_lora_unet.py "
+                                        "(--objective flow trains them as flows).")
+        pipe = self.pipe
         self.is_flux = class_name == "FluxPipeline"
         self.denoiser, self.vae = pipe.transformer, pipe.vae
         self.text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2,
@@ -124,8 +117,9 @@ class FlowTask(ModelTask):
         if self.denoiser.config.get("guidance_embeds", False):
             self.guidance = DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale
         elif args.guidance_scale is not None:
-            raise ValueError(f"--guidance_scale {args.guidance_scale}: {path}'s transformer has no guidance embedding "
-                             "(only guidance-distilled models such as FLUX.1-dev do); drop --guidance_scale.")
+            raise ValueError(f"--guidance_scale {args.guidance_scale}: {args.pretrained_model_name_or_path}'s "
+                             "transformer has no guidance embedding (only guidance-distilled models such as "
+                             "FLUX.1-dev do); drop --guidance_scale.")
         self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
                             else DEFAULT_LORA_LAYERS[class_name])
 

@@ -70,6 +70,23 @@ class ModelTask:
     cond_keys: tuple[str, ...] = ()
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
+    def load_pipeline(self, args: argparse.Namespace, allowed: tuple[str, ...], hint: str) -> str:
+        """Load the base pipeline into ``self.pipe`` / ``self.pipeline_class`` if its class is one of ``allowed``
+        (else a ``ValueError`` ending with ``hint``, the script to use instead); returns the class name."""
+        import diffusers
+
+        path = args.pretrained_model_name_or_path
+        class_name = diffusers.DiffusionPipeline.load_config(path, revision=args.revision)["_class_name"]
+        if class_name not in allowed:
+            raise ValueError(f"{path} is a {class_name}; {self.script} trains {' and '.join(allowed)} models. {hint}")
+        self.args = args
+        self.pipeline_class = getattr(diffusers, class_name)
+        extra = {}
+        if class_name == "StableDiffusionPipeline":  # training never runs the safety checker
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        self.pipe = self.pipeline_class.from_pretrained(path, revision=args.revision, variant=args.variant, **extra)
+        return class_name
+
     def add_adapters(self, args: argparse.Namespace) -> None:
         raise NotImplementedError
 

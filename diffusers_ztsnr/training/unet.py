@@ -24,7 +24,14 @@ import torch
 from ..adapters import VPModelAsFlow
 from ..schedule import VPSchedule
 from . import objectives
-from .config import add_common_arguments, add_flow_objective_arguments, add_vp_objective_arguments, parse_with_config
+from .config import (
+    FLOW_OBJECTIVE_FLAGS,
+    add_common_arguments,
+    add_flow_objective_arguments,
+    add_vp_objective_arguments,
+    check_flow_objective_arguments,
+    parse_with_config,
+)
 from .loop import ModelTask, check_common_args, raise_problems
 from .loop import train as run_training
 from .lora import add_lora, save_diffusers_lora, save_kohya_lora
@@ -44,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv)
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
     problems = check_common_args(args)
     if args.objective == "flow":
+        problems += check_flow_objective_arguments(args)
         if not args.zero_terminal_snr:
             problems.append("--objective flow starts its paths at pure noise (s = 1), which only a zero-terminal-SNR "
                             "schedule reaches: add --zero_terminal_snr")
@@ -54,9 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             problems.append("--snr_gamma / --debiased_estimation weight the diffusion objective; with --objective flow "
                             "use --weighting_scheme (none, sigma_sqrt, cosmap, logit_normal, mode)")
     else:
-        flow_only = {"precondition_outputs": 0, "weighting_scheme": "logit_normal", "logit_mean": 0.0,
-                     "logit_std": 1.0, "mode_scale": 1.29}
-        changed = [f"--{k}" for k, default in flow_only.items() if getattr(args, k) != default]
+        changed = [f"--{k}" for k in FLOW_OBJECTIVE_FLAGS if getattr(args, k) != parser.get_default(k)]
         if changed:
             problems.append(f"{', '.join(changed)} apply to the flow-matching objective: add --objective flow, or drop "
                             "them")
@@ -74,24 +81,10 @@ class UNetTask(ModelTask):
     script = "train_lora_unet.py"
 
     def __init__(self, args: argparse.Namespace):
-        import diffusers
-
-        path = args.pretrained_model_name_or_path
-        config = diffusers.DiffusionPipeline.load_config(path, revision=args.revision)
-        class_name = config["_class_name"]
-        if class_name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-            raise ValueError(
-                f"{path} is a {class_name}; train_lora_unet.py trains StableDiffusionPipeline (SD 1.x/2.x) and "
-                "StableDiffusionXLPipeline models. Flow transformers (SD3, Flux): use train_lora_flow.py."
-            )
-        self.args = args
-        self.pipeline_class = getattr(diffusers, class_name)
-        extra = {}
-        if class_name == "StableDiffusionPipeline":  # training never runs the safety checker
-            extra = {"safety_checker": None, "requires_safety_checker": False}
-        pipe = self.pipeline_class.from_pretrained(path, revision=args.revision, variant=args.variant, **extra)
+        class_name = self.load_pipeline(args, ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+                                        "Flow transformers (SD3, Flux): use train_lora_flow.py.")
+        pipe = self.pipe
         self.is_sdxl = class_name == "StableDiffusionXLPipeline"
-        self.pipe = pipe
         self.denoiser, self.vae = pipe.unet, pipe.vae
         self.text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
         names = ["text_encoder", "text_encoder_2"]
@@ -103,11 +96,7 @@ class UNetTask(ModelTask):
         self.prediction_type = args.prediction_type or default
         objectives.check_objective_config(self.prediction_type, args.zero_terminal_snr, args.noise_offset,
                                           args.input_perturbation, args.snr_gamma)
-        c = self.scheduler_config
-        self.schedule = VPSchedule.from_config(
-            c.get("num_train_timesteps", 1000), c.get("beta_start", 0.0001), c.get("beta_end", 0.02),
-            c.get("beta_schedule", "linear"), c.get("trained_betas"), args.zero_terminal_snr,
-        )
+        self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config, args.zero_terminal_snr)
         t = torch.arange(self.schedule.num_train_timesteps, dtype=torch.float64)
         self.alphas, self.sigmas = self.schedule.alpha_sigma(t)
         self.snrs = self.schedule.snr(t)
