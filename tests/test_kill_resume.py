@@ -38,8 +38,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_ztsnr.demo_data import make_demo_dataset
-from diffusers_ztsnr.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training.checkpointing import (
     COMPLETE_MARKER,
     checkpoint_folders,
@@ -50,6 +48,7 @@ from diffusers_ztsnr.training.checkpointing import (
 )
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.unet import main
+from tests.train_utils import tiny_assets
 
 RES = 32
 STEPS = 8
@@ -61,12 +60,7 @@ LORA = "pytorch_lora_weights.safetensors"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("killresume")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {"sd15": save_tiny_pipeline("sd15", root / "sd15"),
-                "flux": save_tiny_pipeline("flux", root / "flux"),
-                "data": make_demo_dataset(root / "data", num_images=4, size=RES)}
+    return tiny_assets(tmp_path_factory.mktemp("killresume"), "sd15", "flux")
 
 
 def flow_train_args(assets, out, *extra, steps=STEPS):

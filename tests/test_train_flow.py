@@ -16,15 +16,15 @@ from safetensors.torch import load_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.adapters import VPModelAsFlow
-from diffusers_ztsnr.demo_data import make_demo_dataset
 from diffusers_ztsnr.schedule import VPSchedule
-from diffusers_ztsnr.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training import objectives
-from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
 from diffusers_ztsnr.training.flow import FlowTask
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.flow import parse_args as flow_args
+from diffusers_ztsnr.training.unet import UNetTask
 from diffusers_ztsnr.training.unet import main as unet_main
+from diffusers_ztsnr.training.unet import parse_args as unet_args
+from tests.train_utils import tiny_assets, whole_dataset_batch
 
 RES = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +40,7 @@ def quiet():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow")
-    return {
-        "sd3": save_tiny_pipeline("sd3", root / "sd3"),
-        "flux": save_tiny_pipeline("flux", root / "flux"),
-        "sd15": save_tiny_pipeline("sd15", root / "sd15"),
-        "data": make_demo_dataset(root / "data", num_images=4, size=RES),
-    }
+    return tiny_assets(tmp_path_factory.mktemp("flow"), "sd3", "flux", "sd15")
 
 
 def argv(assets, out, model, steps, *extra):
@@ -66,9 +60,7 @@ def fixed_batch_flow_loss(assets, model, lora_dir, draws=8):
     pipe = task.pipe
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
-    ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=assets["data"]), image_column="image",
-                             caption_column="text", resolution=RES, center_crop=True)
-    batch = collate_fn([ds[i] for i in range(len(ds))])
+    batch = whole_dataset_batch(assets["data"])
     g = torch.Generator().manual_seed(123)
     total = 0.0
     with torch.no_grad():
@@ -239,20 +231,18 @@ def test_flow_loss_of_a_vp_model_is_its_vp_loss_reweighted_at_equal_snr():
 
 
 def unet_fixed_batch_flow_loss(assets, lora_dir, draws=16):
-    """Rectified-flow loss of the SD-style UNet (+ LoRA, as v_prediction on the ZTSNR schedule) through the adapter."""
-    pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
+    """Rectified-flow loss of the SD-style UNet (+ LoRA) through the adapter, with the script's own task (its
+    encoders, its ZTSNR schedule, v_prediction)."""
+    task = UNetTask(unet_args(argv(assets, "unused", "sd15", 1, "--objective", "flow", "--zero_terminal_snr")))
     if lora_dir:
-        pipe.load_lora_weights(lora_dir)
-    schedule = VPSchedule.from_config(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=True)
-    model = VPModelAsFlow(pipe.unet, schedule, "v_prediction")
-    ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=assets["data"]), image_column="image",
-                             caption_column="text", resolution=RES, center_crop=True)
-    batch = collate_fn([ds[i] for i in range(len(ds))])
+        task.pipe.load_lora_weights(lora_dir)
+    model = VPModelAsFlow(task.denoiser, task.schedule, task.prediction_type)
+    batch = whole_dataset_batch(assets["data"])
     g = torch.Generator().manual_seed(123)
     total = 0.0
     with torch.no_grad():
-        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.mean * pipe.vae.config.scaling_factor
-        embeds, _ = pipe.encode_prompt(batch["caption"], "cpu", 1, False)
+        latents = task.encode_images(batch["pixel_values"])
+        embeds = task.encode_prompts(batch["caption"], "cpu")["encoder_hidden_states"]
         for _ in range(draws):
             noise = torch.randn(latents.shape, generator=g)
             s = objectives.sample_flow_sigmas(len(latents), g, "none").clamp(min=0.03)

@@ -16,12 +16,10 @@ from safetensors.torch import load_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler
 from diffusers_ztsnr.checkpoints import scheduler_settings_from_checkpoint
-from diffusers_ztsnr.demo_data import make_demo_dataset
 from diffusers_ztsnr.schedule import VPSchedule
-from diffusers_ztsnr.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training import objectives
-from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
 from diffusers_ztsnr.training.unet import main
+from tests.train_utils import tiny_assets, whole_dataset_batch
 
 RES = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +34,7 @@ def quiet():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return {
-        "sd15": save_tiny_pipeline("sd15", root / "sd15"),
-        "sdxl": save_tiny_pipeline("sdxl", root / "sdxl"),
-        "data": make_demo_dataset(root / "data", num_images=4, size=RES),
-        "root": root,
-    }
+    return tiny_assets(tmp_path_factory.mktemp("train"), "sd15", "sdxl")
 
 
 def run(assets, out, *extra, model="sd15", steps=8, res=RES):
@@ -60,9 +52,7 @@ def fixed_batch_loss(assets, lora_dir, prediction_type, zsnr, draws=16):
     pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
-    ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=assets["data"]), image_column="image",
-                             caption_column="text", resolution=RES, center_crop=True)
-    batch = collate_fn([ds[i] for i in range(len(ds))])
+    batch = whole_dataset_batch(assets["data"])
     schedule = VPSchedule.from_config(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=zsnr)
     g = torch.Generator().manual_seed(123)
     total = 0.0

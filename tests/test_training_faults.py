@@ -14,8 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_ztsnr.demo_data import make_demo_dataset
-from diffusers_ztsnr.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training import unet
 from diffusers_ztsnr.training.checkpointing import (
     CheckpointWriteError,
@@ -25,6 +23,7 @@ from diffusers_ztsnr.training.checkpointing import (
     verify_checkpoint,
 )
 from diffusers_ztsnr.training.loop import NonFiniteLossError, step_generator
+from tests.train_utils import tiny_assets
 
 RES = 32
 STEPS = 8
@@ -34,11 +33,7 @@ LORA = "pytorch_lora_weights.safetensors"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {"sd15": save_tiny_pipeline("sd15", root / "sd15"),
-                "data": make_demo_dataset(root / "data", num_images=4, size=RES)}
+    return tiny_assets(tmp_path_factory.mktemp("faults"), "sd15")
 
 
 def run(assets, out, *extra, steps=STEPS):
