@@ -8,21 +8,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
-
-def image_grid(images: np.ndarray, columns: int):
-    """``[N, H, W, 3]`` floats in [0, 1] -> one PIL image, ``columns`` wide."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    canvas = np.ones((rows * h, columns * w, 3), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    return Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8))
-
 
 def run_demo(output_dir: Path, steps: int, num_images: int, seed: int, train_steps: int = 300) -> dict[str, Path]:
     """Offline, end to end: a tiny epsilon SD1.5-style base model and a generated image + caption set, LoRA

@@ -33,13 +33,20 @@ COMMON = [
     (["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit must be >= 1 (got 0)"]),
     (["--lr_warmup_steps", "-5"], ["--lr_warmup_steps must be >= 0 (got -5)"]),
     (["--dataloader_num_workers", "-1"], ["--dataloader_num_workers must be >= 0 (got -1)"]),
-    (["--adam_weight_decay", "-0.1"], ["--adam_weight_decay must be >= 0 (got -0.1)"]),
-    (["--adam_epsilon=-1e-8"], ["--adam_epsilon must be >= 0 (got -1e-08)"]),
+    (["--adam_weight_decay", "-0.1"], ["--adam_weight_decay must be >= 0", "(got -0.1; 1e-2 is usual)"]),
+    (["--adam_weight_decay", "2e4"], ["--learning_rate x --adam_weight_decay < 1 (got 20000"]),
+    (["--adam_epsilon=-1e-8"], ["--adam_epsilon must lie in (0, 1] (got -1e-08"]),
+    (["--adam_epsilon", "0"], ["--adam_epsilon must lie in (0, 1] (got 0;", "divides by zero"]),
     (["--adam_beta1", "1.0"], ["--adam_beta1 must lie in [0, 1) (got 1.0)"]),
     (["--adam_beta2", "-0.5"], ["--adam_beta2 must lie in [0, 1) (got -0.5)"]),
-    (["--max_grad_norm", "0"], ["--max_grad_norm must be > 0 (got 0.0)"]),
-    (["--learning_rate=-1e-4"], ["--learning_rate must be > 0 (got -0.0001)"]),
-    (["--learning_rate", "nan"], ["--learning_rate must be > 0 (got nan)"]),
+    (["--max_grad_norm", "0"], ["--max_grad_norm must be a finite number > 0 (got 0.0)"]),
+    (["--max_grad_norm", "inf"], ["--max_grad_norm must be a finite number > 0 (got inf)"]),
+    (["--learning_rate=-1e-4"], ["--learning_rate must lie in (0, 1] (got -0.0001"]),
+    (["--learning_rate", "nan"], ["--learning_rate must lie in (0, 1] (got nan"]),
+    (["--learning_rate", "1e38"], ["--learning_rate must lie in (0, 1] (got 1e+38; LoRA fine-tuning usually"]),
+    (["--learning_rate", "1e4"], ["--learning_rate must lie in (0, 1] (got 10000"]),
+    (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
+     ["--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume"]),
     (["--lora_alpha", "0"], ["--lora_alpha must be > 0 (got 0.0)"]),
     (["--ema_decay", "1.5"], ["--ema_decay must lie in (0, 1) (got 1.5)"]),
     (["--report_to", "wandb"], ["--report_to must be 'tensorboard' or 'none' (got 'wandb')"]),
@@ -101,7 +108,7 @@ def test_every_bad_flag_names_flag_value_and_what_is_allowed(script, flags, frag
 
 def test_several_problems_are_reported_at_once(capsys):
     text = message_of(unet_args, [*BASE, "--rank", "0", "--learning_rate", "0", "--train_batch_size", "0"], capsys)
-    assert "--rank must be >= 1 (got 0)" in text and "--learning_rate must be > 0" in text
+    assert "--rank must be >= 1 (got 0)" in text and "--learning_rate must lie in (0, 1]" in text
     assert "--train_batch_size must be >= 1" in text
 
 

@@ -350,12 +350,12 @@ def test_corrupted_latest_checkpoint_resumes_from_the_previous_one(assets, refer
     out = tmp_path / "out"
     first = run(assets, out, steps=5)
     assert first["global_step"] == 5
-    weights = out / "checkpoint-5" / "lora_0.pt"
+    weights = out / "checkpoint-5" / "lora_0.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     with pytest.warns(UserWarning) as record:
         resumed = run(assets, out, "--resume_from_checkpoint", "latest")
-    assert_warned(record, r"ignoring damaged or incomplete checkpoint \S+checkpoint-5: lora_0\.pt is \d+ bytes, "
-                          r"the manifest says \d+ \(truncated or changed\)", "resuming from checkpoint-4")
+    assert_warned(record, r"ignoring damaged or incomplete checkpoint \S+checkpoint-5: lora_0\.safetensors is "
+                          r"\d+ bytes, the manifest says \d+ \(truncated or changed\)", "resuming from checkpoint-4")
     assert len(resumed["losses"]) == STEPS - 4  # from checkpoint-4
     assert_bitwise_equal(lora(out), reference)
     assert verify_checkpoint(out / "checkpoint-5") is None  # rewritten on the way
@@ -398,7 +398,7 @@ def test_total_limit_1_never_deletes_the_only_intact_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"] and verify_checkpoint(stale) is None
 
 
-def test_manifest_catches_changed_and_missing_files_and_old_markers_stay_valid(tmp_path):
+def test_manifest_catches_changed_and_missing_files_and_unverifiable_markers(tmp_path):
     ckpt = save_checkpoint(tmp_path, 3, fake_state)
     assert verify_checkpoint(ckpt) is None
     (ckpt / "lora_0.pt").write_bytes(b"y" * 100)  # same size, other bytes
@@ -407,10 +407,10 @@ def test_manifest_catches_changed_and_missing_files_and_old_markers_stay_valid(t
     assert verify_checkpoint(ckpt) == "lora_0.pt is missing"
     (ckpt / COMPLETE_MARKER).write_text('{"format": 1, "st')
     assert verify_checkpoint(ckpt) == f"damaged {COMPLETE_MARKER} manifest"
-    (ckpt / COMPLETE_MARKER).write_text("3")  # the marker earlier versions wrote: accepted as before
-    assert verify_checkpoint(ckpt) is None
-    (ckpt / COMPLETE_MARKER).write_text("4")
-    assert "says step 4" in verify_checkpoint(ckpt)
+    (ckpt / COMPLETE_MARKER).write_text("3")  # the step-only marker of an early format: nothing is verified
+    assert "holds no manifest" in verify_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        resolve_resume_checkpoint(tmp_path, "latest")
     (ckpt / COMPLETE_MARKER).unlink()
     assert "no COMPLETE" in verify_checkpoint(ckpt)
     with pytest.raises(ValueError, match=r"not an intact checkpoint \(no COMPLETE file"):

@@ -256,7 +256,7 @@ def test_ema_weights_are_saved_and_resumed(assets, tmp_path):
     common = ["--prediction_type", "v_prediction", "--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2"]
     run(assets, tmp_path / "plain", "--prediction_type", "v_prediction", "--checkpointing_steps", "2", steps=4)
     full = run(assets, tmp_path / "a", *common, steps=4)
-    assert (tmp_path / "a" / "checkpoint-2" / "ema.pt").is_file()
+    assert (tmp_path / "a" / "checkpoint-2" / "ema.safetensors").is_file()
     run(assets, tmp_path / "b", *common, steps=2)
     run(assets, tmp_path / "b", *common, "--resume_from_checkpoint", "latest", steps=4)
     plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")

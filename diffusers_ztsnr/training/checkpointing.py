@@ -8,7 +8,7 @@ point leaves either the previous checkpoints or a ``.tmp`` folder that is ignore
 damaged *after* it was written -- a truncated or changed file, a missing file, a power cut that kept the rename
 but not the data -- is recognised: ``resolve_resume_checkpoint(.., "latest")`` warns, naming the folder and the
 problem, and resumes from the newest checkpoint that verifies. A ``COMPLETE`` holding only the step number
-(written by earlier versions) is accepted as intact without a check.
+(an early format) cannot be verified and is refused like a damaged one.
 
 ``--resume_from_checkpoint latest`` with no intact checkpoint is an error, never a silent fresh start (a typo in
 ``--output_dir`` must not restart a long run from step 0): a run killed before its first checkpoint was
@@ -85,10 +85,9 @@ def verify_checkpoint(path: Path, deep: bool = True) -> str | None:
     except (OSError, UnicodeDecodeError) as error:
         return f"unreadable {COMPLETE_MARKER} file ({error})"
     expected_step = checkpoint_step(path) if _NAME.match(path.name) else None
-    if text.isdigit():  # the earlier format: the step number only, nothing to verify
-        if expected_step is not None and int(text) != expected_step:
-            return f"{COMPLETE_MARKER} says step {int(text)}, the folder name step {expected_step}"
-        return None
+    if text.isdigit():  # the earliest format: the step number only, nothing that could be verified
+        return (f"{COMPLETE_MARKER} holds no manifest (an early format), so its files cannot be verified; resume "
+                "from a checkpoint this version wrote, or start the run again")
     try:
         manifest = json.loads(text)
         files = manifest["files"]
@@ -247,3 +246,38 @@ def save_checkpoint(output_dir: Path, step: int, save_state: Callable[[str], Non
         for stale in output_dir.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+# --- what a checkpoint holds besides accelerate's own files (which accelerate loads weights-only) -----------------
+# Tensors go to safetensors, scalars to JSON: nothing in a checkpoint folder is unpickled, so a planted file can
+# be refused but never run.
+
+
+def save_tensor_state(path: Path, tensors: dict, scalars: dict | None = None) -> None:
+    """``tensors`` to a safetensors file at ``path``; JSON-able ``scalars`` in its metadata."""
+    from safetensors.torch import save_file
+
+    metadata = {"scalars": json.dumps(scalars or {})}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensor_state(path: Path) -> tuple[dict, dict]:
+    """``(tensors, scalars)`` written by :func:`save_tensor_state`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+    return load_file(str(path)), scalars
+
+
+def save_ema_state(path: Path, state: dict) -> None:
+    """diffusers ``EMAModel.state_dict()``: the shadow parameters as tensors, the rest as scalars."""
+    shadow = {f"shadow_params.{i}": p for i, p in enumerate(state["shadow_params"])}
+    save_tensor_state(path, shadow, {k: v for k, v in state.items() if k != "shadow_params"})
+
+
+def load_ema_state(path: Path) -> dict:
+    tensors, scalars = load_tensor_state(path)
+    shadow = [tensors[f"shadow_params.{i}"] for i in range(len(tensors))]
+    return {**scalars, "shadow_params": shadow}

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# AdamW moves every weight by up to the learning rate per step: above 1 a LoRA diverges within steps
+MAX_LEARNING_RATE = 1.0
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -41,9 +44,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache_latents_dir", type=str, default=None,
       help="where --cache_latents keeps encodings (default: <--cache_dir or ~/.cache/diffusers-ztsnr>/encodings).")
     a("--dataloader_num_workers", type=int, default=0)
+    a("--follow_symlinks", action="store_true",
+      help="follow symlinks in --train_data_dir that point outside it (refused by default).")
     # optimisation (diffusers names)
     a("--output_dir", type=str, default="lora-output")
-    a("--overwrite_output_dir", action="store_true", help="allow an output_dir that holds a different run.")
+    a("--overwrite_output_dir", action="store_true",
+      help="start a new run in an output_dir that holds another one: its checkpoints and run records are deleted.")
     a("--seed", type=int, default=0)
     a("--train_batch_size", type=int, default=1)
     a("--num_train_epochs", type=int, default=100)
@@ -69,6 +75,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", type=str, default=None, help='a checkpoint folder, or "latest".')
+    a("--resume_despite_changes", action="store_true",
+      help="resume although the flags, base model or data differ from the run's record (the changes are recorded).")
     a("--logging_dir", type=str, default="logs")
     a("--report_to", type=str, default="tensorboard", help='"tensorboard" or "none".')
     a("--validation_prompt", type=str, default=None)
@@ -79,7 +87,74 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
       help="a NaN/Inf loss skips its optimizer step; this many in a row stop the run with a diagnosis.")
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", type=str, default=None)
-    a("--hub_token", type=str, default=None)
+    a("--hub_token", type=str, default=None,
+      help="Hub token for --push_to_hub (never written anywhere); default: HF_TOKEN or `hf auth login`.")
+    a("--hub_public", action="store_true", help="create the Hub repository public (default: private).")
+
+
+def check_common_args(args: argparse.Namespace) -> list[str]:
+    """Problems with the flags every script shares (returned, so a script can add its own)."""
+    problems = []
+    if not args.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required")
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        problems.append("pass exactly one of --train_data_dir and --dataset_name")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
+                 "validation_steps", "num_train_epochs", "validation_inference_steps", "rank",
+                 "num_validation_images", "max_consecutive_bad_losses"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag} must be >= 1 (got {value})")
+    for flag in ("lr_warmup_steps", "dataloader_num_workers"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
+    problems += check_optimizer_args(args)
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        problems.append(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
+    if args.resolution % 8:
+        problems.append(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
+    if args.cache_latents and args.train_text_encoder:
+        problems.append("--cache_latents caches the text embeddings too, so it cannot train the text encoder: "
+                        "drop --train_text_encoder or --cache_latents")
+    if args.cache_latents and not args.center_crop and not args.bucketing:
+        problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
+    if not 0 < args.ema_decay < 1:
+        problems.append(f"--ema_decay must lie in (0, 1) (got {args.ema_decay})")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        problems.append("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume: pass "
+                        "one of them")
+    if args.report_to not in ("tensorboard", "none"):
+        problems.append(f"--report_to must be 'tensorboard' or 'none' (got {args.report_to!r})")
+    return problems
+
+
+def check_optimizer_args(args: argparse.Namespace) -> list[str]:
+    """Learning rate and AdamW settings outside any range that trains (they overflow or divide by zero)."""
+    problems = []
+    lr = args.learning_rate
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LEARNING_RATE):
+        problems.append(f"--learning_rate must lie in (0, {MAX_LEARNING_RATE:g}] (got {lr:g}; LoRA fine-tuning "
+                        "usually takes 1e-5 to 1e-3)")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            problems.append(f"--{flag} must lie in [0, 1) (got {getattr(args, flag)})")
+    if not (math.isfinite(args.adam_epsilon) and 0 < args.adam_epsilon <= 1):
+        problems.append(f"--adam_epsilon must lie in (0, 1] (got {args.adam_epsilon:g}; 1e-8 is usual, 0 divides "
+                        "by zero where a gradient is 0)")
+    if not (math.isfinite(args.adam_weight_decay) and 0 <= args.adam_weight_decay * lr < 1):
+        problems.append(f"--adam_weight_decay must be >= 0 with --learning_rate x --adam_weight_decay < 1 (got "
+                        f"{args.adam_weight_decay:g}; 1e-2 is usual)")
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0):
+        problems.append(f"--max_grad_norm must be a finite number > 0 (got {args.max_grad_norm})")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems) + ".")
 
 
 def add_vp_objective_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +189,7 @@ FLOW_OBJECTIVE_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_sca
 
 
 def check_flow_objective_arguments(args: argparse.Namespace) -> list[str]:
-    """Problems with the flow-matching flags (returned, like ``loop.check_common_args``)."""
+    """Problems with the flow-matching flags (returned, like :func:`check_common_args`)."""
     from .objectives import check_flow_weighting
 
     try:

@@ -14,34 +14,42 @@ exact run that an uninterrupted one would have made (bitwise on CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpointing import (
     CheckpointWriteError,
     atomic_write_text,
     checkpoint_step,
+    intact_checkpoints,
+    load_ema_state,
+    load_tensor_state,
     resolve_resume_checkpoint,
     save_checkpoint,
+    save_ema_state,
+    save_tensor_state,
+)
+from .config import check_common_args, raise_problems  # noqa: F401 - re-exported for the scripts
+from .identity import (
+    check_identity,
+    clear_previous_run,
+    lock_folder,
+    model_fingerprint,
+    recorded_args,
+    training_flags,
+    write_identity,
 )
 from .lora import add_lora, load_lora_state_dict, lora_state_dict
+from .output import NonFiniteWeightsError, check_finite_states, finish, nonfinite_weights, validate
 
 logger = logging.getLogger(__name__)
 
-# flags that may differ between a run and its resumption without making it "a different run"
-RESUME_INSENSITIVE = {
-    "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "checkpointing_steps", "validation_steps",
-    "push_to_hub", "hub_token", "hub_model_id", "overwrite_output_dir", "config", "report_to",
-    "dataloader_num_workers", "checkpoints_total_limit", "num_validation_images", "validation_prompt",
-    "validation_inference_steps", "max_consecutive_bad_losses",
-}
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -128,82 +136,80 @@ class ModelTask:
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuse an ``--output_dir`` that holds a different run (unless ``--overwrite_output_dir``)."""
+def resuming_despite_changes(args: argparse.Namespace) -> bool:
+    return bool(args.resume_despite_changes and args.resume_from_checkpoint)
+
+
+def prepare_output_dir(args: argparse.Namespace) -> None:
+    """Main process, before anything loads: delete the run ``--overwrite_output_dir`` replaces, refuse a folder
+    holding a run with other flags, and find the checkpoint to resume (each fails early with a clear message)."""
     output_dir = Path(args.output_dir)
-    record = output_dir / "training_args.json"
-    current = {k: v for k, v in vars(args).items() if k not in RESUME_INSENSITIVE}
-    if record.is_file() and not args.overwrite_output_dir:
-        previous = {k: v for k, v in json.loads(record.read_text()).items() if k not in RESUME_INSENSITIVE}
-        if previous != current:
-            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-            raise ValueError(
-                f"--output_dir {output_dir} holds a different run (flags that differ: {changed}). Use a new "
-                "--output_dir, or pass --overwrite_output_dir to replace it."
-            )
+    if args.overwrite_output_dir:
+        removed = clear_previous_run(output_dir)
+        if removed:
+            logger.warning("--overwrite_output_dir: deleted %s from %s", ", ".join(removed), output_dir)
+    else:
+        check_identity(output_dir, {"flags": training_flags(args)}, resuming_despite_changes(args))
     if args.resume_from_checkpoint:
-        resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)  # fails early with a clear message
+        resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+
+
+def record_run(args: argparse.Namespace, identity: dict[str, Any]) -> None:
+    """Main process, once model and data are known: check the whole identity, then record it and the flags."""
+    output_dir = Path(args.output_dir)
+    accepted = check_identity(output_dir, identity, resuming_despite_changes(args))
+    if accepted:
+        logger.warning("--resume_despite_changes: resuming with %s", "; ".join(accepted))
+    step = checkpoint_step(resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)) \
+        if args.resume_from_checkpoint else 0
+    write_identity(output_dir, identity, accepted, step)
+    atomic_write_text(output_dir / "training_args.json", json.dumps(recorded_args(args), indent=2, sort_keys=True))
+
+
+def read_step_health(accelerator, loss: torch.Tensor, weights_bad: torch.Tensor) -> tuple[float, bool]:
+    """One host sync per optimizer step: the loss averaged over processes, and whether any process holds
+    non-finite trainable weights."""
+    health = torch.stack([loss.detach().float().reshape(()), weights_bad.float().reshape(())])[None]
+    gathered = accelerator.gather(health).cpu()
+    return float(gathered[:, 0].mean()), bool(gathered[:, 1].max() > 0)
+
+
+def non_finite_loss_error(in_a_row: int, step: int, output_dir: Path) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{in_a_row} optimizer steps in a row had a NaN/Inf loss (stopped at step {step}; "
+        f"{last_checkpoint_note(output_dir)}). Likely causes: fp16 overflow (use --mixed_precision bf16 or no), a "
+        "learning rate too high (lower --learning_rate), an epsilon target at SNR 0 (use v_prediction with "
+        "--zero_terminal_snr), or a bad image/latent in the data. Raise --max_consecutive_bad_losses to tolerate more."
+    )
+
+
+def non_finite_weights_error(step: int, output_dir: Path) -> NonFiniteWeightsError:
+    return NonFiniteWeightsError(
+        f"step {step}: the trainable weights became NaN/Inf after a finite loss (a learning rate too high for this "
+        f"model, or an fp16 overflow); they were neither checkpointed nor exported, and "
+        f"{last_checkpoint_note(output_dir)}. Lower --learning_rate (resuming then needs --resume_despite_changes) "
+        "or use --mixed_precision bf16."
+    )
+
+
+def last_checkpoint_note(output_dir: Path) -> str:
+    """Which checkpoint a resume would take (checkpoints are only ever written with finite weights)."""
+    intact = intact_checkpoints(output_dir, deep=False, warn=False)
+    if not intact:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, {intact[-1].name}, holds finite weights (--resume_from_checkpoint latest)"
+
+
+def check_device_precision(args: argparse.Namespace, accelerator) -> None:
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SystemExit("error: --mixed_precision fp16 needs a GPU: on the CPU torch has no fp16 autocast or "
+                         "gradient scaler. Use --mixed_precision bf16 (or no) on the CPU.")
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """One independent stream per (optimizer step, micro-step, rank): resume-exact by construction."""
     mixed = (seed * 1_000_003 + step) * 1_009 + micro * 131 + rank
     return torch.Generator().manual_seed(mixed % (2**63))
-
-
-def save_grid(images: list, path: Path) -> Path:
-    from ..cli import image_grid
-
-    arrays = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
-    image_grid(arrays, columns=min(4, len(images))).save(path)
-    return path
-
-
-def check_common_args(args: argparse.Namespace) -> list[str]:
-    """Problems with the flags every script shares (returned, so a script can add its own)."""
-    problems = []
-    if not args.pretrained_model_name_or_path:
-        problems.append("--pretrained_model_name_or_path is required")
-    if (args.train_data_dir is None) == (args.dataset_name is None):
-        problems.append("pass exactly one of --train_data_dir and --dataset_name")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
-                 "validation_steps", "num_train_epochs", "validation_inference_steps", "rank",
-                 "num_validation_images", "max_consecutive_bad_losses"):
-        if getattr(args, flag) < 1:
-            problems.append(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            problems.append(f"--{flag} must be >= 1 (got {value})")
-    for flag in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon"):
-        if getattr(args, flag) < 0:
-            problems.append(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
-    if not args.max_grad_norm > 0:
-        problems.append(f"--max_grad_norm must be > 0 (got {args.max_grad_norm})")
-    for flag in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, flag) < 1:
-            problems.append(f"--{flag} must lie in [0, 1) (got {getattr(args, flag)})")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:
-        problems.append(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
-    if args.resolution % 8:
-        problems.append(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
-    if args.cache_latents and args.train_text_encoder:
-        problems.append("--cache_latents caches the text embeddings too, so it cannot train the text encoder: "
-                        "drop --train_text_encoder or --cache_latents")
-    if args.cache_latents and not args.center_crop and not args.bucketing:
-        problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
-    if not 0 < args.ema_decay < 1:
-        problems.append(f"--ema_decay must lie in (0, 1) (got {args.ema_decay})")
-    if not args.learning_rate > 0:
-        problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
-    if args.report_to not in ("tensorboard", "none"):
-        problems.append(f"--report_to must be 'tensorboard' or 'none' (got {args.report_to!r})")
-    return problems
-
-
-def raise_problems(problems: list[str]) -> None:
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems) + ".")
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -213,10 +219,32 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     """Run the training described by ``args``; ``make_task(args)`` loads the :class:`ModelTask`.
 
     Returns ``global_step``, per-step ``losses``, ``rank_checksums`` (one LoRA checksum per process),
-    ``cache`` statistics, ``skipped_steps`` (NaN/Inf losses) and the output paths.
+    ``cache`` statistics, ``skipped_steps`` (NaN/Inf losses) and the output paths. The main process holds the
+    ``--output_dir`` lock (:func:`identity.lock_folder`) from before the first check to the end of the run.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    check_device_precision(args, accelerator)
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(lock_folder(output_dir))
+            prepare_output_dir(args)
+        accelerator.wait_for_everyone()
+        return _train(args, make_task, accelerator)
+
+
+def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
@@ -231,19 +259,6 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     )
 
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    if accelerator.is_main_process:
-        check_output_dir(args)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / "training_args.json", json.dumps(vars(args), indent=2, sort_keys=True))
-    accelerator.wait_for_everyone()
     set_seed(args.seed)
 
     task: ModelTask = make_task(args)
@@ -277,6 +292,9 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
                                     random_flip=args.random_flip, image_column=args.image_column,
                                     caption_column=args.caption_column, seed=args.seed, buckets=buckets)
     image_set = train_set
+    base_model = model_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    if accelerator.is_main_process:
+        record_run(args, {"flags": training_flags(args), "base_model": base_model, "data": train_set.fingerprint()})
     cache_stats = None
     if args.cache_latents:
         cache_dir = Path(args.cache_latents_dir or Path(args.cache_dir or "~/.cache/diffusers-ztsnr").expanduser()
@@ -288,9 +306,12 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
             latents = task.encode_images(batch["pixel_values"].to(accelerator.device))
             return {"latents": latents.float().cpu(), **{k: v.float().cpu() for k, v in cond.items()}}
 
-        with accelerator.main_process_first():
-            train_set = cache_image_encodings(train_set, cache_dir, task.cache_key(args, weight_dtype), encode,
-                                              batch_size=args.train_batch_size)
+        # keyed on the weights' digest too: a model re-saved at the same path is a miss, never stale encodings
+        key = {**task.cache_key(args, weight_dtype), "weights": base_model.get("digest")}
+        with accelerator.main_process_first(), contextlib.ExitStack() as cache_lock:
+            if accelerator.is_main_process:  # another run building the same cache: wait for it
+                cache_lock.enter_context(lock_folder(cache_dir, "--cache_latents_dir", blocking=True))
+            train_set = cache_image_encodings(train_set, cache_dir, key, encode, batch_size=args.train_batch_size)
         cache_stats = {"hits": train_set.cache.hits, "misses": train_set.cache.misses}
         accelerator.print(f"encodings cache in {cache_dir}: {cache_stats['hits']} hits, {cache_stats['misses']} misses")
     if buckets is not None:
@@ -337,17 +358,20 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     # checkpoints hold the LoRA weights (and their EMA) only, not a copy of the frozen base model
     def save_hook(models, weights, folder):
         for i, module in enumerate(trained):
-            torch.save(lora_state_dict(module), Path(folder) / f"lora_{i}.pt")
+            save_tensor_state(Path(folder) / f"lora_{i}.safetensors", lora_state_dict(module))
         if ema is not None:
-            torch.save(ema.state_dict(), Path(folder) / "ema.pt")
+            save_ema_state(Path(folder) / "ema.safetensors", ema.state_dict())
         (Path(folder) / "counters.json").write_text(json.dumps(counters))
         weights.clear()
 
     def load_hook(models, folder):
+        states = {f"lora_{i}": load_tensor_state(Path(folder) / f"lora_{i}.safetensors")[0]
+                  for i in range(len(trained))}
+        check_finite_states(states, f"resume from {folder}")
         for i, module in enumerate(trained):
-            load_lora_state_dict(module, torch.load(Path(folder) / f"lora_{i}.pt"))
+            load_lora_state_dict(module, states[f"lora_{i}"])
         if ema is not None:
-            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False))
+            ema.load_state_dict(load_ema_state(Path(folder) / "ema.safetensors"))
         if (Path(folder) / "counters.json").is_file():
             counters.update(json.loads((Path(folder) / "counters.json").read_text()))
         models.clear()
@@ -365,12 +389,13 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
         skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
-        accelerator.init_trackers("diffusers-ztsnr", config={k: v for k, v in vars(args).items()
+        accelerator.init_trackers("diffusers-ztsnr", config={k: v for k, v in recorded_args(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     micro = 0
     step_finite, bad_loss = True, None  # over all micro-steps of one optimizer step (gradient accumulation)
+    weights_bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
         if buckets is not None:
@@ -408,8 +433,13 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
                 if step_finite:
                     optimizer.step()
                     lr_scheduler.step()
+                    if accelerator.sync_gradients:  # a flag on the device, read with the loss below
+                        weights_bad = nonfinite_weights(params)
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
+                loss_value, weights_bad_anywhere = read_step_health(accelerator, loss, weights_bad)
+                if weights_bad_anywhere:
+                    raise non_finite_weights_error(global_step + 1, output_dir)
                 if not step_finite:
                     step_finite = True
                     counters["skipped_steps"] += 1
@@ -417,24 +447,15 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
                     accelerator.print(f"step {global_step + 1}: non-finite loss ({bad_loss}), update skipped "
                                       f"({counters['consecutive_bad']} in a row)")
                     if counters["consecutive_bad"] >= args.max_consecutive_bad_losses:
-                        raise NonFiniteLossError(
-                            f"{counters['consecutive_bad']} optimizer steps in a row had a NaN/Inf loss (stopped at "
-                            f"step {global_step + 1}; the last checkpoint is intact). Likely causes: fp16 overflow "
-                            "(use --mixed_precision bf16 or no), a learning rate too high (lower --learning_rate), "
-                            "an epsilon target at SNR 0 (use v_prediction with --zero_terminal_snr), or a bad "
-                            "image/latent in the data. Raise --max_consecutive_bad_losses to tolerate more."
-                        )
+                        raise non_finite_loss_error(counters["consecutive_bad"], global_step + 1, output_dir)
                 else:
                     counters["consecutive_bad"] = 0
                     if ema is not None:
                         ema.step(params)
                 global_step += 1
                 progress.update(1)
-                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
                 losses.append(loss_value)
-                lora_norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)).item()
-                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                                 "lora_weight_norm": lora_norm}, step=global_step)
+                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 progress.set_postfix(loss=f"{loss_value:.4f}")
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
                     write_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
@@ -493,58 +514,3 @@ def write_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int 
         raise RuntimeError(f"rank 0 could not write checkpoint-{step} (see its CheckpointWriteError); this rank "
                            "stops too. The previous checkpoint is intact: free space and resume with "
                            "--resume_from_checkpoint latest.")
-
-
-@torch.no_grad()
-def validate(args, accelerator, task: ModelTask, step: int) -> Path | None:
-    """Sample validation images with our scheduler under the trained config; save a PNG grid, log it."""
-    if not accelerator.is_main_process:
-        return None
-    pipe = task.pipeline_class(**{**task.pipe.components,
-                                  task.denoiser_name: accelerator.unwrap_model(task.denoiser)})
-    pipe.scheduler = task.sampling_scheduler()
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    images = pipe([args.validation_prompt] * args.num_validation_images,
-                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
-                  width=args.resolution, generator=generator, **task.validation_kwargs(args)).images
-    folder = Path(args.output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
-    path = save_grid(images, folder / f"step-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(im) for im in images])
-            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
-    return path
-
-
-def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict[str, torch.Tensor]]) -> dict:
-    """Write the output folder: LoRA (diffusers + kohya), scheduler config, model card, samples (+ upload)."""
-    output_dir = Path(args.output_dir)
-    paths = task.save_lora(output_dir, states, args)
-    task.sampling_scheduler().save_pretrained(output_dir / "scheduler")
-    paths["scheduler"] = output_dir / "scheduler"
-    grid = None
-    if args.validation_prompt:
-        grid = validate(args, accelerator, task, step)
-        if grid is not None:
-            shutil.copy(grid, output_dir / "samples.png")
-            grid = output_dir / "samples.png"
-            paths["grid"] = grid
-    (output_dir / "README.md").write_text(task.model_card(args, step, grid.name if grid else None), encoding="utf-8")
-    paths["card"] = output_dir / "README.md"
-    if args.push_to_hub:
-        paths["hub_url"] = push_to_hub(args, output_dir)
-    return paths
-
-
-def push_to_hub(args, output_dir: Path) -> str:
-    """Upload the output folder (LoRA, scheduler, kohya export, card, samples); checkpoints stay local."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = args.hub_model_id or output_dir.name
-    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
-                  commit_message="LoRA trained with diffusers-ztsnr",
-                  ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.tmp"])
-    return f"https://huggingface.co/{repo_id}"

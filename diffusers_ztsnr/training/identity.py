@@ -1,0 +1,202 @@
+"""What makes a training run *this* run, recorded in its output folder and checked before anything reuses it.
+
+``run_identity.json`` (written by the main process once the data is validated) holds three parts:
+
+- ``flags``: every flag that changes training, with local paths resolved (so ``out`` and ``/abs/out`` are one
+  run); secrets (``--hub_token``) and bookkeeping flags (step counts, logging, validation) are left out;
+- ``base_model``: a digest of the base pipeline's files -- the content of its small text files (configs,
+  tokenizers) and the name, size and modification time of every weight file -- plus, for a Hub repo id, the
+  commit of the cached snapshot. A model re-saved or copied to the same path (new mtimes) counts as changed;
+- ``data``: the dataset's own fingerprint (every kept item's file, size and mtime, and its captions).
+
+A resume (``--resume_from_checkpoint``) or a new run in a folder that holds a different run is refused with one
+line naming what changed; ``--resume_despite_changes`` continues anyway and records the changes it accepted;
+``--overwrite_output_dir`` deletes the old run's checkpoints and records first, so no later resume can pick them up.
+
+One run per folder: :func:`lock_folder` holds an advisory ``fcntl`` lock on ``<output_dir>/.lock`` for the whole run;
+a second run on the same folder stops at once with an error naming the holder's pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+IDENTITY_FILE = "run_identity.json"
+FORMAT = 1
+SECRET_FLAGS = frozenset({"hub_token"})
+# flags that may differ between a run and its resumption without making it "a different run"
+RESUME_INSENSITIVE = frozenset({
+    "resume_from_checkpoint", "resume_despite_changes", "max_train_steps", "num_train_epochs",
+    "checkpointing_steps", "validation_steps", "push_to_hub", "hub_public", "hub_model_id", "overwrite_output_dir",
+    "config", "report_to", "logging_dir", "dataloader_num_workers", "checkpoints_total_limit",
+    "num_validation_images", "validation_prompt", "validation_inference_steps", "max_consecutive_bad_losses",
+    "cache_dir", "cache_latents_dir",
+}) | SECRET_FLAGS
+PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir")
+_TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges
+# outputs of a previous run that --overwrite_output_dir removes before the new run writes anything
+_RUN_RECORDS = ("training_args.json", IDENTITY_FILE, "training_summary.json")
+
+
+def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as they may be written anywhere (files, trackers, cards): secrets removed."""
+    return {k: v for k, v in vars(args).items() if k not in SECRET_FLAGS}
+
+
+def training_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that change training, local paths resolved (an absolute and a relative spelling are equal)."""
+    flags = {k: v for k, v in vars(args).items() if k not in RESUME_INSENSITIVE}
+    for key in PATH_FLAGS:
+        value = flags.get(key)
+        if isinstance(value, str) and (key == "output_dir" or Path(value).exists()):
+            flags[key] = str(Path(value).expanduser().resolve())
+    return flags
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the folder's text files' content and its other files' names, sizes and mtimes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue  # .cache, .git, lock files: not part of the model
+        if path.suffix in _TEXT_SUFFIXES:
+            record = [rel, _hash_file(path)]
+        else:
+            stat = path.stat()
+            record = [rel, stat.st_size, stat.st_mtime_ns]
+        digest.update(json.dumps(record).encode())
+    return digest.hexdigest()[:24]
+
+
+def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """``{"source", "digest"[, "commit"]}`` of a local pipeline folder, or of a Hub repo's cached snapshot."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return {"source": str(local.resolve()), "digest": folder_digest(local)}
+    from huggingface_hub import snapshot_download
+
+    try:  # after the pipeline loaded, its files are in the cache: no download, no network
+        folder = Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except Exception as error:  # noqa: BLE001 - any cache miss: fall back to the name and revision
+        return {"source": name_or_path, "revision": revision, "digest": None, "note": type(error).__name__}
+    return {"source": name_or_path, "commit": folder.name, "digest": folder_digest(folder)}
+
+
+def describe_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two identities (only the parts both record are compared)."""
+    changes = []
+    old_flags, new_flags = previous.get("flags", {}), current.get("flags", {})
+    if old_flags and new_flags:
+        for key in sorted(set(old_flags) | set(new_flags)):
+            if old_flags.get(key) != new_flags.get(key):
+                changes.append(f"--{key} {old_flags.get(key)!r} -> {new_flags.get(key)!r}")
+    if previous.get("base_model") and current.get("base_model") and previous["base_model"] != current["base_model"]:
+        changes.append(f"the base model's files ({current['base_model'].get('source')})")
+    if previous.get("data") and current.get("data") and previous["data"] != current["data"]:
+        changes.append("the training data (files, sizes, mtimes or captions)")
+    return changes
+
+
+def read_identity(output_dir: Path) -> dict[str, Any] | None:
+    """The recorded identity; a folder written before identities existed yields its flags from training_args.json."""
+    record = output_dir / IDENTITY_FILE
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8"))
+    args_file = output_dir / "training_args.json"
+    if args_file.is_file():
+        old = argparse.Namespace(**json.loads(args_file.read_text(encoding="utf-8")))
+        return {"flags": training_flags(old)}
+    return None
+
+
+def check_identity(output_dir: Path, current: dict[str, Any], despite_changes: bool) -> list[str]:
+    """Refuse (``ValueError``, one line) a folder that holds a different run; returns the changes accepted with
+    ``despite_changes`` (empty when the runs agree)."""
+    previous = read_identity(output_dir)
+    changes = describe_changes(previous, current) if previous else []
+    if changes and not despite_changes:
+        raise ValueError(
+            f"--output_dir {output_dir} holds a different run ({'; '.join(changes)}). Use a new --output_dir, pass "
+            "--overwrite_output_dir to delete that run's checkpoints, or --resume_despite_changes to continue it "
+            "with the changes (recorded in run_identity.json)."
+        )
+    return changes
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """Delete the checkpoints and run records of whatever run ``output_dir`` holds; returns what was removed."""
+    from .checkpointing import checkpoint_folders
+
+    removed = []
+    if not output_dir.is_dir():
+        return removed
+    doomed = checkpoint_folders(output_dir) + sorted(output_dir.glob("checkpoint-*.tmp"))
+    doomed += sorted(output_dir.glob("checkpoint-*.old"))
+    for folder in doomed:
+        shutil.rmtree(folder)
+        removed.append(folder.name)
+    for name in _RUN_RECORDS:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def write_identity(output_dir: Path, current: dict[str, Any], accepted_changes: list[str], step: int) -> None:
+    from .checkpointing import atomic_write_text
+
+    previous = read_identity(output_dir) or {}
+    history = list(previous.get("resumed_despite_changes", []))
+    if accepted_changes:
+        history.append({"step": step, "changes": accepted_changes})
+    record = {"format": FORMAT, **current, "resumed_despite_changes": history}
+    atomic_write_text(output_dir / IDENTITY_FILE, json.dumps(record, indent=2, sort_keys=True))
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path, what: str = "--output_dir", blocking: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on ``folder/.lock`` (POSIX ``flock``; released when the process dies, even killed).
+
+    ``blocking=False``: a held lock raises :class:`FolderInUseError` naming the holder's pid. Where ``fcntl`` does
+    not exist (Windows) the lock is skipped.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderInUseError(f"{what} {folder} is in use by another training run (pid {holder}); wait for it "
+                                   f"to finish or choose another {what}.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
