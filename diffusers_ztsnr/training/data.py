@@ -30,13 +30,22 @@ Design decisions
   header, never decoded, even between 1x and 2x the limit where PIL itself only warns; raise the limit to keep
   such images). ``name`` is the file's basename, or its shortest unique path suffix (``"b/x.png"``) when
   several files share the basename. Skipped and counted in ``report.missing_captions``: ``None`` / absent
-  caption, a list that is empty or holds non-strings, any other non-string cell. Converted to RGB in ``[-1, 1]``
+  caption, a list that is empty or holds non-strings, any other non-string cell (in a ``metadata.jsonl`` an empty
+  list is accepted only among list captions; beside string captions, or as a file's only captions, it is a
+  ``ValueError`` at ``file:line`` saying "an empty list of captions"). Converted to RGB in ``[-1, 1]``
   (see :func:`to_rgb`): RGBA / LA / PA / P with transparency (over white), L, 1-bit, CMYK, 16-bit ``I;16*`` and
   ``I`` (scaled by 1/257, no wraparound), ``F``; EXIF orientation is applied. A ``metadata.jsonl`` that names
   one file on two rows, has a non-string caption (number, object, list of non-strings), mixes string and list
   captions, or has a line without ``file_name`` / not a JSON object is a ``ValueError`` from
   :func:`load_image_caption_dataset` naming ``file:line`` and the fix (``datasets`` would otherwise train the
   image twice, or fail with an Arrow error that names neither).
+* **Kept, but warned about** (one warning line each per :class:`ImageCaptionDataset`, with the count and the
+  first five names and sizes): images upscaled more than 4x to their training size (for square crops a shorter
+  side under ``resolution / 4``, e.g. under 128 px at 512: relative, so that tiny test resolutions stay quiet),
+  and images with an aspect ratio over 4:1 (e.g. 10000x10, of which a crop keeps a sliver). Both are trained on.
+* **Symlinks.** A symlink under ``--train_data_dir`` (file or folder) that points outside it is a ``ValueError``
+  naming the link and its target, unless ``follow_symlinks=True`` (``--follow_symlinks``): ``datasets`` follows
+  such links silently. A ``metadata.jsonl`` may start with a UTF-8 byte-order mark.
 * **Reproducible randomness.** Every random choice of an item (crop offset, flip, caption choice) comes from a
   ``torch.Generator`` seeded from ``(seed, epoch, index)``, so results do not depend on worker count, worker
   order or process rank. ``set_epoch`` changes the draws (accelerate calls it on the dataset each epoch).
@@ -78,6 +87,9 @@ IMAGE_EXTENSIONS = frozenset(
 )
 METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 _MAX_LISTED = 20  # bad files named one by one in warnings / summaries before "... and N more"
+SMALL_IMAGE_UPSCALE = 4.0  # images upscaled more than this to cover their training size are warned about
+MAX_ASPECT_RATIO = 4.0  # images longer than this many times their other side are warned about
+_SIZE_EXAMPLES = 5  # images named in those warnings before "... and N more"
 
 Size = tuple[int, int]  # (height, width)
 
@@ -137,17 +149,55 @@ def _json_kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _caption_kind(caption: Any, where: str, caption_column: str) -> str | None:
+    """``"a string"``, ``"a list of strings"``, ``"an empty list"`` or ``None`` (null / absent: skipped and counted
+    later); raise a ``ValueError`` naming ``where`` and the fix for any other value."""
+    if caption is None:
+        return None
+    if isinstance(caption, str):
+        return "a string"
+    if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+        return "a list of strings" if caption else "an empty list"
+    raise ValueError(
+        f"{where}: caption {caption_column!r} is {_json_kind(caption)} ({json.dumps(caption)[:60]}): "
+        'a caption is a string (quote numbers: "3"), a list of alternative strings, or null to skip the row'
+    )
+
+
+def _check_caption_kinds(path: Path, line_no: int, kind: str, kinds: dict[str, int], caption_column: str) -> None:
+    """Raise if ``kinds`` (kind -> first line) mixes strings with lists, or an empty list with strings.
+
+    An empty list beside list captions is a row without a caption (skipped and counted later); beside string
+    captions Arrow cannot load it, so it is named at its own line.
+    """
+    other = next((k for k in kinds if k not in (kind, "an empty list")), None)
+    if kind != "an empty list" and other is not None:
+        raise ValueError(
+            f"{path}:{line_no}: caption {caption_column!r} is {kind} but line {kinds[other]} has {other}: use one "
+            'type per file (write single captions as one-element lists, ["a photo of a cat"])'
+        )
+    if "an empty list" in kinds and "a string" in kinds:
+        raise ValueError(
+            f"{path}:{kinds['an empty list']}: caption {caption_column!r} is an empty list of captions ([]) in a "
+            f'file of string captions (line {kinds["a string"]}): write a caption string ("" for an unconditional '
+            "caption), or null to skip the row"
+        )
+
+
 def _check_metadata_jsonl(path: Path, caption_column: str, seen: dict[str, tuple[Path, int]]) -> None:
     """Raise a ``ValueError`` naming ``path:line`` and the fix for rows the imagefolder loader would mishandle.
 
     Checked per line: a JSON object, with a ``file_name`` (or ``*_file_name(s)``) key, naming a file no other row
     names (``seen`` maps each resolved ``file_name`` to its first ``(file, line)`` and spans metadata files), and
-    a caption that is a string, a list of strings or null/absent, with one of string / list per file. ``datasets``
-    trains a twice-named file twice, and fails with an Arrow "changed from string to number" error on mixed types.
+    a caption that is a string, a list of strings or null/absent, with one of string / list per file. An empty
+    list (``[]``) is allowed only among list captions (then it is a row without a caption), and not in a file
+    where no line has a caption. ``datasets`` trains a twice-named file twice, and fails with an Arrow "changed
+    from string to number" error on mixed types. A leading UTF-8 byte-order mark is skipped (``datasets`` reads
+    such a file correctly too).
     """
     example = '{"file_name": "0001.png", "' + caption_column + '": "a photo of a cat"}'
-    kinds: dict[str, int] = {}  # "a string" / "a list of strings" -> first line
-    with open(path, encoding="utf-8") as f:
+    kinds: dict[str, int] = {}  # "a string" / "a list of strings" / "an empty list" -> first line
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -173,26 +223,84 @@ def _check_metadata_jsonl(path: Path, caption_column: str, seen: dict[str, tuple
                         f'"{caption_column}": ["caption 1", "caption 2"]}}'
                     )
                 seen[target] = (path, line_no)
-            caption = row.get(caption_column)
-            if caption is None:
-                continue  # skipped and counted later, as a missing caption
-            if isinstance(caption, str):
-                kind = "a string"
-            elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
-                kind = "a list of strings"
-            else:
-                raise ValueError(
-                    f"{where}: caption {caption_column!r} is {_json_kind(caption)} ({json.dumps(caption)[:60]}): "
-                    'a caption is a string (quote numbers: "3"), a list of alternative strings, or null to skip the '
-                    "row"
-                )
-            kinds.setdefault(kind, line_no)
-            if len(kinds) > 1:
-                other = next(k for k in kinds if k != kind)
-                raise ValueError(
-                    f"{where}: caption {caption_column!r} is {kind} but line {kinds[other]} has {other}: use one type "
-                    'per file (write single captions as one-element lists, ["a photo of a cat"])'
-                )
+            kind = _caption_kind(row.get(caption_column), where, caption_column)
+            if kind is not None:
+                kinds.setdefault(kind, line_no)
+                _check_caption_kinds(path, line_no, kind, kinds, caption_column)
+    if list(kinds) == ["an empty list"]:
+        raise ValueError(
+            f"{path}:{kinds['an empty list']}: caption {caption_column!r} is an empty list of captions ([]) and no "
+            f'line of the file has a caption: give each row at least one, e.g. ["a photo of a cat"], or null to '
+            "skip the row"
+        )
+
+
+def _outside_symlinks(data_dir: Path) -> list[tuple[Path, Path]]:
+    """``(link, resolved target)`` of every symlink under ``data_dir`` (file or folder, found without following
+    any link) whose target lies outside ``data_dir``'s real path; sorted by link."""
+    root = data_dir.resolve()
+    found = []
+    folders = [data_dir]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except OSError:  # unreadable folder: skipped, as os.walk does
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                target = Path(os.path.realpath(entry.path))
+                if not target.is_relative_to(root):
+                    found.append((Path(entry.path), target))
+            elif entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+    return sorted(found)
+
+
+def _check_symlinks(data_dir: Path) -> None:
+    """Raise a one-line ``ValueError`` naming the first symlink under ``data_dir`` that points outside it."""
+    links = _outside_symlinks(data_dir)
+    if not links:
+        return
+    link, target = links[0]
+    kind = "folder" if target.is_dir() else "file"
+    more = f" (and {len(links) - 1} more such links)" if len(links) > 1 else ""
+    raise ValueError(
+        f"{link} is a symlink to {target}, outside --train_data_dir {str(data_dir)!r}{more}: move or copy the "
+        f"{kind} into --train_data_dir, or pass --follow_symlinks (follow_symlinks=True) to train on what the "
+        "links point to"
+    )
+
+
+def _load_image_folder(
+    data_dir: Path, caption_column: str, cache_dir: str | None, split: str, follow_symlinks: bool
+) -> datasets.DatasetDict | datasets.Dataset:
+    """The checks and the ``imagefolder`` load of :func:`load_image_caption_dataset` for a local folder."""
+    if not data_dir.is_dir():
+        raise ValueError(f"--train_data_dir {str(data_dir)!r} is not a directory")
+    if not follow_symlinks:
+        _check_symlinks(data_dir)
+    metadata = _find_metadata(data_dir)
+    if not metadata:
+        raise ValueError(
+            f"no metadata.jsonl in {str(data_dir)!r}: captions come from a metadata.jsonl beside the images, one "
+            'JSON object per line such as {"file_name": "0001.png", "' + caption_column + '": "a photo of a '
+            'cat"} (metadata.csv with a file_name column also works)'
+        )
+    if all(p.stat().st_size == 0 for p in metadata):
+        raise ValueError(f"{', '.join(str(p) for p in metadata)} is empty: add one line per image")
+    seen: dict[str, tuple[Path, int]] = {}
+    for path in metadata:
+        if path.suffix == ".jsonl":
+            _check_metadata_jsonl(path, caption_column, seen)
+    n_files = _count_image_files(data_dir)
+    if n_files == 0:
+        raise ValueError(f"no image files in {str(data_dir)!r}")
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), cache_dir=cache_dir, split=split)
+    if 0 < len(dataset) < n_files:
+        logger.warning(
+            "%d of %d image files in %s have no metadata row and are ignored", n_files - len(dataset), n_files, data_dir
+        )
+    return dataset
 
 
 def load_image_caption_dataset(
@@ -203,6 +311,7 @@ def load_image_caption_dataset(
     caption_column: str = "text",
     cache_dir: str | os.PathLike | None = None,
     split: str = "train",
+    follow_symlinks: bool = False,
 ) -> datasets.Dataset:
     """Load an image-caption ``datasets.Dataset`` from a local imagefolder or a Hub dataset.
 
@@ -211,12 +320,18 @@ def load_image_caption_dataset(
     ``dataset_name`` (a Hub repo id, or anything else ``datasets.load_dataset`` accepts, e.g. a local folder)
     must be given. Images are not decoded or checked here: see :func:`validate_image_caption_dataset`.
 
+    A symlink inside ``train_data_dir`` (file or folder) whose target lies outside it is refused unless
+    ``follow_symlinks`` (``--follow_symlinks``); links that stay inside the folder are always fine.
+    ``follow_symlinks`` does not apply to ``dataset_name``.
+
     Raises:
-        ValueError: neither or both sources given; the folder is missing, has no metadata file or no images;
-            the dataset is empty; ``image_column`` or ``caption_column`` is not a column (the message lists the
-            available columns and names the ``--image_column`` / ``--caption_column`` flag); a ``metadata.jsonl``
-            line is not a JSON object, has no ``file_name``, names a file an earlier line names, or has a caption
-            that is not a string / list of strings / null, or mixes string and list captions (the message names
+        ValueError: neither or both sources given; the folder is missing, has no metadata file or no images, or
+            holds a symlink to outside it (without ``follow_symlinks``; the message names the link, its target and
+            the flag); the dataset is empty; ``image_column`` or ``caption_column`` is not a column (the message
+            lists the available columns and names the ``--image_column`` / ``--caption_column`` flag); a
+            ``metadata.jsonl`` line is not a JSON object, has no ``file_name``, names a file an earlier line names,
+            or has a caption that is not a string / list of strings / null, mixes string and list captions, or
+            has an empty list among string captions or as the file's only kind of caption (the message names
             ``file:line`` and the fix).
     """
     if (train_data_dir is None) == (dataset_name is None):
@@ -227,32 +342,7 @@ def load_image_caption_dataset(
     cache_dir = None if cache_dir is None else str(cache_dir)
     if train_data_dir is not None:
         data_dir = Path(train_data_dir)
-        if not data_dir.is_dir():
-            raise ValueError(f"--train_data_dir {str(data_dir)!r} is not a directory")
-        metadata = _find_metadata(data_dir)
-        if not metadata:
-            raise ValueError(
-                f"no metadata.jsonl in {str(data_dir)!r}: captions come from a metadata.jsonl beside the images, one "
-                'JSON object per line such as {"file_name": "0001.png", "' + caption_column + '": "a photo of a '
-                'cat"} (metadata.csv with a file_name column also works)'
-            )
-        if all(p.stat().st_size == 0 for p in metadata):
-            raise ValueError(f"{', '.join(str(p) for p in metadata)} is empty: add one line per image")
-        seen: dict[str, tuple[Path, int]] = {}
-        for path in metadata:
-            if path.suffix == ".jsonl":
-                _check_metadata_jsonl(path, caption_column, seen)
-        n_files = _count_image_files(data_dir)
-        if n_files == 0:
-            raise ValueError(f"no image files in {str(data_dir)!r}")
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), cache_dir=cache_dir, split=split)
-        if 0 < len(dataset) < n_files:
-            logger.warning(
-                "%d of %d image files in %s have no metadata row and are ignored",
-                n_files - len(dataset),
-                n_files,
-                data_dir,
-            )
+        dataset = _load_image_folder(data_dir, caption_column, cache_dir, split, follow_symlinks)
         source = f"--train_data_dir {str(data_dir)!r}"
     else:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
@@ -845,6 +935,19 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _unusual_sizes(sizes: Sequence[Size], targets: Sequence[Size]) -> tuple[list[int], list[int]]:
+    """Indices of images upscaled more than :data:`SMALL_IMAGE_UPSCALE` to cover their target ``(h, w)``, and of
+    images whose longer side is more than :data:`MAX_ASPECT_RATIO` times their shorter side."""
+    small, elongated = [], []
+    for index, ((h, w), (th, tw)) in enumerate(zip(sizes, targets, strict=True)):
+        h, w = max(h, 1), max(w, 1)
+        if max(th / h, tw / w) > SMALL_IMAGE_UPSCALE:
+            small.append(index)
+        if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+            elongated.append(index)
+    return small, elongated
+
+
 def _item_seed(seed: int, epoch: int, index: int) -> int:
     digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -860,6 +963,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     Construction runs :func:`validate_image_caption_dataset` (unless a ``report`` is passed), so bad images and
     rows without a caption are skipped up front. Randomness per item comes from ``(seed, epoch, index)``.
+
+    Construction also lists, and warns about once (one line each, with the count and a few names), images that
+    are kept but train poorly: ``small_images`` (indices of images upscaled more than :data:`SMALL_IMAGE_UPSCALE`
+    = 4x to cover their training size, i.e. a shorter side under ``resolution / 4`` for square crops) and
+    ``elongated_images`` (an aspect ratio over :data:`MAX_ASPECT_RATIO` = 4:1, of which a crop keeps little).
     """
 
     def __init__(
@@ -893,6 +1001,39 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.force_flip: bool | None = None  # None: random per item when random_flip; True/False: forced
         self.random_caption = True  # draw among alternative captions (lists); False: always the first
         self.lazy_skipped: list[tuple[int, str, str]] = []  # (index, name, reason) of decode failures at run time
+        self.small_images, self.elongated_images = _unusual_sizes(
+            self.report.sizes, [self.target_size(i) for i in range(len(self))]
+        )
+        self._warn_unusual_sizes()
+
+    def _warn_unusual_sizes(self) -> None:
+        """One warning for :attr:`small_images` and one for :attr:`elongated_images`, each with the count and the
+        first :data:`_SIZE_EXAMPLES` names and sizes; nothing when there are none. The images stay in."""
+        res = self.resolution
+        hint = "" if self.buckets else f" (for {res}x{res} crops: a shorter side under {res / SMALL_IMAGE_UPSCALE:g}px)"
+        groups = (
+            (self.small_images, f"are upscaled more than {SMALL_IMAGE_UPSCALE:g}x to their training size{hint}, "
+             "which blurs them"),
+            (self.elongated_images, f"have an aspect ratio over {MAX_ASPECT_RATIO:g}:1, so their crop keeps only a "
+             "small part of them"),
+        )
+        for indices, what in groups:
+            if not indices:
+                continue
+            examples = []
+            for index in indices[:_SIZE_EXAMPLES]:
+                row = self.report.kept_indices[index]
+                try:
+                    path = _image_ref(self._dataset[row][self.image_column])[0]
+                except Exception:
+                    path = None
+                h, w = self.report.sizes[index]
+                examples.append(f"{_display_name(path, row)} ({w}x{h})")
+            more = len(indices) - len(examples)
+            logger.warning(
+                "%d of %d images %s; trained on anyway: %s%s (sizes are width x height)",
+                len(indices), len(self), what, ", ".join(examples), f" and {more} more" if more > 0 else "",
+            )
 
     # -- introspection ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
