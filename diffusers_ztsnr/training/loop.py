@@ -45,6 +45,7 @@ from .identity import (
     training_flags,
     write_identity,
 )
+from .log_filters import install_long_message_filter
 from .lora import add_lora, load_lora_state_dict, lora_state_dict
 from .output import NonFiniteWeightsError, check_finite_states, finish, nonfinite_weights, validate
 
@@ -200,8 +201,11 @@ def last_checkpoint_note(output_dir: Path) -> str:
     return f"the last checkpoint, {intact[-1].name}, holds finite weights (--resume_from_checkpoint latest)"
 
 
-def check_device_precision(args: argparse.Namespace, accelerator) -> None:
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+def check_device_precision(args: argparse.Namespace) -> None:
+    """Before the accelerator exists (it would fall back silently): fp16 needs a GPU."""
+    from accelerate import PartialState
+
+    if args.mixed_precision == "fp16" and PartialState().device.type == "cpu":
         raise SystemExit("error: --mixed_precision fp16 needs a GPU: on the CPU torch has no fp16 autocast or "
                          "gradient scaler. Use --mixed_precision bf16 (or no) on the CPU.")
 
@@ -226,6 +230,7 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
+    check_device_precision(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -234,7 +239,6 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
                                             logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    check_device_precision(args, accelerator)
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(lock_folder(output_dir))
@@ -262,6 +266,7 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
     set_seed(args.seed)
 
     task: ModelTask = make_task(args)
+    install_long_message_filter()  # a long caption in a truncation warning is shortened, not printed whole
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     denoiser, vae, text_encoders = task.denoiser, task.vae, task.text_encoders
     vae.requires_grad_(False)
@@ -283,7 +288,7 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
     dataset = load_image_caption_dataset(
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column,
-        caption_column=args.caption_column, cache_dir=args.cache_dir,
+        caption_column=args.caption_column, cache_dir=args.cache_dir, follow_symlinks=args.follow_symlinks,
     )
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
