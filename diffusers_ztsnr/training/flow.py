@@ -23,6 +23,7 @@ import torch
 
 from ..schedule import flow_mu
 from . import objectives
+from .card import RunFacts, render_flow_card
 from .config import (
     add_common_arguments,
     add_flow_objective_arguments,
@@ -210,44 +211,10 @@ class FlowTask(ModelTask):
         return {"lora": lora, "kohya": kohya}
 
     def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
-        pipeline = self.pipeline_class.__name__
-        shift = args.timestep_shift
-        grid = f"\n![validation samples]({grid_name})\n" if grid_name else ""
-        guidance = f", guidance_scale={self.guidance}" if self.guidance is not None else ""
-        return f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-tags:
-- lora
-- diffusers
-- text-to-image
-- diffusers-ztsnr
-- flow-matching
----
-
-# LoRA for {args.pretrained_model_name_or_path}
-
-Trained with diffusers-ztsnr's `{self.script}`: flow matching (velocity `eps - x0`), time density / weighting
-`{args.weighting_scheme}`, timestep shift `{shift}`{", x0-preconditioned outputs" if args.precondition_outputs else ""}.
-Rank {args.rank} on `{",".join(self.lora_layers)}`, {steps} optimizer steps, batch {args.train_batch_size} x
-{args.gradient_accumulation_steps} accumulation, learning rate {args.learning_rate}, resolution {args.resolution},
-seed {args.seed}.
-{grid}
-## Sampling
-
-```python
-from diffusers import {pipeline}
-from diffusers_ztsnr import ZTSNRFlowMatchScheduler
-
-pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")
-pipe.load_lora_weights("<this repo or folder>")
-pipe.scheduler = ZTSNRFlowMatchScheduler.from_pretrained("<this repo or folder>", subfolder="scheduler")
-image = pipe("{args.validation_prompt or "a photo"}"{guidance}).images[0]
-```
-
-`lora_kohya.safetensors` holds the same LoRA with `lora_transformer_*` keys (the naming ComfyUI maps onto
-SD3 / Flux transformers).
-"""
+        run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
+        return render_flow_card(run, weighting_scheme=args.weighting_scheme, timestep_shift=args.timestep_shift,
+                                precondition_outputs=bool(args.precondition_outputs), lora_layers=self.lora_layers,
+                                guidance_scale=self.guidance)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from ..adapters import VPModelAsFlow
 from ..schedule import VPSchedule
 from . import objectives
+from .card import RunFacts, render_unet_card
 from .config import (
     FLOW_OBJECTIVE_FLAGS,
     add_common_arguments,
@@ -178,68 +179,12 @@ class UNetTask(ModelTask):
         return {"lora": lora, "kohya": kohya}
 
     def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
-        prediction_type = self.prediction_type
-        recipe = []
-        if prediction_type != self.base_prediction_type:
-            recipe.append(f"converted from {self.base_prediction_type} to {prediction_type}")
-        if args.zero_terminal_snr:
-            recipe.append("trained on the zero-terminal-SNR rescale of the base schedule (Lin et al. 2023)")
-        if args.objective == "flow":
-            recipe.append(f"trained as a rectified flow (flow matching, {args.weighting_scheme} time density/weight) "
-                          "through the equal-SNR mapping")
-        if args.snr_gamma:
-            recipe.append(f"min-SNR-gamma weighting, gamma = {args.snr_gamma}")
-        recipe_text = "; ".join(recipe) or f"{prediction_type} on the base schedule"
-        pipeline = self.pipeline_class.__name__
-        grid = f"\n![validation samples]({grid_name})\n" if grid_name else ""
-        flow_note = ""
-        if args.objective == "flow":
-            flow_note = f"""
-It can also be sampled as the rectified flow it was trained as:
-
-```python
-from diffusers_ztsnr import ZTSNRFlowMatchScheduler
-from diffusers_ztsnr.adapters import VPModelAsFlow
-
-pipe.unet = VPModelAsFlow.from_scheduler_config(pipe.unet, pipe.scheduler.config)
-pipe.scheduler = ZTSNRFlowMatchScheduler(shift={args.timestep_shift})
-```
-"""
-        return f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-tags:
-- lora
-- diffusers
-- text-to-image
-- diffusers-ztsnr
-{"- v-prediction" if prediction_type == "v_prediction" else ""}
-{"- zero-terminal-snr" if args.zero_terminal_snr else ""}
----
-
-# LoRA for {args.pretrained_model_name_or_path}
-
-Trained with diffusers-ztsnr's `{self.script}`: {recipe_text}.
-Rank {args.rank}, {steps} optimizer steps, batch {args.train_batch_size} x {args.gradient_accumulation_steps}
-accumulation, learning rate {args.learning_rate}, resolution {args.resolution}, seed {args.seed}.
-{grid}
-## Sampling
-
-This LoRA was trained for **{prediction_type}**{" on a zero-terminal-SNR schedule" if args.zero_terminal_snr else ""}:
-sample it with the scheduler config shipped in `scheduler/`, which sets that up.
-
-```python
-from diffusers import {pipeline}
-from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler
-
-pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}")
-pipe.load_lora_weights("<this repo or folder>")
-pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained("<this repo or folder>", subfolder="scheduler")
-image = pipe("{args.validation_prompt or "a photo"}", guidance_rescale=0.7).images[0]
-```
-{flow_note}
-`lora_kohya.safetensors` is the same LoRA in the kohya / ComfyUI key format, with `v_pred` / `ztsnr` markers.
-"""
+        run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
+        return render_unet_card(
+            run, base_prediction_type=self.base_prediction_type, prediction_type=self.prediction_type,
+            zero_terminal_snr=args.zero_terminal_snr, snr_gamma=args.snr_gamma,
+            flow_weighting=args.weighting_scheme if args.objective == "flow" else None,
+            flow_shift=args.timestep_shift, guidance_rescale=self.validation_kwargs(args)["guidance_rescale"])
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size, device, dtype) -> torch.Tensor:

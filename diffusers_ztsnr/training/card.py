@@ -1,0 +1,225 @@
+"""The model card (``README.md``) the training scripts write into their output folder and push to the Hub.
+
+Cards are rendered from plain values. Every value that comes from the user (paths, prompts, module names, the
+base model's config) is escaped for where it lands: YAML front matter through ``yaml.safe_dump``, Python code
+through ``repr`` literals, Markdown prose through :func:`markdown_text`, inline code through :func:`inline_code`.
+What a card says about the files (markers, sampling settings) follows what the run actually wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+
+from ..checkpoints import with_markers
+
+BASE_TAGS = ("lora", "diffusers", "text-to-image", "diffusers-ztsnr")
+DEFAULT_PROMPT = "a photo"
+LORA_LOCATION = "<this repo or folder>"
+#: ASCII punctuation with a Markdown meaning; ``_`` between two letters or digits has none and is kept
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*{}\[\]()#+\-.!|~=]|_(?![^\W_])|(?<![^\W_])_")
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What every card states about a run: the script, base model, pipeline class and hyperparameters."""
+
+    script: str
+    base_model: str
+    pipeline: str
+    rank: int
+    steps: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    resolution: int
+    seed: int | None
+    validation_prompt: str | None = None
+    grid_name: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, script: str, pipeline: str, steps: int,
+                  grid_name: str | None) -> RunFacts:
+        """The facts of a run from its parsed common arguments (``--pretrained_model_name_or_path``, ``--rank``,
+        ...)."""
+        return cls(script=script, base_model=str(args.pretrained_model_name_or_path), pipeline=pipeline,
+                   rank=args.rank, steps=steps, train_batch_size=args.train_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+                   resolution=args.resolution, seed=args.seed, validation_prompt=args.validation_prompt,
+                   grid_name=grid_name)
+
+
+def front_matter(metadata: Mapping[str, Any]) -> str:
+    """The ``---``-delimited YAML header of a card.
+
+    ``yaml.safe_load`` of the text between the delimiters equals ``dict(metadata)``: ``yaml.safe_dump`` quotes
+    any string YAML would read otherwise (``a: b``, ``#x``, ``"q"``) and writes non-ASCII and control characters
+    as escapes, so a value can neither add keys nor end the header.
+    """
+    return "---\n" + yaml.safe_dump(dict(metadata), sort_keys=False) + "---\n"
+
+
+def markdown_text(value: object) -> str:
+    """``str(value)`` as Markdown prose that renders as exactly that text, on the line it is placed in.
+
+    ``&``, ``<`` and ``>`` become HTML entities (no tag or entity is interpreted), Markdown punctuation is
+    backslash-escaped (no emphasis, link, image, code span, heading, list, quote or table), and line breaks become
+    spaces (the value cannot start a block of its own).
+    """
+    text = html.escape(" ".join(str(value).splitlines()), quote=False)
+    return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match.group(0), text)
+
+
+def inline_code(value: object) -> str:
+    """``str(value)`` as a Markdown code span showing exactly that text (line breaks as spaces).
+
+    The span's backtick fence is one longer than the longest backtick run in the value, so the value cannot
+    close it; a space pads a value that starts or ends with a backtick or space (CommonMark strips one).
+    """
+    text = " ".join(str(value).splitlines()) or " "
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    if text.strip() and (text[0] in "` " or text[-1] in "` "):
+        text = f" {text} "
+    return f"{fence}{text}{fence}"
+
+
+def python_literal(value: str | float | bool | None) -> str:
+    """A one-line Python expression that evaluates to ``value`` (its ``repr``: quotes, backslashes, line breaks
+    and non-printable characters escaped)."""
+    return repr(value)
+
+
+def fenced_code(code: str, language: str) -> str:
+    """``code`` as a fenced Markdown block; the fence is longer than any backtick run in ``code``, so no line of
+    ``code`` can close the block."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", code)), default=0))
+    return f"{fence}{language}\n{code}\n{fence}\n"
+
+
+def markdown_image(alt: str, target: str) -> str:
+    """A Markdown image of the relative file ``target``; alt text escaped, destination percent-encoded."""
+    return f"![{markdown_text(alt)}]({quote(target)})"
+
+
+def kohya_marker_keys(prediction_type: str, zero_terminal_snr: bool) -> list[str]:
+    """The marker tensors :func:`~diffusers_ztsnr.training.lora.save_kohya_lora` writes for this run: those of
+    :func:`~diffusers_ztsnr.checkpoints.with_markers` for ``epsilon`` / ``v_prediction``, none otherwise."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        return []
+    return sorted(with_markers({}, prediction_type, zero_terminal_snr))
+
+
+def card_tags(v_prediction: bool, zero_terminal_snr: bool, flow_matching: bool) -> list[str]:
+    """The Hub tags of a card: the base tags plus one per property the run really has."""
+    extra = (("v-prediction", v_prediction), ("zero-terminal-snr", zero_terminal_snr), ("flow-matching", flow_matching))
+    return [*BASE_TAGS, *(tag for tag, present in extra if present)]
+
+
+def card_header(run: RunFacts, tags: Sequence[str]) -> str:
+    """Front matter (base model, library, tags) and the title naming the base model."""
+    metadata = {"base_model": run.base_model, "library_name": "diffusers", "tags": list(tags)}
+    return f"{front_matter(metadata)}\n# LoRA for {markdown_text(run.base_model)}\n"
+
+
+def sampling_snippet(run: RunFacts, scheduler: str, call_kwargs: Mapping[str, Any]) -> str:
+    """The Python block that loads the base pipeline, this LoRA and the shipped ``scheduler/`` config, then samples
+    the validation prompt; every value is a :func:`python_literal`."""
+    arguments = ", ".join([python_literal(run.validation_prompt or DEFAULT_PROMPT),
+                           *(f"{name}={python_literal(value)}" for name, value in call_kwargs.items())])
+    location = python_literal(LORA_LOCATION)
+    return fenced_code("\n".join([
+        f"from diffusers import {run.pipeline}",
+        f"from diffusers_ztsnr import {scheduler}",
+        "",
+        f"pipe = {run.pipeline}.from_pretrained({python_literal(run.base_model)})",
+        f"pipe.load_lora_weights({location})",
+        f"pipe.scheduler = {scheduler}.from_pretrained({location}, subfolder={python_literal('scheduler')})",
+        f"image = pipe({arguments}).images[0]",
+    ]), "python")
+
+
+def grid_line(run: RunFacts) -> str:
+    """The validation-grid image between blank lines, or a single blank line when the run sampled none."""
+    return f"\n{markdown_image('validation samples', run.grid_name)}\n\n" if run.grid_name else "\n"
+
+
+def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_type: str, zero_terminal_snr: bool,
+                     snr_gamma: float | None, flow_weighting: str | None, flow_shift: float,
+                     guidance_rescale: float) -> str:
+    """The card of an SD-style UNet LoRA; ``flow_weighting`` is set when it was trained as a rectified flow.
+
+    The kohya markers named are those of :func:`kohya_marker_keys`; ``guidance_rescale`` is suggested only when
+    non-zero (the zero-terminal-SNR runs).
+    """
+    recipe = []
+    if prediction_type != base_prediction_type:
+        recipe.append(f"converted from {markdown_text(base_prediction_type)} to {markdown_text(prediction_type)}")
+    if zero_terminal_snr:
+        recipe.append("trained on the zero-terminal-SNR rescale of the base schedule (Lin et al. 2023)")
+    if flow_weighting is not None:
+        recipe.append(f"trained as a rectified flow (flow matching, {markdown_text(flow_weighting)} time "
+                      "density/weight) through the equal-SNR mapping")
+    if snr_gamma:
+        recipe.append(f"min-SNR-gamma weighting, gamma = {snr_gamma}")
+    recipe_text = "; ".join(recipe) or f"{markdown_text(prediction_type)} on the base schedule"
+    tags = card_tags(prediction_type == "v_prediction", zero_terminal_snr, flow_matching=False)
+    schedule = " on a zero-terminal-SNR schedule" if zero_terminal_snr else ""
+    markers = " / ".join(inline_code(key) for key in kohya_marker_keys(prediction_type, zero_terminal_snr))
+    call_kwargs = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}
+    flow_note = ""
+    if flow_weighting is not None:
+        flow_note = "\nIt can also be sampled as the rectified flow it was trained as:\n\n" + fenced_code("\n".join([
+            "from diffusers_ztsnr import ZTSNRFlowMatchScheduler",
+            "from diffusers_ztsnr.adapters import VPModelAsFlow",
+            "",
+            "pipe.unet = VPModelAsFlow.from_scheduler_config(pipe.unet, pipe.scheduler.config)",
+            f"pipe.scheduler = ZTSNRFlowMatchScheduler(shift={python_literal(flow_shift)})",
+        ]), "python")
+    return (
+        f"{card_header(run, tags)}\n"
+        f"Trained with diffusers-ztsnr's {inline_code(run.script)}: {recipe_text}.\n"
+        f"{hyperparameter_lines(run)}"
+        f"{grid_line(run)}"
+        "## Sampling\n\n"
+        f"This LoRA was trained for **{markdown_text(prediction_type)}**{schedule}:\n"
+        "sample it with the scheduler config shipped in `scheduler/`, which sets that up.\n\n"
+        f"{sampling_snippet(run, 'ZTSNRDPMSolverMultistepScheduler', call_kwargs)}"
+        f"{flow_note}\n"
+        "`lora_kohya.safetensors` is the same LoRA in the kohya / ComfyUI key format"
+        f"{f', with {markers} markers' if markers else ''}.\n"
+    )
+
+
+def hyperparameter_lines(run: RunFacts, lora_layers: Sequence[str] | None = None) -> str:
+    """Rank (and the LoRA's target modules), optimizer steps, batch, learning rate, resolution and seed."""
+    targets = f" on {inline_code(','.join(lora_layers))}" if lora_layers else ""
+    return (f"Rank {run.rank}{targets}, {run.steps} optimizer steps, batch {run.train_batch_size} x "
+            f"{run.gradient_accumulation_steps}\naccumulation, learning rate {run.learning_rate}, "
+            f"resolution {run.resolution}, seed {run.seed}.\n")
+
+
+def render_flow_card(run: RunFacts, *, weighting_scheme: str, timestep_shift: float | str, precondition_outputs: bool,
+                     lora_layers: Sequence[str], guidance_scale: float | None) -> str:
+    """The card of an SD3 / Flux transformer LoRA trained with flow matching; ``guidance_scale`` (a
+    guidance-distilled transformer's embedding input) is passed in the snippet when set."""
+    preconditioned = ", x0-preconditioned outputs" if precondition_outputs else ""
+    call_kwargs = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+    return (
+        f"{card_header(run, card_tags(False, False, flow_matching=True))}\n"
+        f"Trained with diffusers-ztsnr's {inline_code(run.script)}: flow matching (velocity `eps - x0`), "
+        f"time density / weighting\n{inline_code(weighting_scheme)}, timestep shift {inline_code(timestep_shift)}"
+        f"{preconditioned}.\n"
+        f"{hyperparameter_lines(run, lora_layers)}"
+        f"{grid_line(run)}"
+        "## Sampling\n\n"
+        f"{sampling_snippet(run, 'ZTSNRFlowMatchScheduler', call_kwargs)}\n"
+        "`lora_kohya.safetensors` holds the same LoRA with `lora_transformer_*` keys (the naming ComfyUI maps onto\n"
+        "SD3 / Flux transformers).\n"
+    )
