@@ -35,7 +35,6 @@ from .checkpointing import (
     save_ema_state,
     save_tensor_state,
 )
-from .config import check_common_args, raise_problems  # noqa: F401 - re-exported for the scripts
 from .identity import (
     check_identity,
     clear_previous_run,

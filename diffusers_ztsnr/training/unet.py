@@ -30,10 +30,12 @@ from .config import (
     add_common_arguments,
     add_flow_objective_arguments,
     add_vp_objective_arguments,
+    check_common_args,
     check_flow_objective_arguments,
     parse_with_config,
+    raise_problems,
 )
-from .loop import ModelTask, check_common_args, raise_problems
+from .loop import ModelTask
 from .loop import train as run_training
 from .lora import add_lora, save_diffusers_lora, save_kohya_lora
 
