@@ -9,6 +9,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -16,6 +17,7 @@ from diffusers import (
 from diffusers_ztsnr import (
     ZTSNRDDIMScheduler,
     ZTSNRDPMSolverMultistepScheduler,
+    ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
     solvers,
@@ -109,6 +111,83 @@ def test_flow_euler_equals_flowmatch_euler(config, n, mu):
         x_ours = ours.step(model(x_ours, t), t, x_ours).prev_sample
         x_theirs = theirs.step(model(x_theirs, t), t, x_theirs).prev_sample
     torch.testing.assert_close(x_ours, x_theirs, atol=2e-5, rtol=1e-4)
+
+
+# --- stochastic steps: the same injected noise, compared at every step ---------------------------
+
+
+def linear_model(x: torch.Tensor, t) -> torch.Tensor:
+    """A deterministic stand-in for a network: a fixed affine function of its input that changes with t."""
+    return (0.9 - 0.5 * float(t) / 1000) * x + 0.1
+
+
+STOCHASTIC_CONFIGS = {  # grids diffusers builds exactly like ours (leading / trailing with n dividing T)
+    "ztsnr-trailing-v": (dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+                         20),
+    "ztsnr-trailing-sample": (dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="sample"),
+                              50),
+    "sd-leading-epsilon": (dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                                prediction_type="epsilon"), 25),
+    "sd-trailing-v": (dict(timestep_spacing="trailing", prediction_type="v_prediction"), 10),
+}
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("config", list(STOCHASTIC_CONFIGS))
+def test_ddim_with_eta_equals_diffusers_step_by_step_under_the_same_noise(config, eta):
+    """Every eta samples the same distribution, so only a comparison under the same noise can see the size
+    of the fresh noise. diffusers is given our float64 table of the same schedule: with its float32 table,
+    ``1 - alphabar_prev - std**2`` at eta = 1 is a rounding residual whose square root (2e-4 at the SNR-0
+    start) would swamp the comparison."""
+    kw, n = STOCHASTIC_CONFIGS[config]
+    ours, theirs = ZTSNRDDIMScheduler(**kw, **SD), DDIMScheduler(**kw, **SD, clip_sample=False)
+    theirs.alphas_cumprod = ours.schedule.alphas_cumprod.clone()
+    clean = torch.tensor(1.0, dtype=torch.float64)
+    theirs.final_alpha_cumprod = clean if theirs.config.set_alpha_to_one else theirs.alphas_cumprod[0]
+    ours.set_timesteps(n)
+    theirs.set_timesteps(n)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    x_ours = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    x_theirs = x_ours.clone()
+    for t in ours.timesteps:
+        noise = torch.randn(x_ours.shape, generator=g, dtype=torch.float64)
+        a = ours.step(linear_model(x_ours, t), t, x_ours, eta=eta, variance_noise=noise)
+        b = theirs.step(linear_model(x_theirs, t), t, x_theirs, eta=eta, variance_noise=noise)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-6)
+        x_ours, x_theirs = a.prev_sample, b.prev_sample
+    assert x_ours.abs().max() > 0.1  # the comparison ran on non-trivial samples
+
+
+@pytest.mark.parametrize("config", ["sd-trailing-epsilon", "sd-leading-v", "sd-trailing-v"])
+def test_euler_ancestral_equals_diffusers_step_by_step_under_the_same_generator(config):
+    """diffusers keeps ``x / alpha`` and adds ``sigma_up`` in those units; ours keeps ``x`` and adds ``alpha_next *
+    sigma_up``: with the same standard normal draws the latents must agree at every step. Both draw one
+    ``randn_tensor`` of the sample's shape and dtype per step from the generator (ours skips the draw on the last
+    step, whose noise is 0). Not on a ZTSNR schedule: diffusers clamps its SNR-0 start to ``alphabar = 2**-24``."""
+    kw, n = {
+        "sd-trailing-epsilon": (dict(timestep_spacing="trailing", prediction_type="epsilon"), 20),
+        "sd-leading-v": (dict(timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"), 25),
+        "sd-trailing-v": (dict(timestep_spacing="trailing", prediction_type="v_prediction"), 50),
+    }[config]
+    ours, theirs = ZTSNREulerAncestralScheduler(**kw, **SD), EulerAncestralDiscreteScheduler(**kw, **SD)
+    ours.set_timesteps(n)
+    theirs.set_timesteps(n)
+    assert ours.timesteps.double().tolist() == theirs.timesteps.double().tolist()
+    alphas = [level[0] for level in ours._levels]
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    x_ours, x_theirs = z.clone(), z / alphas[0]  # the same start point in each one's units
+    g_ours, g_theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for i, t in enumerate(ours.timesteps):
+        a = ours.step(linear_model(x_ours, t), t, x_ours, generator=g_ours)
+        model_in = theirs.scale_model_input(x_theirs, theirs.timesteps[i])
+        torch.testing.assert_close(model_in, x_ours, rtol=1e-5, atol=1e-5)
+        b = theirs.step(linear_model(model_in, t), theirs.timesteps[i], x_theirs, generator=g_theirs)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.prev_sample, alphas[i + 1] * b.prev_sample, rtol=1e-5, atol=1e-5)
+        x_ours, x_theirs = a.prev_sample, b.prev_sample
+    assert x_ours.abs().max() > 0.1
 
 
 # --- where diffusers is wrong -------------------------------------------------------------------

@@ -28,7 +28,7 @@ from diffusers_ztsnr.schedule import (
     shift_flow_sigmas,
     vp_to_flow,
 )
-from diffusers_ztsnr.spacing import SPACINGS, discrete_timesteps
+from diffusers_ztsnr.spacing import SPACINGS, discrete_timesteps, logsnr_grid
 
 BETA_CONFIGS = [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
@@ -124,6 +124,35 @@ def test_every_spacing_gives_n_distinct_decreasing_timesteps(n, spacing, zsnr):
         assert int(grid[0]) == 999  # starts at the zero-SNR timestep of a ZTSNR schedule
     if spacing in ("logsnr", "flow", "linspace") and n > 1:
         assert int(grid[-1]) == 0  # ends at the lowest noise the model was trained on
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(3, 1000), zsnr=st.booleans(), cfg=st.sampled_from(BETA_CONFIGS))
+def test_logsnr_grid_is_uniform_in_log_snr_from_t_minus_2_to_0_after_the_first_timestep(n, zsnr, cfg):
+    """spacing.logsnr_grid: ``T-1`` (SNR 0 on a ZTSNR schedule), then ``n-1`` points with equal log-SNR
+    increments from ``log_snr(T-2)`` to ``log_snr(0)``; the integer grid the schedulers use is its rounding
+    wherever rounding keeps the entries distinct."""
+    s = VPSchedule.from_config(1000, rescale_betas_zero_snr=zsnr, **cfg)
+    grid = logsnr_grid(s, n)
+    assert len(grid) == n and grid[0].item() == 999.0 and grid[-1].item() == 0.0
+    if zsnr:
+        assert s.log_snr(grid[0]).item() == -math.inf  # the first point is the SNR-0 timestep
+    hi, lo = s.log_snr(998.0).item(), s.log_snr(0.0).item()
+    lam = s.log_snr(grid[1:])
+    assert math.isclose(lam[0].item(), hi, rel_tol=0, abs_tol=1e-9)
+    assert math.isclose(lam[-1].item(), lo, rel_tol=0, abs_tol=1e-9)
+    torch.testing.assert_close(lam.diff(), torch.full((n - 2,), (lo - hi) / (n - 2), dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    rounded = grid.round().long()
+    if len(set(rounded.tolist())) == n:
+        assert discrete_timesteps(s, n, "logsnr").tolist() == rounded.tolist()
+
+
+@pytest.mark.parametrize("zsnr", [False, True])
+def test_logsnr_grid_with_one_or_two_steps_keeps_the_first_timestep_and_ends_at_0(zsnr):
+    s = VPSchedule.from_config(1000, rescale_betas_zero_snr=zsnr)
+    assert logsnr_grid(s, 1).tolist() == [999.0]
+    assert logsnr_grid(s, 2).tolist() == [999.0, 0.0]
 
 
 def test_our_spacings_end_at_low_noise_where_trailing_does_not():
