@@ -17,6 +17,7 @@ def single_thread():
     """Tiny models and oracles gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
     spin-waits made single pipeline calls take seconds instead of ~0.2 s: run the suite single-threaded."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # DIFFUSERS_ZTSNR_TEST_THREADS=2 runs the suite as a multi-threaded user would (other reduction orders)
+    torch.set_num_threads(int(os.environ.get("DIFFUSERS_ZTSNR_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)

@@ -83,7 +83,8 @@ def test_training_lowers_the_flow_loss_and_the_lora_loads(assets, tmp_path, mode
     assert result["global_step"] == 30 and np.isfinite(result["losses"]).all()
     before = fixed_batch_flow_loss(assets, model, None)
     after = fixed_batch_flow_loss(assets, model, out)
-    assert after < 0.95 * before, (before, after)  # measured: sd3 1.80 -> 1.44, flux 1.36 -> 1.08 (training losses)
+    # measured on this fixed batch, seeds 0 and 1, ATen's default and AVX2 kernels: sd3 0.907-0.914, flux 0.778-0.779
+    assert after < 0.95 * before, (before, after)
     # the LoRA loads with diffusers' own loader and changes the pipeline's output
     pipe = PIPELINES[model].from_pretrained(assets[model])
     pipe.set_progress_bar_config(disable=True)
@@ -119,10 +120,42 @@ SCHEMES = [
 ]
 
 
+def _expected_shift(model: str, flags: dict) -> str:
+    value = flags.get("--timestep_shift", "auto")
+    if value == "dynamic" or (value == "auto" and model == "flux"):
+        return "mu"  # Flux's resolution-dependent shift
+    return "3.0" if value == "auto" else value  # SD3's config: static 3.0
+
+
 @pytest.mark.parametrize("model,extra", SCHEMES, ids=lambda v: v if isinstance(v, str) else "_".join(v[1::2]))
-def test_every_time_sampling_scheme_trains(assets, tmp_path, model, extra):
+def test_every_time_sampling_scheme_trains(assets, tmp_path, model, extra, monkeypatch):
+    """Each scheme's flags reach the time density, the shift, the loss weight and the preconditioning of every
+    step, and the update changes the LoRA."""
+    seen = {"draws": [], "weights": [], "precondition": []}
+    draw, weigh, loss = objectives.sample_flow_sigmas, objectives.flow_loss_weights, objectives.flow_matching_loss
+
+    def spy_draw(batch_size, generator, scheme, logit_mean, logit_std, mode_scale, shift=1.0, mu=None):
+        seen["draws"].append((scheme, logit_mean, logit_std, mode_scale, "mu" if mu is not None else str(shift)))
+        return draw(batch_size, generator, scheme, logit_mean, logit_std, mode_scale, shift=shift, mu=mu)
+
+    monkeypatch.setattr(objectives, "sample_flow_sigmas", spy_draw)
+    monkeypatch.setattr(objectives, "flow_loss_weights", lambda s, scheme: seen["weights"].append(scheme) or
+                        weigh(s, scheme))
+    monkeypatch.setattr(objectives, "flow_matching_loss", lambda *a: seen["precondition"].append(a[-1]) or loss(*a))
     result = run(assets, tmp_path / "out", model, 2, *extra)
     assert result["global_step"] == 2 and np.isfinite(result["losses"]).all() and result["skipped_steps"] == 0
+    flags = dict(zip(extra[::2], extra[1::2], strict=True))
+    scheme = flags["--weighting_scheme"]
+    expected = (scheme, float(flags.get("--logit_mean", 0.0)), float(flags.get("--logit_std", 1.0)),
+                float(flags.get("--mode_scale", 1.29)), _expected_shift(model, flags))
+    assert seen["draws"] == [expected] * 2 and seen["weights"] == [scheme] * 2
+    assert seen["precondition"] == [flags.get("--precondition_outputs", "0") == "1"] * 2
+    # lora_B starts at zero: every one moved, but the context query of SD3's last block, whose context output that
+    # block discards (no gradient reaches it)
+    unused = {"transformer.transformer_blocks.1.attn.add_q_proj"} if model == "sd3" else set()
+    lora_up = {k.split(".lora")[0]: w for k, w in load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+               .items() if "lora_B" in k or "lora.up" in k}
+    assert len(lora_up) >= 8 and {k for k, w in lora_up.items() if float(w.abs().max()) == 0} == unused
 
 
 def test_shift_follows_the_base_scheduler(assets):
@@ -258,7 +291,7 @@ def test_unet_objective_flow_trains_and_samples_consistently(assets, tmp_path):
                             "--weighting_scheme", "logit_normal"))
     assert np.isfinite(result["losses"]).all()
     before, after = unet_fixed_batch_flow_loss(assets, None), unet_fixed_batch_flow_loss(assets, out)
-    assert after < 0.97 * before, (before, after)
+    assert after < 0.95 * before, (before, after)  # measured: 0.82-0.87 (seeds 0, 1; default and AVX2 kernels)
     card = (out / "README.md").read_text()
     assert "rectified flow" in card and "VPModelAsFlow" in card
     # the shipped VP scheduler (v_prediction + ZTSNR) and the flow scheduler through the adapter sample the

@@ -69,16 +69,25 @@ def fixed_batch_loss(assets, lora_dir, prediction_type, zsnr, draws=16):
     return total / draws
 
 
-@pytest.mark.parametrize("prediction_type,zsnr", [("epsilon", False), ("v_prediction", False),
-                                                  ("v_prediction", True)])
-def test_training_lowers_the_loss_on_a_fixed_batch(assets, tmp_path, prediction_type, zsnr):
+# Learning is asserted where it has converged: 120 steps at lr 1e-2 bring a rank-8 attention LoRA to the plateau this
+# tiny random UNet allows (mostly shrinking the random part of its output). Measured fixed-batch loss ratios, seeds 0-2,
+# ATen's default and AVX2 kernels, 1 and 2 threads: v + ZTSNR 0.784-0.802, v 0.80-0.84, epsilon 0.889-0.912. After
+# 40 steps the same runs stopped anywhere between 0.80 and 0.97 depending on the CPU's floating-point path.
+LEARNING_STEPS, LEARNING_SEEDS = 120, (0, 1)
+
+
+@pytest.mark.parametrize("prediction_type,zsnr,bound", [("epsilon", False, 0.95), ("v_prediction", False, 0.9),
+                                                        ("v_prediction", True, 0.9)])
+def test_training_lowers_the_loss_on_a_fixed_batch(assets, tmp_path, prediction_type, zsnr, bound):
     extra = ["--prediction_type", prediction_type, "--snr_gamma", "5.0"] + (["--zero_terminal_snr"] if zsnr else [])
-    result = run(assets, tmp_path / "out", *extra, steps=40)
-    assert result["global_step"] == 40 and len(result["losses"]) == 40
-    assert np.isfinite(result["losses"]).all()
     before = fixed_batch_loss(assets, None, prediction_type, zsnr)
-    after = fixed_batch_loss(assets, tmp_path / "out", prediction_type, zsnr)
-    assert after < 0.97 * before, (before, after)  # measured: eps 1.11 -> 1.05, v 0.49 -> 0.39
+    ratios = []
+    for seed in LEARNING_SEEDS:  # two data orders and noise streams: no single trajectory decides
+        out = tmp_path / f"seed{seed}"
+        result = run(assets, out, *extra, "--seed", str(seed), steps=LEARNING_STEPS)
+        assert result["global_step"] == LEARNING_STEPS and np.isfinite(result["losses"]).all()
+        ratios.append(fixed_batch_loss(assets, out, prediction_type, zsnr) / before)
+    assert max(ratios) < bound, ratios
 
 
 def test_output_folder_loads_where_users_load_things(assets, tmp_path):
@@ -219,37 +228,6 @@ def test_two_processes_hold_identical_weights(assets, tmp_path):
     assert summary["global_step"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-
-
-def test_push_to_hub_uploads_the_output_folder_only(assets, tmp_path, monkeypatch):
-    """Everything up to the upload itself, offline: the repo is created and the folder handed over."""
-    import huggingface_hub
-
-    calls = {}
-
-    class Repo:
-        repo_id = "me/tiny-lora"
-
-    def create_repo(repo_id, exist_ok, token):
-        calls["create"] = (repo_id, exist_ok, token)
-        return Repo()
-
-    def upload_folder(repo_id, folder_path, token, commit_message, ignore_patterns):
-        calls["upload"] = dict(repo_id=repo_id, folder=Path(folder_path), ignore=ignore_patterns,
-                               files=sorted(p.name for p in Path(folder_path).iterdir()))
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    result = run(assets, tmp_path / "out", "--prediction_type", "v_prediction", "--zero_terminal_snr",
-                 "--push_to_hub", "--hub_model_id", "tiny-lora", "--hub_token", "t0ken", "--checkpointing_steps", "1",
-                 steps=2)
-    assert calls["create"] == ("tiny-lora", True, "t0ken")
-    upload = calls["upload"]
-    assert upload["repo_id"] == "me/tiny-lora" and upload["folder"] == tmp_path / "out"
-    assert {"README.md", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "scheduler"} <= set(
-        upload["files"])
-    assert "checkpoint-*" in upload["ignore"]  # checkpoints stay local
-    assert result["hub_url"] == "https://huggingface.co/me/tiny-lora"
 
 
 def test_ema_weights_are_saved_and_resumed(assets, tmp_path):
