@@ -126,6 +126,26 @@ def test_output_folder_loads_where_users_load_things(assets, tmp_path):
     assert summary["global_step"] == 8 and summary["skipped_images"] == []
 
 
+def test_kohya_export_carries_the_trained_delta_with_alpha_other_than_rank(assets, tmp_path):
+    """Consumers of the kohya format apply ``up @ down * alpha / rank``: that must equal the trained
+    ``B @ A * lora_alpha / rank`` of every module (a dropped or default alpha doubles the delta here)."""
+    out = tmp_path / "out"
+    run(assets, out, "--prediction_type", "v_prediction", "--zero_terminal_snr", "--lora_alpha", "4", steps=2)
+    trained = load_file(out / "pytorch_lora_weights.safetensors")
+    kohya = load_file(out / "lora_kohya.safetensors")
+    names = {".lora_A.weight": ".lora_B.weight", ".lora.down.weight": ".lora.up.weight"}  # peft / diffusers names
+    pairs = {k[: -len(a)]: (a, b) for k in trained for a, b in names.items() if k.endswith(a)}
+    assert len(pairs) > 4 and all(k.startswith("unet.") for k in pairs)
+    for module, (a_suffix, b_suffix) in pairs.items():
+        name = "lora_unet_" + module[len("unet."):].replace(".", "_")
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        assert float(kohya[f"{name}.alpha"]) == 4.0
+        applied = up.flatten(1) @ down.flatten(1) * float(kohya[f"{name}.alpha"]) / down.shape[0]
+        expected = trained[module + b_suffix].flatten(1) @ trained[module + a_suffix].flatten(1) * 4 / 8
+        torch.testing.assert_close(applied, expected)
+        assert float(expected.abs().max()) > 0
+
+
 def test_sdxl_training_with_text_encoder_lora_and_loading(assets, tmp_path):
     out = tmp_path / "out"
     result = run(assets, out, "--prediction_type", "v_prediction", "--zero_terminal_snr", "--train_text_encoder",
