@@ -206,7 +206,7 @@ BAD = [
     (["--precondition_outputs", "2"], SystemExit, "--precondition_outputs: invalid choice: 2 (choose from 0, 1)"),
     (["--guidance_scale", "3.5"], ValueError, "has no guidance embedding"),
     (["--lora_layers", "attn.nonexistent"], ValueError, "--lora_layers attn.nonexistent"),
-    (["--learning_rate", "0"], SystemExit, "--learning_rate must be > 0"),
+    (["--learning_rate", "0"], SystemExit, "--learning_rate must lie in (0, 1] (got 0"),
 ]
 
 

@@ -202,7 +202,7 @@ def test_bad_input_gives_a_clear_error(assets, tmp_path, extra, error, message):
 
 def test_output_dir_of_a_different_run_is_refused(assets, tmp_path):
     run(assets, tmp_path / "out", "--prediction_type", "v_prediction", steps=1)
-    with pytest.raises(ValueError, match=r"holds a different run \(flags that differ: \['rank'\]\)"):
+    with pytest.raises(ValueError, match=r"holds a different run \(--rank 8 -> 4\)\. Use a new --output_dir"):
         run(assets, tmp_path / "out", "--prediction_type", "v_prediction", "--rank", "4", steps=1)
     run(assets, tmp_path / "out", "--prediction_type", "v_prediction", "--rank", "4", "--overwrite_output_dir", steps=1)
 
