@@ -87,19 +87,21 @@ def test_data_brightness_is_what_the_generator_produces(lc, quick):
 
 
 def test_quick_shows_the_collapse_and_the_fix(quick):
-    """Checked over seeds 0, 1, 2 of --quick before asserting. Std ratio (generated / data brightness std):
-    natural samplers a 0.53 / 0.62 / 0.49, b 0.95 / 0.85 / 0.77; ours a 0.61 / 0.70 / 0.55, b 1.02 / 0.89 / 0.82
-    (an exact model: a 0.63 / 0.71, b 0.96 / 1.00 at 16x16). Tolerances come from the sampling error of the std
-    of n samples: the standard error of log(std) is sqrt((kurtosis - 1) / (4 n)), 0.056 for n = 64 values of a
-    uniform-like distribution (kurtosis 1.8, the data's)."""
+    """Std ratio (generated / data brightness std) over seeds 0-11 of --quick: natural samplers a 0.49-0.65,
+    b 0.77-1.02; ours a 0.55-0.75, b 0.82-1.09 (an exact model: a 0.62 / 0.71, b 0.96 / 1.00 at 16x16). From seed to
+    seed log(std ratio) of a varies with sd 0.08 and the gap |log a| - |log b| with sd 0.075: the sampling error of
+    n = 64 values (sqrt((kurtosis - 1) / (4 n)) = 0.056 for the data's uniform-like kurtosis 1.8) plus training's.
+    Thresholds sit at least 3.5 of those sds from the 12-seed means (ours, the smaller effect: log a -0.40, gap
+    0.31), not a few sampling errors from one seed's values (3 sampling errors below 1, 0.85, was 1.5 sds from
+    the seed-6 value 0.75)."""
     _, results = quick
-    n = results["settings"]["num_samples"]
-    se_log_std = math.sqrt(0.8 / (4 * n))
     for sampler in ("natural", "ours"):
         a, b = results["runs"][f"a_{sampler}"], results["runs"][f"b_{sampler}"]
-        # (a): the collapse is visible, more than 3 standard errors below the data's spread
-        assert a["std_ratio"] < math.exp(-3 * se_log_std), sampler
+        # (a): the collapse is visible, over 10% of the data's spread lost
+        assert a["std_ratio"] < 0.9, sampler
+        # seed-free but for the data's brightness std: within the 5 standard errors of it that the data test
+        # allows, an exact model gives a <= 0.73 and b >= 0.956 (0.72 and 0.961 at worst over seeds 0-11)
         assert a["exact_model_std_ratio"] < 0.75 and b["exact_model_std_ratio"] > 0.95, sampler
-        # (b) is closer to the data's spread than (a), by 2 standard errors of a difference of two log-stds
+        # (b) is closer to the data's spread than (a)
         margin = abs(math.log(a["std_ratio"])) - abs(math.log(b["std_ratio"]))
-        assert margin > 2 * math.sqrt(2) * se_log_std, (sampler, a["std_ratio"], b["std_ratio"])
+        assert margin > 0, (sampler, a["std_ratio"], b["std_ratio"])
