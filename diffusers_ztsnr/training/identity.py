@@ -23,11 +23,16 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .checkpointing import atomic_write_text, checkpoint_folders
+
+logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run_identity.json"
 FORMAT = 1
@@ -142,8 +147,6 @@ def check_identity(output_dir: Path, current: dict[str, Any], despite_changes: b
 
 def clear_previous_run(output_dir: Path) -> list[str]:
     """Delete the checkpoints and run records of whatever run ``output_dir`` holds; returns what was removed."""
-    from .checkpointing import checkpoint_folders
-
     removed = []
     if not output_dir.is_dir():
         return removed
@@ -160,8 +163,6 @@ def clear_previous_run(output_dir: Path) -> list[str]:
 
 
 def write_identity(output_dir: Path, current: dict[str, Any], accepted_changes: list[str], step: int) -> None:
-    from .checkpointing import atomic_write_text
-
     previous = read_identity(output_dir) or {}
     history = list(previous.get("resumed_despite_changes", []))
     if accepted_changes:
@@ -179,7 +180,8 @@ def lock_folder(folder: Path, what: str = "--output_dir", blocking: bool = False
     """Hold an advisory lock on ``folder/.lock`` (POSIX ``flock``; released when the process dies, even killed).
 
     ``blocking=False``: a held lock raises :class:`FolderInUseError` naming the holder's pid. Where ``fcntl`` does
-    not exist (Windows) the lock is skipped.
+    not exist (Windows) or the file system cannot lock (some network mounts), the run goes on unlocked, with a
+    warning in the second case.
     """
     try:
         import fcntl
@@ -195,6 +197,10 @@ def lock_folder(folder: Path, what: str = "--output_dir", blocking: bool = False
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise FolderInUseError(f"{what} {folder} is in use by another training run (pid {holder}); wait for it "
                                    f"to finish or choose another {what}.") from None
+        except OSError as error:  # ENOLCK and friends: locking unsupported here
+            logger.warning("could not lock %s (%s): a second run on this folder would not be detected", folder, error)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
