@@ -48,7 +48,7 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +69,7 @@ def write_manifest(folder: Path, step: int) -> dict:
                 os.fsync(f.fileno())  # the data reaches the disk before the rename that publishes it
             except OSError:
                 pass
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps(manifest, indent=1, sort_keys=True), fsync=True)
     return manifest
@@ -103,7 +103,7 @@ def verify_checkpoint(path: Path, deep: bool = True) -> str | None:
         size = file.stat().st_size
         if size != record["size"]:
             return f"{name} is {size} bytes, the manifest says {record['size']} (truncated or changed)"
-        if deep and _sha256(file) != record["sha256"]:
+        if deep and sha256_file(file) != record["sha256"]:
             return f"{name} changed since it was written (sha256 differs from the manifest)"
     return None
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .checkpointing import atomic_write_text, checkpoint_folders
+from .checkpointing import atomic_write_text, checkpoint_folders, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ def training_flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def folder_digest(folder: Path) -> str:
     """sha256 over the folder's text files' content and its other files' names, sizes and mtimes."""
     digest = hashlib.sha256()
@@ -82,7 +74,7 @@ def folder_digest(folder: Path) -> str:
         if rel.startswith(".") or "/." in rel:
             continue  # .cache, .git, lock files: not part of the model
         if path.suffix in _TEXT_SUFFIXES:
-            record = [rel, _hash_file(path)]
+            record = [rel, sha256_file(path)]
         else:
             stat = path.stat()
             record = [rel, stat.st_size, stat.st_mtime_ns]
