@@ -182,9 +182,24 @@ CARD_KINDS = [("sd15", (), BASE_TAGS),
 def test_front_matter_reads_back_as_exactly_the_intended_metadata(make_card, kind, flags, tags, base_model):
     card = make_card(kind, *flags, pretrained_model_name_or_path=base_model)
     metadata, _, markdown = split_card(card)
-    assert metadata == {"base_model": base_model, "library_name": "diffusers", "tags": tags}
+    # none of these is a Hub id: the card names them, its metadata does not (the Hub validates base_model)
+    assert metadata == {"library_name": "diffusers", "pipeline_tag": "text-to-image", "license": "other",
+                        "license_name": "base-model-license", "tags": tags}
     assert title(markdown) == "LoRA for " + " ".join(base_model.splitlines())
     assert base_model_in_snippet(card) == base_model
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_base_model_and_license_metadata_follow_where_the_base_comes_from(make_card, assets, kind):
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    metadata, _, markdown = split_card(make_card(kind, pretrained_model_name_or_path=hub_id))
+    assert metadata["base_model"] == hub_id and metadata["pipeline_tag"] == "text-to-image"
+    assert (metadata["license"], metadata["license_link"]) == ("other", f"https://huggingface.co/{hub_id}")
+    assert "License: the base model's" in markdown
+    local, _, _ = split_card(make_card(kind, pretrained_model_name_or_path=str(assets[kind])))
+    assert "base_model" not in local and "license_link" not in local  # a local folder is no Hub id
+    chosen, _, markdown = split_card(make_card(kind, pretrained_model_name_or_path=hub_id, license="apache-2.0"))
+    assert chosen["license"] == "apache-2.0" and "license_name" not in chosen and "License: `apache-2.0`." in markdown
 
 
 @pytest.mark.parametrize("kind,flags,tags", CARD_KINDS)
@@ -199,7 +214,7 @@ def test_any_base_model_and_prompt_read_back_unchanged(make_card, base_model, pr
     for kind in ("sd15", "sd3"):
         card = make_card(kind, pretrained_model_name_or_path=base_model, validation_prompt=prompt)
         metadata, _, markdown = split_card(card)
-        assert metadata["base_model"] == base_model
+        assert metadata.get("base_model", base_model) == base_model
         assert title(markdown) == "LoRA for " + " ".join(base_model.splitlines())
         assert base_model_in_snippet(card) == base_model and sampling_call(card)[0] == [prompt]
 

@@ -13,6 +13,7 @@ import html
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -43,6 +44,7 @@ class RunFacts:
     seed: int | None
     validation_prompt: str | None = None
     grid_name: str | None = None
+    license: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, script: str, pipeline: str, steps: int,
@@ -53,7 +55,7 @@ class RunFacts:
                    rank=args.rank, steps=steps, train_batch_size=args.train_batch_size,
                    gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
                    resolution=args.resolution, seed=args.seed, validation_prompt=args.validation_prompt,
-                   grid_name=grid_name)
+                   grid_name=grid_name, license=getattr(args, "license", None))
 
 
 def front_matter(metadata: Mapping[str, Any]) -> str:
@@ -122,10 +124,44 @@ def card_tags(v_prediction: bool, zero_terminal_snr: bool, flow_matching: bool) 
     return [*BASE_TAGS, *(tag for tag, present in extra if present)]
 
 
+def is_hub_repo_id(name: str) -> bool:
+    """Whether ``name`` is a Hub model id (``owner/name``, or a legacy bare name) and not a local path: only those
+    belong in a card's ``base_model`` field, which the Hub links and validates."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def card_metadata(run: RunFacts, tags: Sequence[str]) -> dict[str, Any]:
+    """The Hub metadata: ``base_model`` (Hub ids only), library, pipeline tag, license, tags. Without
+    ``--license`` the license is the base model's (``other``, linked to the base model's page when it is on the
+    Hub), and the card says so."""
+    metadata: dict[str, Any] = {"base_model": run.base_model} if is_hub_repo_id(run.base_model) else {}
+    metadata.update({"library_name": "diffusers", "pipeline_tag": "text-to-image"})
+    if run.license:
+        metadata["license"] = run.license
+    else:
+        metadata.update({"license": "other", "license_name": "base-model-license"})
+        if "base_model" in metadata:
+            metadata["license_link"] = f"https://huggingface.co/{run.base_model}"
+    metadata["tags"] = list(tags)
+    return metadata
+
+
 def card_header(run: RunFacts, tags: Sequence[str]) -> str:
-    """Front matter (base model, library, tags) and the title naming the base model."""
-    metadata = {"base_model": run.base_model, "library_name": "diffusers", "tags": list(tags)}
-    return f"{front_matter(metadata)}\n# LoRA for {markdown_text(run.base_model)}\n"
+    """Front matter (:func:`card_metadata`), the title naming the base model, and the license line."""
+    if run.license:
+        license_line = f"License: {inline_code(run.license)}."
+    else:
+        license_line = (f"License: the base model's ({markdown_text(run.base_model)}); its terms apply to this "
+                        "LoRA.")
+    return f"{front_matter(card_metadata(run, tags))}\n# LoRA for {markdown_text(run.base_model)}\n\n{license_line}\n"
 
 
 def sampling_snippet(run: RunFacts, scheduler: str, call_kwargs: Mapping[str, Any]) -> str:

@@ -90,6 +90,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--hub_token", type=str, default=None,
       help="Hub token for --push_to_hub (never written anywhere); default: HF_TOKEN or `hf auth login`.")
     a("--hub_public", action="store_true", help="create the Hub repository public (default: private).")
+    a("--license", type=str, default=None,
+      help="license id for the model card (e.g. creativeml-openrail-m, apache-2.0); default: the base model's.")
 
 
 def check_common_args(args: argparse.Namespace) -> list[str]:
