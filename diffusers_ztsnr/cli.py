@@ -71,12 +71,32 @@ def main(argv: list[str] | None = None) -> int:
     light = sub.add_parser("lighting", help="the uniform-lighting curse computed exactly: table and plot")
     light.add_argument("--output_dir", type=Path, default=Path("lighting_output"))
     light.add_argument("--steps", type=_step_list, default="5,10,25,50,100", help="comma-separated step counts")
+    export = sub.add_parser("export-checkpoint", help="merge a LoRA into its base: one original-layout checkpoint with "
+                            "v_pred/ztsnr markers (SD1.x/2.x/SDXL)")
+    export.add_argument("lora_dir", type=Path, help="diffusers-format LoRA folder (pytorch_lora_weights.safetensors)")
+    export.add_argument("out", type=Path, help="output .safetensors file")
+    export.add_argument("--base", default=None, help="base pipeline (default: the LoRA's training_args.json)")
+    export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     args = parser.parse_args(argv)
     try:
         return _run(parser, args)
     except (ValueError, FileNotFoundError) as error:  # bad input: one line naming the fix, not a traceback
         parser.error(f"{args.command}: {error}")
     return 2
+
+
+def _export_checkpoint(args: argparse.Namespace) -> None:
+    """``export-checkpoint``: merge, write, then print what each UI needs to sample the file as trained."""
+    from .single_file import export_single_file
+
+    result = export_single_file(args.lora_dir, args.out, base=args.base, dtype=args.dtype)
+    print(f"checkpoint: {result['path']} ({result['family']}, {result['dtype']}; base {result['base']})")
+    print(f"trained for: prediction_type={result['prediction_type']}, "
+          f"rescale_betas_zero_snr={result['rescale_betas_zero_snr']}")
+    print(f"marker keys: {', '.join(result['markers']) or 'none'}")
+    print("tensors: " + ", ".join(f"{name} {count}" for name, count in result["keys"].items()))
+    for line in result["instructions"]:
+        print(line)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -122,6 +142,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print("generated / data brightness std (1 is right; exact Gaussian oracle, 64x64x4 latent):")
         print(table)
         print(f"table and plot in {args.output_dir}")
+    elif args.command == "export-checkpoint":
+        _export_checkpoint(args)
     elif args.command == "checkpoint-settings":
         from .checkpoints import scheduler_settings_from_checkpoint
 
