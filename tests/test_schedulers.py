@@ -1,12 +1,13 @@
 """The diffusers protocol: config keys, bad input, custom grids, dtypes, save/load."""
 
+import inspect
 import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from diffusers_ztsnr import (
 )
 from diffusers_ztsnr.analytic import run_sampler
 from diffusers_ztsnr.parameterization import MODEL_PREDICTION_TYPES
+from diffusers_ztsnr.schedulers.stock import FOREIGN_CONFIG_KEYS, stock_keywords
 from diffusers_ztsnr.spacing import SPACINGS
 from tests.oracle_utils import ALL_CLASSES, GAUSSIAN, VP_CLASSES, make_scheduler, model_for
 
@@ -241,3 +243,98 @@ def test_save_and_load_round_trip(cls, tmp_path):
     s.set_timesteps(7)
     loaded.set_timesteps(7)
     assert torch.equal(s.timesteps, loaded.timesteps)
+
+
+def _judged(cls, **kwargs) -> str | None:
+    """Construct ``cls(**kwargs)`` with warnings as errors: None if it is accepted silently, else the ValueError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            cls(**kwargs)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_every_keyword_of_the_diffusers_counterpart_is_accepted(cls):
+    """Read from the counterpart's signature, so a keyword a newer diffusers adds fails here until it is judged."""
+    own = set(inspect.signature(cls.__init__).parameters)
+    for key, default in stock_keywords(cls.stock_class).items():
+        assert key in own or key in FOREIGN_CONFIG_KEYS, f"{cls.stock_class.__name__}({key}=...) is not judged"
+        inert = FOREIGN_CONFIG_KEYS.get(key)
+        if key not in own and inert is not None:
+            assert _judged(cls, **{key: inert}) is None  # the no-op value: silently
+        problem = _judged(cls, **{key: default})  # diffusers' default: silently, or named with what works
+        assert problem is None or f"{key}={default!r}: set {key}=" in problem, problem
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_key'"):
+        cls(no_such_key=1)
+
+
+def test_stock_keywords_that_would_change_sampling_name_the_key_and_what_works():
+    ztsnr_v = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert _judged(ZTSNRDPMSolverMultistepScheduler, thresholding=False, lower_order_final=False, **ztsnr_v) is None
+    assert _judged(ZTSNRDDIMScheduler, clip_sample=False, clip_sample_range=2.0, **ztsnr_v) is None
+    assert _judged(ZTSNRFlowMatchScheduler, invert_sigmas=False, stochastic_sampling=False) is None
+    with pytest.raises(ValueError, match=r"thresholding=True: set thresholding=False"):
+        ZTSNRDPMSolverMultistepScheduler(thresholding=True)
+    with pytest.raises(ValueError, match=r"clip_sample=True: set clip_sample=False"):
+        ZTSNRDDIMScheduler(clip_sample=True)
+    with pytest.raises(ValueError, match=r"use_beta_sigmas=True: set use_beta_sigmas=False"):
+        ZTSNREulerScheduler(use_beta_sigmas=True)
+    with pytest.raises(ValueError, match=r"stochastic_sampling=True: set stochastic_sampling=False"):
+        ZTSNRFlowMatchScheduler(stochastic_sampling=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'use_karras_sigmas'"):
+        ZTSNRDDIMScheduler(use_karras_sigmas=False)  # not a DDIMScheduler keyword either
+    # the constructor and from_config judge a key alike
+    with pytest.raises(ValueError, match=r"thresholding=True: set thresholding=False"):
+        ZTSNRDPMSolverMultistepScheduler.from_config(DPMSolverMultistepScheduler(thresholding=True).config)
+
+
+def test_a_keyword_no_table_knows_passes_at_its_diffusers_default_only(monkeypatch):
+    """What a newer diffusers adds, before it is judged here: its default is taken, any other value refused,
+    by the constructor and by from_config alike."""
+    monkeypatch.delitem(FOREIGN_CONFIG_KEYS, "clip_sample_range")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ZTSNRDDIMScheduler(clip_sample_range=1.0)
+        ZTSNRDDIMScheduler.from_config({"clip_sample_range": 1.0})
+    for make in (lambda: ZTSNRDDIMScheduler(clip_sample_range=2.0),
+                 lambda: ZTSNRDDIMScheduler.from_config({"clip_sample_range": 2.0})):
+        with pytest.raises(ValueError, match=r"clip_sample_range=2.0: set clip_sample_range=1.0"):
+            make()
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_protocol_like_diffusers(cls):
+    s = make_scheduler(cls, "v_prediction")
+    stock = cls.stock_class.from_config(json.loads(s.to_json_string()))
+    # before set_timesteps: the training grid, noisiest first, as diffusers has it
+    assert s.num_inference_steps is None and len(s.timesteps) == s.config.num_train_timesteps
+    torch.testing.assert_close(s.timesteps.double(), stock.timesteps.double(), rtol=1e-6, atol=0)
+    assert s.order == 1 and s.init_noise_sigma == 1.0 and len(s) == s.config.num_train_timesteps
+    # compatibles: the counterpart and our classes of the same path, between which a config moves
+    same_path = [c for c in ALL_CLASSES if c.path == cls.path]
+    assert cls.stock_class in s.compatibles and set(same_path) <= set(s.compatibles)
+    for other in same_path:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # each other's keys are judged, silently when they are no-ops
+            moved = other.from_config(s.config)
+        assert moved.config.prediction_type == "v_prediction" and type(moved) is other
+    # step: shapes and dtypes kept, a tuple without return_dict
+    s.set_timesteps(3)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float16)
+    assert s.scale_model_input(x, s.timesteps[0]) is x
+    out = s.step(torch.randn_like(x), s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    assert out.prev_sample.shape == x.shape and out.prev_sample.dtype == x.dtype
+    assert out.pred_original_sample.shape == x.shape
+    prev, x0 = s.step(torch.randn_like(x), s.timesteps[1], x, return_dict=False)
+    assert prev.shape == x0.shape == x.shape
+    # add_noise follows the samples' device and dtype, whatever the timesteps'
+    t = s.timesteps[:2]
+    for device, dtype in [("cpu", torch.float64), ("cpu", torch.bfloat16), ("meta", torch.float16)]:
+        x0 = torch.zeros(2, 4, 8, 8, device=device, dtype=dtype)
+        noisy = s.add_noise(x0, torch.ones_like(x0), t)
+        assert noisy.device.type == device and noisy.dtype == dtype and noisy.shape == x0.shape
+    pure = s.add_noise(torch.zeros(1, 3), torch.ones(1, 3), s.timesteps[:1])  # the zero-SNR start: pure noise
+    torch.testing.assert_close(pure, torch.ones(1, 3))

@@ -6,10 +6,19 @@ otherwise). ``step`` converts the model output to ``(x0, eps)`` with the one con
 hands it to an update rule of :mod:`diffusers_ztsnr.solvers`. Latents are kept on the scheduler's
 own path (``alpha * x0 + sigma * eps``), so ``scale_model_input`` is the identity and
 ``init_noise_sigma`` is 1: a zero-SNR start needs no infinite ``sigma_max``.
+
+Interop with diffusers' own classes (each of ours names its counterpart in ``stock_class``; the table
+in :mod:`diffusers_ztsnr.schedulers.stock`):
+
+* Construction: every keyword argument of the counterpart's ``__init__`` is accepted. A value that does
+  not change sampling here passes silently; one that would (``thresholding=True``, DDIM's
+  ``clip_sample=True``) is a ``ValueError`` naming the key and the value that works, the same check
+  ``from_config`` applies to the keys of any diffusers config.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -23,57 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..parameterization import MODEL_PREDICTION_TYPES, linear_combination, solve_coefficients
 from ..solvers import Level, Update
-
-# diffusers config keys that some diffusers scheduler has and none of ours needs: the value that
-# makes each a no-op. ``None`` means any value is a no-op (it only configures something we replace).
-FOREIGN_CONFIG_KEYS: dict[str, Any] = {
-    "skip_prk_steps": None,  # PNDM's Runge-Kutta warm-up; we have no PNDM steps to skip
-    "clip_sample": False,
-    "clip_sample_range": None,
-    "thresholding": False,
-    "dynamic_thresholding_ratio": None,
-    "sample_max_value": None,
-    "variance_type": None,  # learned-variance models are sampled from their mean prediction here
-    "interpolation_type": "linear",
-    "timestep_type": "discrete",
-    "sigma_min": None,
-    "sigma_max": None,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "lambda_min_clipped": None,
-    "euler_at_final": None,
-    "lower_order_final": None,  # our multistep rule is first order wherever the second order is undefined
-    "use_lu_lambdas": False,
-    "use_flow_sigmas": False,
-    "flow_shift": None,
-    "invert_sigmas": False,
-    "stochastic_sampling": False,
-    "use_dynamic_shifting": False,
-    "base_shift": None,
-    "max_shift": None,
-    "base_image_seq_len": None,
-    "max_image_seq_len": None,
-    "shift": 1.0,
-    "shift_terminal": None,
-    "time_shift_type": None,
-    "set_alpha_to_one": None,
-    "steps_offset": None,
-    "rescale_betas_zero_snr": False,
-    "beta_start": None,
-    "beta_end": None,
-    "beta_schedule": None,
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-    "final_sigmas_type": "zero",
-    "solver_order": None,
-    "algorithm_type": None,
-    "solver_type": None,
-    "predict_x0": None,
-    "solver_p": None,
-    "disable_corrector": None,
-    "timestep_spacing": None,
-    "prediction_type": None,
-}
+from .stock import check_foreign_keys, stock_keywords
 
 
 @dataclass
@@ -94,42 +53,49 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
     path: ClassVar[str] = "vp"
     #: config keys that mean the config describes another kind of model (any value is an error)
     rejected_config_keys: ClassVar[tuple[str, ...]] = ()
+    #: the diffusers class this one is a drop-in for: its keywords are accepted, its name is saved
+    stock_class: ClassVar[type[SchedulerMixin]]
 
-    # -- config validation --------------------------------------------------------------------
+    # -- config: diffusers' keys and the stock counterpart ---------------------------------------
+
+    @classmethod
+    def _own_keys(cls) -> set[str]:
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """diffusers' ``from_config``, but a key of another scheduler's config that this class cannot
         honour is an error (a value that would change sampling) or a warning (an unknown key),
         never silently dropped."""
-        merged = {**dict(config or {}), **kwargs}
-        own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-        unknown = []
-        for key, value in merged.items():
-            if key.startswith("_") or key in own:
-                continue
-            if key in cls.rejected_config_keys:
-                raise ValueError(
-                    f"{cls.__name__} samples the {cls.path} path, but the config key {key}={value!r} belongs to "
-                    "a scheduler of the other path; pick the scheduler class matching the model."
-                )
-            if key in FOREIGN_CONFIG_KEYS:
-                inert = FOREIGN_CONFIG_KEYS[key]
-                if inert is not None and value is not None and value != inert:
-                    raise ValueError(
-                        f"{cls.__name__} cannot honour the config key {key}={value!r}: set {key}={inert!r} "
-                        f"or use a scheduler that supports it."
-                    )
-            else:
-                unknown.append(key)
+        own = cls._own_keys()
+        config = dict(config or {})
+        merged = {**config, **kwargs}
+        foreign = {k: v for k, v in merged.items() if not k.startswith("_") and k not in own}
+        unknown = check_foreign_keys(cls, foreign, stock_keywords(cls.stock_class))
         if unknown:
             warnings.warn(
                 f"{cls.__name__} ignores the unknown config keys {sorted(unknown)}.", UserWarning, stacklevel=2
             )
         # keys judged above are not handed on: diffusers would drop or log them a second time
-        kept = {k: v for k, v in dict(config or {}).items() if k.startswith("_") or k in own}
+        kept = {k: v for k, v in config.items() if k.startswith("_") or k in own}
         kwargs = {k: v for k, v in kwargs.items() if k in own}
         return super().from_config(kept, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _check_stock_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """Accept the keywords of ``stock_class.__init__`` that this class has no parameter for, judged as
+        ``from_config`` judges config keys; any other keyword is a ``TypeError``, as in diffusers."""
+        stock = stock_keywords(self.stock_class)
+        for key in kwargs:
+            if key not in stock:
+                raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {key!r}")
+        check_foreign_keys(type(self), kwargs, stock)
+
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        """The classes of ``_compatibles``, looked up in diffusers and in this package."""
+        libraries = (importlib.import_module("diffusers"), importlib.import_module(__name__.split(".")[0]))
+        names = dict.fromkeys([cls.__name__, *cls._compatibles])
+        return [getattr(lib, name) for name in names for lib in libraries if hasattr(lib, name)]
 
     @staticmethod
     def _check_choice(key: str, value: Any, allowed: tuple) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import ddim_update
@@ -22,6 +24,8 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
     ``alphabar_0`` instead of clean data, as in diffusers.
     """
 
+    stock_class = DDIMScheduler
+
     @register_to_config
     def __init__(
         self,
@@ -36,7 +40,9 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
         rescale_betas_zero_snr: bool = False,
         set_alpha_to_one: bool = True,
         epsilon_zero_snr_clamp: float | None = None,
+        **kwargs: Any,
     ):
+        self._check_stock_kwargs(kwargs)
         self._setup_vp()
         self._eta = 0.0
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import ddim_update
@@ -35,6 +37,8 @@ class ZTSNREulerScheduler(_EulerGrid):
     diffusers' ``sigma/alpha`` values.
     """
 
+    stock_class = EulerDiscreteScheduler
+
     @register_to_config
     def __init__(
         self,
@@ -50,7 +54,9 @@ class ZTSNREulerScheduler(_EulerGrid):
         use_karras_sigmas: bool = False,
         final_sigmas_type: str = "zero",
         epsilon_zero_snr_clamp: float | None = None,
+        **kwargs: Any,
     ):
+        self._check_stock_kwargs(kwargs)
         self._setup_euler()
 
     def _update_rule(self, level, next_level, previous_level):
@@ -65,6 +71,8 @@ class ZTSNREulerAncestralScheduler(_EulerGrid):
     the ratio ``alpha * sigma_n / (alpha_n * sigma)``, so it is finite at ``alphabar_T = 0`` (diffusers
     gives NaN there, issue #14213) and in fp16 with the cosine schedule (Inf in diffusers).
     """
+
+    stock_class = EulerAncestralDiscreteScheduler
 
     @register_to_config
     def __init__(
@@ -82,7 +90,9 @@ class ZTSNREulerAncestralScheduler(_EulerGrid):
         final_sigmas_type: str = "zero",
         eta: float = 1.0,
         epsilon_zero_snr_clamp: float | None = None,
+        **kwargs: Any,
     ):
+        self._check_stock_kwargs(kwargs)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta={eta} must lie in [0, 1].")
         self._setup_euler()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..schedule import dynamic_shift_flow_sigmas, shift_flow_sigmas, stretch_flow_sigmas_to_terminal
@@ -22,6 +25,8 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
 
     path = "flow"
     rejected_config_keys = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    stock_class = FlowMatchEulerDiscreteScheduler
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"]
 
     @register_to_config
     def __init__(
@@ -38,7 +43,9 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         prediction_type: str = "flow_prediction",
         solver_order: int = 2,
         epsilon_zero_snr_clamp: float | None = None,
+        **kwargs: Any,
     ):
+        self._check_stock_kwargs(kwargs)
         self._check_prediction_type(prediction_type)
         self._check_choice("solver_order", solver_order, (1, 2))
         self._check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
@@ -53,6 +60,10 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         s_min = torch.tensor(1.0 / T, dtype=torch.float64)
         self.sigma_min = float(s_min if use_dynamic_shifting else shift_flow_sigmas(s_min, shift))
         self.sigma_max = 1.0
+        # as in diffusers: the (shifted) training grid, noisiest first, until set_timesteps
+        s = torch.arange(T, 0, -1, dtype=torch.float64) / T
+        self.timesteps = ((s if use_dynamic_shifting else shift_flow_sigmas(s, shift)) * T).float()
+        self.num_inference_steps = None
 
     @property
     def shift(self) -> float:

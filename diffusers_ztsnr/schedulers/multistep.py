@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import dpmpp_2m_update
@@ -18,6 +20,8 @@ class ZTSNRDPMSolverMultistepScheduler(_EulerGrid):
     clean data are finite and exact (first order there); diffusers' version crashes with Karras sigmas
     on a ZTSNR schedule at 25-30 steps. ``use_karras_sigmas`` keeps the SNR-0 start.
     """
+
+    stock_class = DPMSolverMultistepScheduler
 
     @register_to_config
     def __init__(
@@ -37,7 +41,9 @@ class ZTSNRDPMSolverMultistepScheduler(_EulerGrid):
         use_karras_sigmas: bool = False,
         final_sigmas_type: str = "zero",
         epsilon_zero_snr_clamp: float | None = None,
+        **kwargs: Any,
     ):
+        self._check_stock_kwargs(kwargs)
         self._check_choice("solver_order", solver_order, (1, 2))
         self._check_choice("algorithm_type", algorithm_type, ("dpmsolver++",))
         self._check_choice("solver_type", solver_type, ("midpoint", "heun"))

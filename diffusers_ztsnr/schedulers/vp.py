@@ -5,11 +5,15 @@ from __future__ import annotations
 import warnings
 
 import torch
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from ..parameterization import from_x0_eps
 from ..schedule import VPSchedule
 from ..spacing import SPACINGS, check_num_inference_steps, discrete_timesteps, karras_grid
 from .base import ZTSNRSchedulerBase
+
+VP_CLASS_NAMES = ("ZTSNRDDIMScheduler", "ZTSNREulerScheduler", "ZTSNREulerAncestralScheduler",
+                  "ZTSNRDPMSolverMultistepScheduler")
 
 
 class VPSchedulerBase(ZTSNRSchedulerBase):
@@ -21,6 +25,8 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
 
     path = "vp"
     fractional_timesteps = False
+    # a config moves between these (diffusers' list for its VP schedulers, and ours)
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + list(VP_CLASS_NAMES)
 
     def _setup_vp(self) -> None:
         cfg = self.config
@@ -37,6 +43,10 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
         )
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self.betas = self.schedule.betas.float()
+        # as in diffusers: the training timesteps, noisiest first, until set_timesteps
+        T = cfg.num_train_timesteps
+        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.float32 if self.fractional_timesteps else torch.long)
+        self.num_inference_steps = None
         if cfg.rescale_betas_zero_snr and cfg.timestep_spacing == "leading":
             warnings.warn(
                 "rescale_betas_zero_snr=True with timestep_spacing='leading': the first timestep is not the "
