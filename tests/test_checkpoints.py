@@ -72,9 +72,13 @@ def test_every_export_path_carries_the_markers(trained_loras):
     assert scheduler_settings_from_checkpoint(v) == expected  # the folder -> pytorch_lora_weights metadata
     assert scheduler_settings_from_checkpoint(v / "pytorch_lora_weights.safetensors") == expected
     assert scheduler_settings_from_checkpoint(v / "lora_kohya.safetensors") == expected
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    assert {"v_pred", "ztsnr"} <= set(load_file(v / "lora_kohya.safetensors"))  # ComfyUI's marker tensors
+    # a LoRA says it as sd-scripts' metadata only: marker tensors would not load in diffusers nor ComfyUI
+    assert not {"v_pred", "ztsnr"} & set(load_file(v / "lora_kohya.safetensors"))
+    with safe_open(str(v / "lora_kohya.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v" and f.metadata()["ss_zero_terminal_snr"] == "True"
     flow = {"prediction_type": "flow_prediction", "rescale_betas_zero_snr": False}
     assert scheduler_settings_from_checkpoint(trained_loras["flow"]) == flow
     assert scheduler_settings_from_checkpoint(trained_loras["flow"] / "lora_kohya.safetensors") == flow

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.adapters import VPModelAsFlow
+from diffusers_ztsnr.checkpoints import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.training import objectives
 from diffusers_ztsnr.training.flow import FlowTask
@@ -94,12 +95,14 @@ def test_training_lowers_the_flow_loss_and_the_lora_loads(assets, tmp_path, mode
     pipe.load_lora_weights(out)
     tuned = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(tuned).all() and np.abs(tuned - plain).max() > 1e-3
-    # output folder: kohya export with transformer keys and flow metadata, card, samples, summary
+    # output folder: kohya export in the native (MMDiT / BFL) names with flow metadata, card, samples, summary
     kohya = load_file(out / "lora_kohya.safetensors")
-    assert kohya and all(k.startswith("lora_transformer_") for k in kohya)
+    blocks = {"sd3": "lora_unet_joint_blocks_", "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_")}
+    assert kohya and all(k.startswith(blocks[model]) for k in kohya)
     assert "v_pred" not in kohya and "ztsnr" not in kohya
     with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
-        assert f.metadata()["modelspec.prediction_type"] == "flow_prediction"
+        assert "modelspec.prediction_type" not in f.metadata()  # sd-scripts states none for flow models
+    assert scheduler_settings_from_checkpoint(out / "lora_kohya.safetensors")["prediction_type"] == "flow_prediction"
     card = (out / "README.md").read_text()
     assert "train_lora_flow.py" in card and "flow matching" in card and (out / "samples.png").is_file()
     summary = json.loads((out / "training_summary.json").read_text())

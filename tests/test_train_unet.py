@@ -109,15 +109,16 @@ def test_output_folder_loads_where_users_load_things(assets, tmp_path):
     pipe.load_lora_weights(out)
     tuned = sample()
     assert np.isfinite(tuned).all() and np.abs(tuned - plain).max() > 1e-3
-    # kohya / ComfyUI export with markers and sd-scripts metadata
+    # kohya / ComfyUI export: LoRA weights only, how to sample it in sd-scripts' metadata
     kohya = result["kohya"]
     assert scheduler_settings_from_checkpoint(kohya) == {"prediction_type": "v_prediction",
                                                          "rescale_betas_zero_snr": True}
     keys = load_file(kohya)
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
     assert all(float(v) == 8.0 for k, v in keys.items() if k.endswith(".alpha"))
+    assert "v_pred" not in keys and "ztsnr" not in keys
     with safe_open(str(kohya), "pt") as f:
-        assert f.metadata()["ss_v_parameterization"] == "True" and f.metadata()["ss_zero_terminal_snr"] == "True"
+        assert f.metadata()["modelspec.prediction_type"] == "v" and f.metadata()["ss_zero_terminal_snr"] == "True"
     # model card, sample grid, validation during training, summary
     card = (out / "README.md").read_text()
     assert str(assets["sd15"]) in card and "converted from epsilon to v_prediction" in card and "samples.png" in card

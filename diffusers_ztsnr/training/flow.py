@@ -207,9 +207,15 @@ class FlowTask(ModelTask):
         return kwargs
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
-        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False)
-        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, args.lora_alpha or args.rank,
-                                "flow_prediction", False, base_model=args.pretrained_model_name_or_path)
+        from ..lora_keys import model_family
+
+        alpha = args.lora_alpha or args.rank
+        family = model_family(self.pipeline_class.__name__, self.denoiser.config)
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False,
+                                   lora_alpha=alpha, family=family)
+        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, "flow_prediction", False,
+                                family=family, denoiser_config=dict(self.denoiser.config),
+                                base_model=args.pretrained_model_name_or_path)
         return {"lora": lora, "kohya": kohya}
 
     def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:

@@ -173,10 +173,14 @@ class UNetTask(ModelTask):
         return {"guidance_rescale": 0.7 if args.zero_terminal_snr else 0.0}
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
+        from ..lora_keys import model_family
+
+        alpha = args.lora_alpha or args.rank
+        family = model_family(self.pipeline_class.__name__, self.denoiser.config)
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
-                                   args.zero_terminal_snr)
-        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, args.lora_alpha or args.rank,
-                                self.prediction_type, args.zero_terminal_snr,
+                                   args.zero_terminal_snr, lora_alpha=alpha, family=family)
+        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, self.prediction_type,
+                                args.zero_terminal_snr, family=family, denoiser_config=dict(self.denoiser.config),
                                 base_model=args.pretrained_model_name_or_path)
         return {"lora": lora, "kohya": kohya}
 
