@@ -26,6 +26,7 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
     path = "flow"
     rejected_config_keys = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     stock_class = FlowMatchEulerDiscreteScheduler
+    stock_assumes = {"prediction_type": "flow_prediction"}
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"]
 
     @register_to_config

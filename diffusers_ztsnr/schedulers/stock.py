@@ -1,11 +1,11 @@
-"""Where our schedulers meet diffusers' own ("stock") classes: the keywords and config keys of diffusers
-schedulers they accept. The conventions are stated in :mod:`diffusers_ztsnr.schedulers.base`.
+"""Where our schedulers meet diffusers' own ("stock") classes: the keywords of a stock scheduler they accept,
+and the ``scheduler_config.json`` they write. The conventions are stated in :mod:`diffusers_ztsnr.schedulers.base`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 # diffusers config keys that some diffusers scheduler has and none of ours needs: the value that
@@ -60,6 +60,20 @@ FOREIGN_CONFIG_KEYS: dict[str, Any] = {
     "prediction_type": None,
 }
 
+# Our values of diffusers keys that diffusers' classes reject, and the value written in their place: one the
+# stock class samples the same model correctly with (the zero-SNR start is kept).
+STAND_INS: dict[str, dict[Any, Any]] = {"timestep_spacing": {"logsnr": "trailing", "flow": "trailing"}}
+
+# The private key of scheduler_config.json that holds what a stock key cannot: diffusers drops "_" keys from a
+# class's arguments without a warning and keeps them in ``config``, so they survive a stock load and save.
+OWN_SETTINGS_KEY = "_ztsnr_config"
+
+
+def stand_in(key: str, value: Any) -> Any:
+    """The value written to the stock key ``key`` for our ``value``."""
+    return STAND_INS[key].get(value, value) if key in STAND_INS else value
+
+
 def stock_keywords(stock_class: type) -> dict[str, Any]:
     """``{name: default}`` of the keyword arguments of ``stock_class.__init__``."""
     parameters = inspect.signature(stock_class.__init__).parameters.values()
@@ -95,3 +109,49 @@ def check_foreign_keys(owner: type, items: Mapping[str, Any], stock_defaults: Ma
         else:
             unknown.append(key)
     return unknown
+
+
+def to_stock_config(
+    saved: Mapping[str, Any], stock_class: type, own_keys: Collection[str], stock_assumes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Our serialized config ``saved`` as ``stock_class`` reads it: ``_class_name`` the stock class; its keys
+    with values it accepts (``STAND_INS``; the no-op value of every key whose default is not one, such as
+    DDIM's ``clip_sample``); our settings it cannot hold under ``OWN_SETTINGS_KEY``. A setting of ours that
+    changes what the model output means, where the stock class assumes one without a key
+    (``stock_assumes``), stays a public key: diffusers then warns that it ignores it."""
+    stock = stock_keywords(stock_class)
+    out = {k: v for k, v in saved.items() if k.startswith("_")}
+    out["_class_name"] = stock_class.__name__
+    own_settings = {}
+    for key in own_keys:
+        value = saved[key]
+        if key in stock:
+            out[key] = stand_in(key, value)
+            if out[key] != value:
+                own_settings[key] = value
+        elif key in stock_assumes and value != stock_assumes[key]:
+            out[key] = value
+        else:
+            own_settings[key] = value
+    for key in stock:
+        if key not in out and FOREIGN_CONFIG_KEYS.get(key) is not None:
+            out[key] = FOREIGN_CONFIG_KEYS[key]
+    out[OWN_SETTINGS_KEY] = own_settings
+    return out
+
+
+def restore_own_settings(
+    config: Mapping[str, Any], own_keys: Collection[str], overrides: Collection[str]
+) -> dict[str, Any]:
+    """``config`` with the settings under ``OWN_SETTINGS_KEY`` put back (and that key removed): those that are
+    parameters of the loading class (``own_keys``), not passed explicitly (``overrides``), and whose stock key
+    still holds the stand-in written for them (a value changed since, e.g. through a stock class, wins)."""
+    config = dict(config)
+    settings = config.pop(OWN_SETTINGS_KEY, None) or {}
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"the config key {OWN_SETTINGS_KEY} must be a mapping of settings, got {settings!r}.")
+    for key, value in settings.items():
+        written = stand_in(key, value)
+        if key in own_keys and key not in overrides and config.get(key, written) == written:
+            config[key] = value
+    return config
