@@ -8,8 +8,8 @@ samples v-prediction on the zero-terminal-SNR schedule with no extra node. :func
    ``rescale_betas_zero_snr``) and the safetensors metadata the training scripts write
    (:func:`diffusers_ztsnr.checkpoints.scheduler_settings_from_checkpoint`); the two must agree;
 2. loads the base pipeline (``--base``, else ``training_args.json``'s ``pretrained_model_name_or_path``) in fp32,
-   ``load_lora_weights`` + ``fuse_lora`` at the scale that fuses exactly the trained delta ``B @ A * lora_alpha /
-   rank`` (:func:`trained_scale_correction`), then ``unload_lora_weights`` so that only plain fused weights remain;
+   ``load_lora_weights`` + ``fuse_lora`` (the file's peft adapter metadata makes that the trained delta
+   ``B @ A * lora_alpha / rank``), then ``unload_lora_weights`` so that only plain fused weights remain;
 3. renames UNet, VAE and text encoder(s) to the original layout (:mod:`diffusers_ztsnr.ldm_keys`), adds the marker keys
    (:func:`diffusers_ztsnr.checkpoints.with_markers`: empty tensors, ComfyUI's / A1111's convention), casts floating
    tensors to the requested dtype and writes safetensors.
@@ -102,35 +102,9 @@ def load_fused_pipeline(base: str, lora_dir: str | os.PathLike, **from_pretraine
     extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == _PIPELINES[0] else {}
     pipe = DiffusionPipeline.from_pretrained(base, dtype=torch.float32, **extra, **from_pretrained_kwargs)
     pipe.load_lora_weights(str(lora_dir))
-    pipe.fuse_lora(lora_scale=trained_scale_correction(pipe, lora_dir), safe_fusing=True)
+    pipe.fuse_lora(safe_fusing=True)  # the file's adapter metadata sets lora_alpha / rank
     pipe.unload_lora_weights()
     return pipe
-
-
-def trained_scale_correction(pipe, lora_dir: str | os.PathLike) -> float:
-    """``fuse_lora``'s ``lora_scale`` that makes every fused delta ``B @ A * lora_alpha / rank`` as trained.
-
-    diffusers applies ``lora_alpha / r`` from the file's peft adapter metadata; a file without it loads at
-    ``alpha = rank`` (scale 1). Where ``training_args.json`` records ``rank`` / ``lora_alpha`` and the loaded scale
-    differs, the ratio corrects it (with a warning); otherwise 1.
-    """
-    args_path = Path(lora_dir) / "training_args.json"
-    args = json.loads(args_path.read_text(encoding="utf-8")) if args_path.is_file() else {}
-    rank = args.get("rank")
-    if not rank:
-        return 1.0
-    from peft.tuners.lora import LoraLayer
-
-    modules = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
-    loaded = {float(s) for m in modules if isinstance(m, LoraLayer) for s in m.scaling.values()}
-    trained = float(args.get("lora_alpha") or rank) / float(rank)
-    if len(loaded) != 1 or abs(loaded_scale := loaded.pop()) == 0 or abs(trained / loaded_scale - 1) < 1e-9:
-        return 1.0
-    import warnings
-
-    warnings.warn(f"{Path(lora_dir) / LORA_WEIGHT_NAME} loads at scale {loaded_scale:g}, but training_args.json "
-                  f"says lora_alpha / rank = {trained:g}: fusing at the trained scale", UserWarning, stacklevel=3)
-    return trained / loaded_scale
 
 
 def _text_encoder_layout(pipe, requested: str | None) -> str:

@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_ztsnr.training import flow, unet
@@ -292,16 +293,21 @@ def fake_unet_lora_state():
 
 @pytest.mark.parametrize("prediction_type,zsnr", [("epsilon", False), ("v_prediction", False),
                                                   ("v_prediction", True), ("sample", False), ("sample", True)])
-def test_unet_card_names_the_markers_the_kohya_export_writes(make_card, tmp_path, prediction_type, zsnr):
+def test_unet_card_names_the_sampling_metadata_the_kohya_export_writes(make_card, tmp_path, prediction_type, zsnr):
     flags = ("--prediction_type", prediction_type) + (("--zero_terminal_snr",) if zsnr else ())
     card = make_card("sd15", *flags)
     task, args = make_card.built["sd15", flags]
     kohya = task.save_lora(tmp_path, fake_unet_lora_state(), args)["kohya"]
-    written = {"v_pred", "ztsnr"} & set(load_file(kohya))
+    with safe_open(str(kohya), "pt") as f:
+        written = {k: v for k, v in f.metadata().items() if k in ("modelspec.prediction_type", "ss_zero_terminal_snr",
+                                                                  "modelspec.architecture", "ss_v2")}
+    assert not {"v_pred", "ztsnr"} & set(load_file(kohya))  # a LoRA's markers are metadata, never tensors
     markdown = split_card(card)[2]
     (kohya_line,) = [line for line in markdown_lines(markdown) if line.startswith("`lora_kohya.safetensors`")]
-    assert set(code_spans(kohya_line)) - {"lora_kohya.safetensors"} == written
-    assert ("`v_pred`" in card) == ("v_pred" in written) and ("`ztsnr`" in card) == ("ztsnr" in written)
+    spans = code_spans(kohya_line)[1:]
+    assert dict(zip(spans[::2], spans[1::2], strict=True)) == written
+    # ComfyUI reads no markers from an SD 1.x LoRA: the card names the node settings wherever v or ZTSNR was trained
+    assert ("ModelSamplingDiscrete" in card) == (prediction_type == "v_prediction" or zsnr)
     # guidance_rescale counters the brightness of a zero-terminal-SNR model; it is advised for those only
     assert sampling_call(card)[1] == ({"guidance_rescale": 0.7} if zsnr else {})
     assert ("guidance_rescale" in card) == zsnr
@@ -310,11 +316,13 @@ def test_unet_card_names_the_markers_the_kohya_export_writes(make_card, tmp_path
     assert ("zero-terminal-snr" in tags) == zsnr
 
 
-def test_epsilon_card_promises_no_markers_and_v_ztsnr_card_does(make_card):
+def test_epsilon_card_advises_nothing_and_v_ztsnr_card_gives_the_settings(make_card):
     epsilon = make_card("sd15", "--prediction_type", "epsilon")
-    assert "`v_pred`" not in epsilon and "`ztsnr`" not in epsilon and "guidance_rescale" not in epsilon
+    assert "ModelSamplingDiscrete" not in epsilon and "guidance_rescale" not in epsilon
+    assert "`modelspec.prediction_type` = `epsilon`" in epsilon
     v_ztsnr = make_card("sd15", "--prediction_type", "v_prediction", "--zero_terminal_snr")
-    assert "`v_pred`" in v_ztsnr and "`ztsnr`" in v_ztsnr and "guidance_rescale=0.7" in v_ztsnr
+    assert "sampling = `v_prediction` and zsnr = `true`" in v_ztsnr and "guidance_rescale=0.7" in v_ztsnr
+    assert "`modelspec.prediction_type` = `v`, `ss_zero_terminal_snr` = `True`" in v_ztsnr
 
 
 def scheduler_loads(card):
@@ -341,7 +349,8 @@ def test_cards_keep_the_recipe_hyperparameters_and_sampling_setup(make_card):
                                           "ZTSNRFlowMatchScheduler": {"shift": 1.0}}
     assert "epsilon on the base schedule" in make_card("sd15")
     flow_card = make_card("sd3", "--weighting_scheme", "cosmap", grid_name=None)
-    for text in ("`train_lora_flow.py`", "flow matching", "`cosmap`", "7 optimizer steps", "lora_transformer_"):
+    for text in ("`train_lora_flow.py`", "flow matching", "`cosmap`", "7 optimizer steps",
+                 "`modelspec.architecture` = `stable-diffusion-3"):
         assert text in flow_card, text
     assert scheduler_loads(flow_card) == {"ZTSNRFlowMatchScheduler": {"subfolder": "scheduler"}}
     assert "![" not in flow_card

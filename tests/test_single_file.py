@@ -51,11 +51,11 @@ def runs(tmp_path_factory):
 
 
 def fused(pipeline_class, base, lora):
-    """diffusers' own merge at the trained scale alpha / rank, whatever scale the file itself loads at."""
+    """diffusers' own merge; the file loads at the trained scale alpha / rank."""
     pipe = pipeline_class.from_pretrained(base)
     pipe.load_lora_weights(lora)
-    loaded = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.scaling["default_0"]
-    pipe.fuse_lora(lora_scale=ALPHA / RANK / loaded)
+    assert pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.scaling["default_0"] == ALPHA / RANK
+    pipe.fuse_lora()
     pipe.unload_lora_weights()
     return pipe
 
@@ -220,3 +220,25 @@ def test_full_size_architectures_map_completely_and_diffusers_reads_them_back():
     for model, prefix in [(clip_h, ldm_keys.SD2_OPEN_CLIP_PREFIX), (clip_g, ldm_keys.SDXL_OPEN_CLIP_PREFIX)]:
         back = convert_open_clip_checkpoint(model, text["v2" if model is clip_h else "xl_base"], prefix=prefix)
         assert inverted_exactly(back, model.state_dict())
+
+
+def test_training_flag_exports_the_merged_checkpoint_and_uploads_it(runs, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    sent = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **_: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/me/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: sent.update(kw))
+    out = tmp_path / "out"
+    result = train(["--pretrained_model_name_or_path", str(runs["sd15"]), "--train_data_dir", str(runs["data"]),
+                    "--resolution", str(RES), "--train_batch_size", "4", "--max_train_steps", "1", "--center_crop",
+                    "--output_dir", str(out), "--report_to", "none", "--prediction_type", "v_prediction",
+                    "--zero_terminal_snr", "--export_checkpoint", "merged.safetensors", "--export_dtype", "fp32",
+                    "--push_to_hub", "--hub_model_id", "merged"])
+    assert result["checkpoint"] == out / "merged.safetensors"
+    merged = export_single_file(out, tmp_path / "again.safetensors", dtype="fp32")
+    state, again = load_file(out / "merged.safetensors"), load_file(merged["path"])
+    assert {"v_pred", "ztsnr"} <= state.keys() and state.keys() == again.keys()
+    assert all(torch.equal(state[k], again[k]) for k in state)  # the flag and the command write the same file
+    assert "merged.safetensors" in sent["allow_patterns"]
+    assert "ModelSamplingDiscrete" in capsys.readouterr().out  # SD 1.x: the UI setting is printed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from urllib.parse import quote
 
 import yaml
 
-from ..checkpoints import with_markers
+from ..checkpoints import marker_metadata
 
 BASE_TAGS = ("lora", "diffusers", "text-to-image", "diffusers-ztsnr")
 DEFAULT_PROMPT = "a photo"
@@ -110,12 +111,22 @@ def markdown_image(alt: str, target: str) -> str:
     return f"![{markdown_text(alt)}]({quote(target)})"
 
 
-def kohya_marker_keys(prediction_type: str, zero_terminal_snr: bool) -> list[str]:
-    """The marker tensors :func:`~diffusers_ztsnr.training.lora.save_kohya_lora` writes for this run: those of
-    :func:`~diffusers_ztsnr.checkpoints.with_markers` for ``epsilon`` / ``v_prediction``, none otherwise."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        return []
-    return sorted(with_markers({}, prediction_type, zero_terminal_snr))
+def kohya_note(prediction_type: str, zero_terminal_snr: bool, family: str) -> str:
+    """What the card says of ``lora_kohya.safetensors``: its naming and the sampling metadata it carries
+    (:func:`~diffusers_ztsnr.checkpoints.marker_metadata`, the keys and values the file really holds), and for a
+    v-prediction / zero-terminal-SNR SD 1.x / 2.x LoRA the ComfyUI node settings (ComfyUI reads such markers only from
+    full SDXL checkpoints: ``diffusers-ztsnr export-checkpoint`` writes one)."""
+    metadata = marker_metadata(prediction_type, zero_terminal_snr, family)
+    items = ", ".join(f"{inline_code(key)} = {inline_code(value)}" for key, value in metadata.items())
+    text = (f"`lora_kohya.safetensors` is the same LoRA in sd-scripts' key format (ComfyUI, A1111 / Forge), with "
+            f"the sampling metadata {items}.\n")
+    if family in ("sd1", "sd2") and (prediction_type == "v_prediction" or zero_terminal_snr):
+        sampling = "v_prediction" if prediction_type == "v_prediction" else "eps"
+        text += (f"In ComfyUI, put a ModelSamplingDiscrete node after the checkpoint loader with sampling = "
+                 f"{inline_code(sampling)} and zsnr = {inline_code(str(bool(zero_terminal_snr)).lower())}; "
+                 "`diffusers-ztsnr export-checkpoint` writes a merged single-file checkpoint with the `v_pred` / "
+                 "`ztsnr` keys.\n")
+    return text
 
 
 def card_tags(v_prediction: bool, zero_terminal_snr: bool, flow_matching: bool) -> list[str]:
@@ -129,7 +140,7 @@ def is_hub_repo_id(name: str) -> bool:
     belong in a card's ``base_model`` field, which the Hub links and validates."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or Path(name).expanduser().exists():
+    if not name or Path(os.path.expanduser(name)).exists():
         return False
     try:
         validate_repo_id(name)
@@ -188,10 +199,10 @@ def grid_line(run: RunFacts) -> str:
 
 def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_type: str, zero_terminal_snr: bool,
                      snr_gamma: float | None, flow_weighting: str | None, flow_shift: float,
-                     guidance_rescale: float) -> str:
+                     guidance_rescale: float, family: str) -> str:
     """The card of an SD-style UNet LoRA; ``flow_weighting`` is set when it was trained as a rectified flow.
 
-    The kohya markers named are those of :func:`kohya_marker_keys`; ``guidance_rescale`` is suggested only when
+    The kohya file is described by :func:`kohya_note`; ``guidance_rescale`` is suggested only when
     non-zero (the zero-terminal-SNR runs).
     """
     recipe = []
@@ -207,7 +218,6 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
     recipe_text = "; ".join(recipe) or f"{markdown_text(prediction_type)} on the base schedule"
     tags = card_tags(prediction_type == "v_prediction", zero_terminal_snr, flow_matching=False)
     schedule = " on a zero-terminal-SNR schedule" if zero_terminal_snr else ""
-    markers = " / ".join(inline_code(key) for key in kohya_marker_keys(prediction_type, zero_terminal_snr))
     call_kwargs = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}
     flow_note = ""
     if flow_weighting is not None:
@@ -228,8 +238,7 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
         "sample it with the scheduler config shipped in `scheduler/`, which sets that up.\n\n"
         f"{sampling_snippet(run, 'ZTSNRDPMSolverMultistepScheduler', call_kwargs)}"
         f"{flow_note}\n"
-        "`lora_kohya.safetensors` is the same LoRA in the kohya / ComfyUI key format"
-        f"{f', with {markers} markers' if markers else ''}.\n"
+        f"{kohya_note(prediction_type, zero_terminal_snr, family)}"
     )
 
 
@@ -242,7 +251,7 @@ def hyperparameter_lines(run: RunFacts, lora_layers: Sequence[str] | None = None
 
 
 def render_flow_card(run: RunFacts, *, weighting_scheme: str, timestep_shift: float | str, precondition_outputs: bool,
-                     lora_layers: Sequence[str], guidance_scale: float | None) -> str:
+                     lora_layers: Sequence[str], guidance_scale: float | None, family: str) -> str:
     """The card of an SD3 / Flux transformer LoRA trained with flow matching; ``guidance_scale`` (a
     guidance-distilled transformer's embedding input) is passed in the snippet when set."""
     preconditioned = ", x0-preconditioned outputs" if precondition_outputs else ""
@@ -256,6 +265,5 @@ def render_flow_card(run: RunFacts, *, weighting_scheme: str, timestep_shift: fl
         f"{grid_line(run)}"
         "## Sampling\n\n"
         f"{sampling_snippet(run, 'ZTSNRFlowMatchScheduler', call_kwargs)}\n"
-        "`lora_kohya.safetensors` holds the same LoRA with `lora_transformer_*` keys (the naming ComfyUI maps onto\n"
-        "SD3 / Flux transformers).\n"
+        f"{kohya_note('flow_prediction', False, family)}"
     )

@@ -207,10 +207,7 @@ class FlowTask(ModelTask):
         return kwargs
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
-        from ..lora_keys import model_family
-
-        alpha = args.lora_alpha or args.rank
-        family = model_family(self.pipeline_class.__name__, self.denoiser.config)
+        alpha, family = args.lora_alpha or args.rank, self.family
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False,
                                    lora_alpha=alpha, family=family)
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, "flow_prediction", False,
@@ -222,7 +219,7 @@ class FlowTask(ModelTask):
         run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
         return render_flow_card(run, weighting_scheme=args.weighting_scheme, timestep_shift=args.timestep_shift,
                                 precondition_outputs=bool(args.precondition_outputs), lora_layers=self.lora_layers,
-                                guidance_scale=self.guidance)
+                                guidance_scale=self.guidance, family=self.family)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

@@ -43,7 +43,7 @@ RESUME_INSENSITIVE = frozenset({
     "checkpointing_steps", "validation_steps", "push_to_hub", "hub_public", "hub_model_id", "overwrite_output_dir",
     "config", "report_to", "logging_dir", "dataloader_num_workers", "checkpoints_total_limit",
     "num_validation_images", "validation_prompt", "validation_inference_steps", "max_consecutive_bad_losses",
-    "cache_dir", "cache_latents_dir", "license",
+    "cache_dir", "cache_latents_dir", "license", "export_checkpoint", "export_dtype",
 }) | SECRET_FLAGS
 PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir")
 _TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges
@@ -62,7 +62,7 @@ def training_flags(args: argparse.Namespace) -> dict[str, Any]:
     for key in PATH_FLAGS:
         value = flags.get(key)
         if isinstance(value, str) and (key == "output_dir" or Path(value).exists()):
-            flags[key] = str(Path(value).expanduser().resolve())
+            flags[key] = str(Path(os.path.expanduser(value)).resolve())
     return flags
 
 
@@ -84,7 +84,7 @@ def folder_digest(folder: Path) -> str:
 
 def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """``{"source", "digest"[, "commit"]}`` of a local pipeline folder, or of a Hub repo's cached snapshot."""
-    local = Path(name_or_path).expanduser()
+    local = Path(os.path.expanduser(name_or_path))
     if local.is_dir():
         return {"source": str(local.resolve()), "digest": folder_digest(local)}
     from huggingface_hub import snapshot_download

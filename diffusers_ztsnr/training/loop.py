@@ -95,6 +95,14 @@ class ModelTask:
         self.pipe = self.pipeline_class.from_pretrained(path, revision=args.revision, variant=args.variant, **extra)
         return class_name
 
+    @property
+    def family(self) -> str:
+        """``sd1`` / ``sd2`` / ``sdxl`` / ``sd3`` / ``flux``: the naming and metadata conventions of the files the
+        LoRA ships in."""
+        from ..lora_keys import model_family
+
+        return model_family(self.pipeline_class.__name__, self.denoiser.config)
+
     def add_adapters(self, args: argparse.Namespace) -> None:
         raise NotImplementedError
 

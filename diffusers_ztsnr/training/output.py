@@ -101,18 +101,36 @@ def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict
             paths["grid"] = grid
     (output_dir / "README.md").write_text(task.model_card(args, step, grid.name if grid else None), encoding="utf-8")
     paths["card"] = output_dir / "README.md"
+    if getattr(args, "export_checkpoint", None):
+        paths["checkpoint"] = export_merged_checkpoint(args, output_dir)
     if args.push_to_hub:
         paths["hub_url"] = push_to_hub(args, output_dir, upload_list(output_dir, paths))
     return paths
 
 
+def export_merged_checkpoint(args: argparse.Namespace, output_dir: Path) -> Path:
+    """``--export_checkpoint``: the LoRA merged into its base as one single-file checkpoint (see
+    :mod:`diffusers_ztsnr.single_file`); prints where each UI needs a setting the file cannot carry."""
+    from ..single_file import export_single_file
+
+    target = Path(args.export_checkpoint)
+    target = target if target.is_absolute() else output_dir / target
+    info = export_single_file(output_dir, target, base=args.pretrained_model_name_or_path, dtype=args.export_dtype)
+    print(f"merged checkpoint: {info['path']}")
+    for line in info["instructions"]:
+        print(line)
+    return Path(info["path"])
+
+
 def upload_list(output_dir: Path, paths: dict[str, Path]) -> list[str]:
-    """The exported files, relative to ``output_dir`` (folders expanded): all that a Hub upload may send."""
+    """The exported files inside ``output_dir``, relative to it (folders expanded): all that a Hub upload may
+    send."""
     files: set[str] = set()
+    root = output_dir.resolve()
     for path in paths.values():
         path = Path(path)
         found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        files.update(p.relative_to(output_dir).as_posix() for p in found)
+        files.update(p.resolve().relative_to(root).as_posix() for p in found if p.resolve().is_relative_to(root))
     return sorted(files)
 
 

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diffusion: the VP loss of --prediction_type; flow: rectified-flow matching through the "
                              "equal-SNR mapping (needs --zero_terminal_snr).")
     add_flow_objective_arguments(parser)
+    parser.add_argument("--export_checkpoint", type=str, default=None,
+                        help="also write the LoRA merged into the base as one single-file checkpoint in the original "
+                             "layout, with the v_pred / ztsnr keys ComfyUI and A1111 read (a path; relative ones lie "
+                             "in --output_dir), e.g. merged.safetensors.")
+    parser.add_argument("--export_dtype", type=str, default="fp16", choices=("fp16", "bf16", "fp32"),
+                        help="dtype of --export_checkpoint.")
     return parser
 
 
@@ -173,10 +179,7 @@ class UNetTask(ModelTask):
         return {"guidance_rescale": 0.7 if args.zero_terminal_snr else 0.0}
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
-        from ..lora_keys import model_family
-
-        alpha = args.lora_alpha or args.rank
-        family = model_family(self.pipeline_class.__name__, self.denoiser.config)
+        alpha, family = args.lora_alpha or args.rank, self.family
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
                                    args.zero_terminal_snr, lora_alpha=alpha, family=family)
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, self.prediction_type,
@@ -190,7 +193,8 @@ class UNetTask(ModelTask):
             run, base_prediction_type=self.base_prediction_type, prediction_type=self.prediction_type,
             zero_terminal_snr=args.zero_terminal_snr, snr_gamma=args.snr_gamma,
             flow_weighting=args.weighting_scheme if args.objective == "flow" else None,
-            flow_shift=args.timestep_shift, guidance_rescale=self.validation_kwargs(args)["guidance_rescale"])
+            flow_shift=args.timestep_shift, guidance_rescale=self.validation_kwargs(args)["guidance_rescale"],
+            family=self.family)
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size, device, dtype) -> torch.Tensor:
