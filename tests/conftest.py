@@ -1,6 +1,7 @@
 """Shared pytest setup."""
 
 import os
+import warnings
 
 # Nothing in the test suite may reach the Hugging Face Hub. huggingface_hub reads this once, at import,
 # so it must be set before any test module imports diffusers / transformers.
@@ -21,3 +22,12 @@ def single_thread():
     torch.set_num_threads(int(os.environ.get("DIFFUSERS_ZTSNR_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quiet_loading():
+    """Silences diffusers' and transformers' loading chatter for a module of training runs
+    (``pytestmark = pytest.mark.usefixtures("quiet_loading")``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -6,7 +6,6 @@ import argparse
 import ast
 import html
 import re
-import warnings
 
 import pytest
 import torch
@@ -41,11 +40,7 @@ FENCE_LINE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' and transformers' loading chatter
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ own single-file loader (``from_single_file`` and its converters) on tiny models 
 
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -27,11 +26,7 @@ V_ZTSNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
 RANK, ALPHA = 8, 4.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' and transformers' loading chatter
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,7 @@ RES = 32
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' and transformers' loading chatter
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter
 
 
 @pytest.fixture(scope="module")

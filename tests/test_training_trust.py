@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,7 @@ RES = 32
 TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' and transformers' loading chatter
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter
 
 
 @pytest.fixture(scope="module")

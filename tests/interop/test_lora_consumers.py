@@ -7,7 +7,6 @@ diffusers (``load_lora_weights`` + ``fuse_lora``, fused minus base weights), and
 conventions (tests/interop/conventions.py) on the kohya file.
 """
 
-import warnings
 
 import pytest
 import torch
@@ -33,11 +32,7 @@ ALPHAS = (8.0, 4.0)  # alpha = rank, and alpha != rank (scale 0.5)
 KOHYA = "lora_kohya.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ One optimizer step per family (``--learning_rate 1e-2``: every LoRA weight moves
 the run's last checkpoint (``checkpoint-1/lora_i.safetensors``), which the export code does not touch.
 """
 
-import warnings
 
 import pytest
 from safetensors import safe_open
@@ -26,11 +25,7 @@ SETTINGS = {"sd15": ("v_prediction", True), "sdxl": ("epsilon", False), "sd3": (
             "flux": ("flow_prediction", False)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter
 
 
 @pytest.fixture(scope="module")
