@@ -162,15 +162,14 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
         resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
 
 
-def record_run(args: argparse.Namespace, identity: dict[str, Any]) -> None:
-    """Main process, once model and data are known: check the whole identity, then record it and the flags."""
+def record_run(args: argparse.Namespace, identity: dict[str, Any], resume_step: int) -> None:
+    """Main process, once model and data are known: check the whole identity, then record it and the flags
+    (``resume_step``: the checkpoint resumed from, 0 for a new run)."""
     output_dir = Path(args.output_dir)
     accepted = check_identity(output_dir, identity, resuming_despite_changes(args))
     if accepted:
         logger.warning("--resume_despite_changes: resuming with %s", "; ".join(accepted))
-    step = checkpoint_step(resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)) \
-        if args.resume_from_checkpoint else 0
-    write_identity(output_dir, identity, accepted, step)
+    write_identity(output_dir, identity, accepted, resume_step)
     atomic_write_text(output_dir / "training_args.json", json.dumps(recorded_args(args), indent=2, sort_keys=True))
 
 
@@ -305,8 +304,12 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
                                     caption_column=args.caption_column, seed=args.seed, buckets=buckets)
     image_set = train_set
     base_model = model_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    # verified once here (its files are hashed), then recorded and loaded
+    resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint) \
+        if args.resume_from_checkpoint else None
     if accelerator.is_main_process:
-        record_run(args, {"flags": training_flags(args), "base_model": base_model, "data": train_set.fingerprint()})
+        record_run(args, {"flags": training_flags(args), "base_model": base_model, "data": train_set.fingerprint()},
+                   checkpoint_step(resume_path) if resume_path else 0)
     cache_stats = None
     if args.cache_latents:
         cache_dir = Path(args.cache_latents_dir or Path(args.cache_dir or "~/.cache/diffusers-ztsnr").expanduser()
@@ -392,11 +395,10 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
     accelerator.register_load_state_pre_hook(load_hook)
 
     global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-        accelerator.print(f"resuming from {path}")
-        accelerator.load_state(str(path))
-        global_step = checkpoint_step(path)
+    if resume_path is not None:
+        accelerator.print(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
