@@ -7,9 +7,10 @@ Conventions (used by every API of this package unless it says otherwise):
   integers ``0 .. T-1``; ``T-1`` is the noisiest. ``SNR = alpha**2 / sigma**2``.
 * **Flow path** (SD3 / Flux, diffusers' convention): ``x_s = (1 - s) * x0 + s * eps`` with ``s`` in
   ``[0, 1]`` and ``s = 1`` pure noise; the model is conditioned on ``t = 1000 * s``.
-* The seed text uses the reversed flow time (``t = 0`` noise, ``t = 1`` data, velocity
-  ``x1 - eps``); :func:`flow_sigma_from_seed_time` and :func:`flow_velocity_from_seed_velocity`
-  translate it.
+* The rectified-flow convention (Liu et al. 2022, "Flow straight and fast"; Lipman et al. 2023, "Flow
+  matching for generative modeling") runs time the other way: ``t = 0`` noise, ``t = 1`` data, velocity
+  ``x1 - eps``. :func:`flow_sigma_from_rectified_flow_time` and
+  :func:`flow_velocity_from_rectified_flow_velocity` translate it.
 
 All schedule tables are kept in float64: the interesting values (``alphabar`` near 0 after a ZTSNR
 rescale) lose every digit in float16 and most of them in float32.
@@ -17,8 +18,10 @@ rescale) lose every digit in float16 and most of them in float32.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -275,11 +278,37 @@ def flow_to_vp(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return (1 - s) / norm, s / norm, 1 / norm
 
 
-def flow_sigma_from_seed_time(t: torch.Tensor | float) -> torch.Tensor:
-    """The seed text's flow time (``t = 0`` noise, ``t = 1`` data) as diffusers' ``s = 1 - t``."""
+def flow_sigma_from_rectified_flow_time(t: torch.Tensor | float) -> torch.Tensor:
+    """Time of the rectified-flow convention (``t = 0`` noise, ``t = 1`` data) as diffusers' ``s = 1 - t``."""
     return 1 - _as_f64(t)
 
 
-def flow_velocity_from_seed_velocity(u: torch.Tensor) -> torch.Tensor:
-    """The seed's velocity ``x1 - eps`` as diffusers' flow target ``eps - x0`` (a sign flip)."""
+def flow_velocity_from_rectified_flow_velocity(u: torch.Tensor) -> torch.Tensor:
+    """Velocity of the rectified-flow convention, ``x1 - eps``, as diffusers' flow target ``eps - x0``
+    (a sign flip)."""
     return -u
+
+
+def _deprecated_alias(new: Callable, old_name: str) -> Callable:
+    """``new`` under its former name: same result, plus a ``FutureWarning`` naming ``new``."""
+
+    @functools.wraps(new)
+    def alias(*args, **kwargs):
+        warnings.warn(
+            f"diffusers_ztsnr.schedule.{old_name} is deprecated and will be removed in the next release; "
+            f"use diffusers_ztsnr.schedule.{new.__name__} (same arguments, same result).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old_name
+    alias.__doc__ = f"Deprecated name of :func:`{new.__name__}`."
+    return alias
+
+
+#: deprecated names (kept for one release)
+flow_sigma_from_seed_time = _deprecated_alias(flow_sigma_from_rectified_flow_time, "flow_sigma_from_seed_time")
+flow_velocity_from_seed_velocity = _deprecated_alias(
+    flow_velocity_from_rectified_flow_velocity, "flow_velocity_from_seed_velocity"
+)

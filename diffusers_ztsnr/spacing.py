@@ -14,8 +14,8 @@ ends far from clean data and loses fine detail. Our spacings keep the SNR-0 star
 * ``logsnr`` (every scheduler's default): ``T-1``, then the rest uniform in log-SNR from ``t = T-2`` down
   to ``t = 0``; the first step lands at ``sigma/alpha ~ 2000``, which keeps the high-variance global
   brightness direction (see :mod:`diffusers_ztsnr.lighting`);
-* ``flow``: uniform in the equal-SNR flow time ``s = sigma / (alpha + sigma)`` (SPEC §2) from
-  ``t = T-1`` to ``t = 0``, the grid rectified-flow models are sampled on: more accurate for unit-scale
+* ``flow``: uniform in the flow time at equal SNR, ``s = sigma / (alpha + sigma)`` (:func:`~.schedule.vp_to_flow`),
+  from ``t = T-1`` to ``t = 0``, the grid rectified-flow models are sampled on: more accurate for unit-scale
   detail with first-order samplers, but its first step lands at ``sigma/alpha ~ n``, which shrinks the
   brightness direction at few steps;
 * ``karras``: ``T-1``, then Karras et al. (2022, eq. 5, ``rho = 7``) in ``sigma/alpha`` over the

@@ -1,4 +1,4 @@
-"""Data faults: what the training data path does with each kind of bad input (issue 6, part 5).
+"""Data faults: what the training data path does with each kind of bad input.
 
 Every case is built at test time into ``tmp_path`` (PIL / numpy / raw bytes, no downloads) and run through two
 sources: ``folder``, a local imagefolder with a ``metadata.jsonl`` read by

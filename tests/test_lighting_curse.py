@@ -92,7 +92,7 @@ def test_quick_shows_the_collapse_and_the_fix(quick):
     seed log(std ratio) of a varies with sd 0.08 and the gap |log a| - |log b| with sd 0.075: the sampling error of
     n = 64 values (sqrt((kurtosis - 1) / (4 n)) = 0.056 for the data's uniform-like kurtosis 1.8) plus training's.
     Thresholds sit at least 3.5 of those sds from the 12-seed means (ours, the smaller effect: log a -0.40, gap
-    0.31), not a few sampling errors from one seed's values (3 sampling errors below 1, 0.85, was 1.5 sds from
+    0.31), not a few sampling errors from the values of one seed (3 sampling errors below 1, 0.85, was 1.5 sds from
     the seed-6 value 0.75)."""
     _, results = quick
     for sampler in ("natural", "ours"):

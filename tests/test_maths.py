@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffusers_ztsnr import schedule as schedule_module
 from diffusers_ztsnr.parameterization import (
     MODEL_PREDICTION_TYPES,
     PARAMETERIZATIONS,
@@ -22,9 +23,9 @@ from diffusers_ztsnr.schedule import (
     betas_for_schedule,
     dynamic_shift_flow_sigmas,
     flow_mu,
-    flow_sigma_from_seed_time,
+    flow_sigma_from_rectified_flow_time,
     flow_to_vp,
-    flow_velocity_from_seed_velocity,
+    flow_velocity_from_rectified_flow_velocity,
     shift_flow_sigmas,
     vp_to_flow,
 )
@@ -196,10 +197,28 @@ def test_vp_flow_mapping_preserves_snr_and_round_trips(s):
     assert math.isclose((scale * inv_scale).item(), 1.0, rel_tol=1e-10)
 
 
-def test_seed_convention_helpers():
-    assert flow_sigma_from_seed_time(0.0).item() == 1.0  # the seed's t = 0 is noise
+def test_rectified_flow_convention_helpers():
+    """Rectified-flow time runs the other way (t = 0 noise, t = 1 data, velocity x1 - eps)."""
+    assert flow_sigma_from_rectified_flow_time(0.0).item() == 1.0  # t = 0 is noise there, s = 1 here
+    assert flow_sigma_from_rectified_flow_time(1.0).item() == 0.0
     x1, eps = torch.randn(3), torch.randn(3)
-    torch.testing.assert_close(flow_velocity_from_seed_velocity(x1 - eps), eps - x1)
+    torch.testing.assert_close(flow_velocity_from_rectified_flow_velocity(x1 - eps), eps - x1)
+
+
+@pytest.mark.parametrize(
+    "old, new, argument",
+    [
+        ("flow_sigma_from_seed_time", flow_sigma_from_rectified_flow_time, torch.tensor([0.0, 0.25, 1.0])),
+        ("flow_velocity_from_seed_velocity", flow_velocity_from_rectified_flow_velocity, torch.randn(4)),
+    ],
+)
+def test_deprecated_flow_convention_names_warn_and_agree(old, new, argument):
+    """The former names still work for one release, warn naming the new function, and give its result."""
+    alias = getattr(schedule_module, old)
+    with pytest.warns(FutureWarning, match=new.__name__):
+        result = alias(argument)
+    torch.testing.assert_close(result, new(argument))
+    assert alias.__name__ == old and new.__name__ in alias.__doc__
 
 
 # --- one conversion function -----------------------------------------------------------------------

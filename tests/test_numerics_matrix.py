@@ -1,4 +1,4 @@
-"""Numerics matrix (issue 6): no NaN/Inf anywhere in the scheduler x parameterization x grid x dtype space.
+"""Numerics matrix: no NaN/Inf anywhere in the scheduler x parameterization x grid x dtype space.
 
 Every case builds one scheduler from a drawn point of the matrix
 
