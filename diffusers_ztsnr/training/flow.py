@@ -25,10 +25,12 @@ from ..schedule import flow_mu
 from . import objectives
 from .card import RunFacts, render_flow_card
 from .config import (
+    UsageError,
     add_common_arguments,
     add_flow_objective_arguments,
     check_common_args,
     check_flow_objective_arguments,
+    make_parser,
     parse_with_config,
     raise_problems,
 )
@@ -49,7 +51,7 @@ DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance, diffusers' Flux scrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     add_flow_objective_arguments(parser)
     a = parser.add_argument
@@ -76,7 +78,7 @@ def parse_shift(value: str) -> float | str:
     except ValueError:
         shift = float("nan")
     if not (shift > 0 and shift != float("inf")):
-        raise SystemExit(f"error: --timestep_shift must be 'auto', 'dynamic' or a number > 0 (got {value!r}).")
+        raise UsageError(f"error: --timestep_shift must be 'auto', 'dynamic' or a number > 0 (got {value!r}).")
     return shift
 
 

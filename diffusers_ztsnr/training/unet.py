@@ -32,6 +32,7 @@ from .config import (
     add_vp_objective_arguments,
     check_common_args,
     check_flow_objective_arguments,
+    make_parser,
     parse_with_config,
     raise_problems,
 )
@@ -43,7 +44,7 @@ OBJECTIVES = ("diffusion", "flow")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     add_vp_objective_arguments(parser)
     parser.add_argument("--objective", type=str, default="diffusion", choices=OBJECTIVES,
