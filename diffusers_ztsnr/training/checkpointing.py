@@ -30,6 +30,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from .config import InputError
+
 COMPLETE_MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -142,7 +144,7 @@ def resolve_resume_checkpoint(output_dir: Path, resume_from_checkpoint: str) -> 
             found += sorted(p.name for p in output_dir.glob("checkpoint-*.tmp")) if output_dir.is_dir() else []
             seen = (f"; found only damaged or unfinished ones: {', '.join(found)} (a run killed before its first "
                     "checkpoint was complete starts again without --resume_from_checkpoint)") if found else ""
-            raise ValueError(
+            raise InputError(
                 f"--resume_from_checkpoint latest: no intact checkpoint-<step> folder in {output_dir}{seen}. "
                 "Start without --resume_from_checkpoint, or point --output_dir at the run to resume."
             )
@@ -155,11 +157,11 @@ def resolve_resume_checkpoint(output_dir: Path, resume_from_checkpoint: str) -> 
     if not path.is_absolute() and not path.exists():
         path = output_dir / path
     if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not an intact checkpoint "
+        raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not an intact checkpoint "
                          "(no such folder).")
     problem = verify_checkpoint(path)
     if problem is not None:
-        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not an intact checkpoint "
+        raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not an intact checkpoint "
                          f"({problem}). Use --resume_from_checkpoint latest to take the newest intact one.")
     return path
 

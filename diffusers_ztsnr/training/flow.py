@@ -25,6 +25,7 @@ from ..schedule import flow_mu
 from . import objectives
 from .card import RunFacts, render_flow_card
 from .config import (
+    InputError,
     UsageError,
     add_common_arguments,
     add_flow_objective_arguments,
@@ -103,10 +104,11 @@ class FlowTask(ModelTask):
 
     denoiser_name = "transformer"
     script = "train_lora_flow.py"
+    pipelines = PIPELINES
+    other_script_hint = "SD 1.x / 2.x / SDXL UNets: use train_lora_unet.py (--objective flow trains them as flows)."
 
     def __init__(self, args: argparse.Namespace):
-        class_name = self.load_pipeline(args, PIPELINES, "SD 1.x / 2.x / SDXL UNets: use train_lora_unet.py "
-                                        "(--objective flow trains them as flows).")
+        class_name = self.load_pipeline(args)
         pipe = self.pipe
         self.is_flux = class_name == "FluxPipeline"
         self.denoiser, self.vae = pipe.transformer, pipe.vae
@@ -122,7 +124,7 @@ class FlowTask(ModelTask):
         if self.denoiser.config.get("guidance_embeds", False):
             self.guidance = DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale
         elif args.guidance_scale is not None:
-            raise ValueError(f"--guidance_scale {args.guidance_scale}: {args.pretrained_model_name_or_path}'s "
+            raise InputError(f"--guidance_scale {args.guidance_scale}: {args.pretrained_model_name_or_path}'s "
                              "transformer has no guidance embedding (only guidance-distilled models such as "
                              "FLUX.1-dev do); drop --guidance_scale.")
         self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
@@ -149,7 +151,7 @@ class FlowTask(ModelTask):
         try:
             add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers)
         except ValueError as error:
-            raise ValueError(f"--lora_layers {','.join(self.lora_layers)}: {error} Name modules of the "
+            raise InputError(f"--lora_layers {','.join(self.lora_layers)}: {error} Name modules of the "
                              f"{type(self.denoiser).__name__} (e.g. attn.to_q,attn.to_k).") from error
 
     def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@
 A resume (``--resume_from_checkpoint``) or a new run in a folder that holds a different run is refused with one
 line naming what changed; ``--resume_despite_changes`` continues anyway and records the changes it accepted;
 ``--overwrite_output_dir`` deletes the old run's checkpoints and records first, so no later resume can pick them up.
+Records alone hold nothing to protect: a folder whose run stopped before its first checkpoint (a failed load, a crash
+in the first steps) and left no summary or LoRA is reused by the next run as if empty.
 
 One run per folder: :func:`lock_folder` holds an advisory ``fcntl`` lock on ``<output_dir>/.lock`` for the whole run;
 a second run on the same folder stops at once with an error naming the holder's pid.
@@ -30,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .checkpointing import atomic_write_text, checkpoint_folders, sha256_file
+from .checkpointing import atomic_write_text, checkpoint_folders, resolve_resume_checkpoint, sha256_file
+from .config import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name",
 _TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges
 # outputs of a previous run that --overwrite_output_dir removes before the new run writes anything
 _RUN_RECORDS = ("training_args.json", IDENTITY_FILE, "training_summary.json")
+# what a run that got somewhere leaves besides checkpoints: its summary and the exported LoRA
+_RUN_OUTPUTS = ("training_summary.json", "pytorch_lora_weights.safetensors")
 
 
 def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,13 +128,22 @@ def read_identity(output_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def holds_run_state(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds anything a run produced: a checkpoint folder (intact or not), a finished run's
+    summary or its exported LoRA. Records alone (a run that stopped before its first checkpoint) protect nothing."""
+    if checkpoint_folders(output_dir) or (output_dir.is_dir() and any(output_dir.glob("checkpoint-*.tmp"))):
+        return True
+    return any((output_dir / name).is_file() for name in _RUN_OUTPUTS)
+
+
 def check_identity(output_dir: Path, current: dict[str, Any], despite_changes: bool) -> list[str]:
-    """Refuse (``ValueError``, one line) a folder that holds a different run; returns the changes accepted with
-    ``despite_changes`` (empty when the runs agree)."""
-    previous = read_identity(output_dir)
+    """Refuse (:class:`InputError`, one line) a folder that holds a different run; returns the changes accepted with
+    ``despite_changes`` (empty when the runs agree). The records of a run that left no checkpoint and did not
+    finish (it stopped on a bad input, a failed load, or early in training) do not count: the folder is free."""
+    previous = read_identity(output_dir) if holds_run_state(output_dir) else None
     changes = describe_changes(previous, current) if previous else []
     if changes and not despite_changes:
-        raise ValueError(
+        raise InputError(
             f"--output_dir {output_dir} holds a different run ({'; '.join(changes)}). Use a new --output_dir, pass "
             "--overwrite_output_dir to delete that run's checkpoints, or --resume_despite_changes to continue it "
             "with the changes (recorded in run_identity.json)."
@@ -155,7 +169,7 @@ def clear_previous_run(output_dir: Path) -> list[str]:
 
 
 def write_identity(output_dir: Path, current: dict[str, Any], accepted_changes: list[str], step: int) -> None:
-    previous = read_identity(output_dir) or {}
+    previous = (read_identity(output_dir) if holds_run_state(output_dir) else None) or {}
     history = list(previous.get("resumed_despite_changes", []))
     if accepted_changes:
         history.append({"step": step, "changes": accepted_changes})
@@ -198,3 +212,35 @@ def lock_folder(folder: Path, what: str = "--output_dir", blocking: bool = False
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+# --- the output folder at the start of a run (main process) ---------------------------------------------------
+
+
+def resuming_despite_changes(args: argparse.Namespace) -> bool:
+    return bool(args.resume_despite_changes and args.resume_from_checkpoint)
+
+
+def prepare_output_dir(args: argparse.Namespace) -> None:
+    """Main process, before anything loads: delete the run ``--overwrite_output_dir`` replaces, refuse a folder
+    holding a run with other flags, and find the checkpoint to resume (each fails early with a clear message)."""
+    output_dir = Path(args.output_dir)
+    if args.overwrite_output_dir:
+        removed = clear_previous_run(output_dir)
+        if removed:
+            logger.warning("--overwrite_output_dir: deleted %s from %s", ", ".join(removed), output_dir)
+    else:
+        check_identity(output_dir, {"flags": training_flags(args)}, resuming_despite_changes(args))
+    if args.resume_from_checkpoint:
+        resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+
+
+def record_run(args: argparse.Namespace, identity: dict[str, Any], resume_step: int) -> None:
+    """Main process, once model and data are known: check the whole identity, then record it and the flags
+    (``resume_step``: the checkpoint resumed from, 0 for a new run)."""
+    output_dir = Path(args.output_dir)
+    accepted = check_identity(output_dir, identity, resuming_despite_changes(args))
+    if accepted:
+        logger.warning("--resume_despite_changes: resuming with %s", "; ".join(accepted))
+    write_identity(output_dir, identity, accepted, resume_step)
+    atomic_write_text(output_dir / "training_args.json", json.dumps(recorded_args(args), indent=2, sort_keys=True))

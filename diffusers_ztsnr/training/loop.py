@@ -25,7 +25,6 @@ import torch
 
 from .checkpointing import (
     CheckpointWriteError,
-    atomic_write_text,
     checkpoint_step,
     intact_checkpoints,
     load_ema_state,
@@ -35,15 +34,8 @@ from .checkpointing import (
     save_ema_state,
     save_tensor_state,
 )
-from .identity import (
-    check_identity,
-    clear_previous_run,
-    lock_folder,
-    model_fingerprint,
-    recorded_args,
-    training_flags,
-    write_identity,
-)
+from .identity import lock_folder, model_fingerprint, prepare_output_dir, record_run, recorded_args, training_flags
+from .inputs import check_device_precision, check_inputs
 from .log_filters import install_long_message_filter
 from .lora import add_lora, load_lora_state_dict, lora_state_dict
 from .output import NonFiniteWeightsError, check_finite_states, finish, nonfinite_weights, validate
@@ -74,25 +66,27 @@ class ModelTask:
     text_encoders: list[torch.nn.Module]
     trainable_text_encoders: dict[str, torch.nn.Module]
     script: str
+    #: the base pipeline classes the task trains, and where a user of another family is sent
+    pipelines: tuple[str, ...] = ()
+    other_script_hint: str = ""
     #: the names of :meth:`encode_prompts`' outputs (what the encodings cache stores beside ``latents``)
     cond_keys: tuple[str, ...] = ()
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-    def load_pipeline(self, args: argparse.Namespace, allowed: tuple[str, ...], hint: str) -> str:
+    def load_pipeline(self, args: argparse.Namespace, allowed: tuple[str, ...] | None = None,
+                      hint: str | None = None) -> str:
         """Load the base pipeline into ``self.pipe`` / ``self.pipeline_class`` if its class is one of ``allowed``
-        (else a ``ValueError`` ending with ``hint``, the script to use instead); returns the class name."""
+        (default ``pipelines``; else an ``InputError`` ending with ``hint``, the script to use instead); returns the
+        class name."""
         import diffusers
 
-        path = args.pretrained_model_name_or_path
-        class_name = diffusers.DiffusionPipeline.load_config(path, revision=args.revision)["_class_name"]
-        if class_name not in allowed:
-            raise ValueError(f"{path} is a {class_name}; {self.script} trains {' and '.join(allowed)} models. {hint}")
+        from .inputs import check_pipeline_class, load_base_pipeline
+
+        class_name = check_pipeline_class(args, allowed or self.pipelines, self.script,
+                                          self.other_script_hint if hint is None else hint)
         self.args = args
         self.pipeline_class = getattr(diffusers, class_name)
-        extra = {}
-        if class_name == "StableDiffusionPipeline":  # training never runs the safety checker
-            extra = {"safety_checker": None, "requires_safety_checker": False}
-        self.pipe = self.pipeline_class.from_pretrained(path, revision=args.revision, variant=args.variant, **extra)
+        self.pipe = load_base_pipeline(args, class_name)
         return class_name
 
     @property
@@ -144,35 +138,6 @@ class ModelTask:
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def resuming_despite_changes(args: argparse.Namespace) -> bool:
-    return bool(args.resume_despite_changes and args.resume_from_checkpoint)
-
-
-def prepare_output_dir(args: argparse.Namespace) -> None:
-    """Main process, before anything loads: delete the run ``--overwrite_output_dir`` replaces, refuse a folder
-    holding a run with other flags, and find the checkpoint to resume (each fails early with a clear message)."""
-    output_dir = Path(args.output_dir)
-    if args.overwrite_output_dir:
-        removed = clear_previous_run(output_dir)
-        if removed:
-            logger.warning("--overwrite_output_dir: deleted %s from %s", ", ".join(removed), output_dir)
-    else:
-        check_identity(output_dir, {"flags": training_flags(args)}, resuming_despite_changes(args))
-    if args.resume_from_checkpoint:
-        resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-
-
-def record_run(args: argparse.Namespace, identity: dict[str, Any], resume_step: int) -> None:
-    """Main process, once model and data are known: check the whole identity, then record it and the flags
-    (``resume_step``: the checkpoint resumed from, 0 for a new run)."""
-    output_dir = Path(args.output_dir)
-    accepted = check_identity(output_dir, identity, resuming_despite_changes(args))
-    if accepted:
-        logger.warning("--resume_despite_changes: resuming with %s", "; ".join(accepted))
-    write_identity(output_dir, identity, accepted, resume_step)
-    atomic_write_text(output_dir / "training_args.json", json.dumps(recorded_args(args), indent=2, sort_keys=True))
-
-
 def read_step_health(accelerator, loss: torch.Tensor, weights_bad: torch.Tensor) -> tuple[float, bool]:
     """One host sync per optimizer step: the loss averaged over processes, and whether any process holds
     non-finite trainable weights."""
@@ -207,15 +172,6 @@ def last_checkpoint_note(output_dir: Path) -> str:
     return f"the last checkpoint, {intact[-1].name}, holds finite weights (--resume_from_checkpoint latest)"
 
 
-def check_device_precision(args: argparse.Namespace) -> None:
-    """Before the accelerator exists (it would fall back silently): fp16 needs a GPU."""
-    from accelerate import PartialState
-
-    if args.mixed_precision == "fp16" and PartialState().device.type == "cpu":
-        raise SystemExit("error: --mixed_precision fp16 needs a GPU: on the CPU torch has no fp16 autocast or "
-                         "gradient scaler. Use --mixed_precision bf16 (or no) on the CPU.")
-
-
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """One independent stream per (optimizer step, micro-step, rank): resume-exact by construction."""
     mixed = (seed * 1_000_003 + step) * 1_009 + micro * 131 + rank
@@ -237,6 +193,7 @@ def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
 
     output_dir = Path(args.output_dir)
     check_device_precision(args)
+    check_inputs(args, make_task)  # before the lock: a run refused here leaves nothing in --output_dir
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

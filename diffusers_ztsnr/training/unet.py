@@ -89,10 +89,11 @@ class UNetTask(ModelTask):
 
     denoiser_name = "unet"
     script = "train_lora_unet.py"
+    pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    other_script_hint = "Flow transformers (SD3, Flux): use train_lora_flow.py."
 
     def __init__(self, args: argparse.Namespace):
-        class_name = self.load_pipeline(args, ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-                                        "Flow transformers (SD3, Flux): use train_lora_flow.py.")
+        class_name = self.load_pipeline(args)
         pipe = self.pipe
         self.is_sdxl = class_name == "StableDiffusionXLPipeline"
         self.denoiser, self.vae = pipe.unet, pipe.vae
