@@ -34,6 +34,7 @@ from .checkpointing import (
     save_ema_state,
     save_tensor_state,
 )
+from .history import LossHistory, write_summary
 from .identity import lock_folder, model_fingerprint, prepare_output_dir, record_run, recorded_args, training_flags
 from .inputs import check_device_precision, check_inputs
 from .log_filters import install_long_message_filter
@@ -184,7 +185,7 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 def train(args: argparse.Namespace, make_task) -> dict[str, Any]:
     """Run the training described by ``args``; ``make_task(args)`` loads the :class:`ModelTask`.
 
-    Returns ``global_step``, per-step ``losses``, ``rank_checksums`` (one LoRA checksum per process),
+    Returns ``global_step``, this launch's per-step ``losses``, ``rank_checksums`` (one LoRA checksum per process),
     ``cache`` statistics, ``skipped_steps`` (NaN/Inf losses) and the output paths. The main process holds the
     ``--output_dir`` lock (:func:`identity.lock_folder`) from before the first check to the end of the run.
     """
@@ -326,6 +327,7 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
 
         ema = EMAModel(params, decay=args.ema_decay)
     counters = {"skipped_steps": 0, "consecutive_bad": 0}
+    history = LossHistory()  # every step's loss since step 0, restored from the checkpoint on resume
 
     # checkpoints hold the LoRA weights (and their EMA) only, not a copy of the frozen base model
     def save_hook(models, weights, folder):
@@ -334,6 +336,7 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
         if ema is not None:
             save_ema_state(Path(folder) / "ema.safetensors", ema.state_dict())
         (Path(folder) / "counters.json").write_text(json.dumps(counters))
+        history.save(Path(folder))
         weights.clear()
 
     def load_hook(models, folder):
@@ -346,6 +349,7 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
             ema.load_state_dict(load_ema_state(Path(folder) / "ema.safetensors"))
         if (Path(folder) / "counters.json").is_file():
             counters.update(json.loads((Path(folder) / "counters.json").read_text()))
+        history.load(Path(folder), checkpoint_step(Path(folder)))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -363,7 +367,6 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
         accelerator.init_trackers("diffusers-ztsnr", config={k: v for k, v in recorded_args(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    losses: list[float] = []
     micro = 0
     step_finite, bad_loss = True, None  # over all micro-steps of one optimizer step (gradient accumulation)
     weights_bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
@@ -425,7 +428,7 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
                         ema.step(params)
                 global_step += 1
                 progress.update(1)
-                losses.append(loss_value)
+                history.append(loss_value)
                 accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 progress.set_postfix(loss=f"{loss_value:.4f}")
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
@@ -444,14 +447,11 @@ def _train(args: argparse.Namespace, make_task, accelerator) -> dict[str, Any]:
     checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
                             device=accelerator.device)
     rank_checksums = accelerator.gather(checksum).tolist()
-    result: dict[str, Any] = {"global_step": global_step, "losses": losses, "output_dir": output_dir,
+    result: dict[str, Any] = {"global_step": global_step, "losses": history.launch_losses, "output_dir": output_dir,
                               "rank_checksums": rank_checksums, "cache": cache_stats,
                               "skipped_steps": counters["skipped_steps"]}
     if accelerator.is_main_process:
-        summary = {k: v for k, v in result.items() if k != "output_dir"}
-        summary["skipped_images"] = [[str(v) for v in bad] for bad in image_set.report.bad_images]
-        summary["skipped_captions"] = [[str(v) for v in row] for row in image_set.report.missing_captions]
-        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(output_dir, history, result, image_set.report)
         states = {task.denoiser_name: lora_state_dict(accelerator.unwrap_model(denoiser))}
         states.update({name: lora_state_dict(te) for name, te in trained_tes.items()})
         result.update(finish(args, accelerator, task, global_step, states))
