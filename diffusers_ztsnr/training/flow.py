@@ -2,9 +2,9 @@
 
 Flow-matching conventions (diffusers'): ``x_s = (1 - s) * x0 + s * eps`` with ``s = 1`` pure noise, model time
 ``1000 * s`` (Flux's transformer takes ``s`` itself and multiplies by 1000 inside), target the velocity
-``eps - x0``. The rectified-flow papers and the seed text write the reverse (``t = 0`` noise, ``u = x1 - eps``):
-there ``t = 1 - s`` and ``u = -(eps - x0)``; :func:`diffusers_ztsnr.schedule.flow_sigma_from_seed_time` and
-:func:`~diffusers_ztsnr.schedule.flow_velocity_from_seed_velocity` convert.
+``eps - x0``. The rectified-flow papers write the reverse (``t = 0`` noise, ``u = x1 - eps``): there ``t = 1 - s``
+and ``u = -(eps - x0)``; :func:`diffusers_ztsnr.schedule.flow_sigma_from_rectified_flow_time` and
+:func:`~diffusers_ztsnr.schedule.flow_velocity_from_rectified_flow_velocity` convert.
 
 Per step: ``s`` from :func:`~diffusers_ztsnr.training.objectives.sample_flow_sigmas` (``--weighting_scheme``
 logit_normal / mode / uniform, then ``--timestep_shift``: the base scheduler's static shift or Flux's
