@@ -18,9 +18,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -83,7 +83,8 @@ class TrainingArgumentParser(argparse.ArgumentParser):
     def option_names(self) -> list[str]:
         return [a.dest for a in self._actions if a.option_strings and a.dest != "help"]
 
-    def parse_args(self, args=None, namespace=None):
+    def parse_args(self, args: Sequence[str] | None = None,
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
@@ -91,7 +92,7 @@ class TrainingArgumentParser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         if not is_first_rank():  # under torchrun every rank parses the same flags: one copy of the error
             self.exit(USAGE_EXIT_CODE)
         super().error(f"{message} (in {self.source})" if self.source else message)
