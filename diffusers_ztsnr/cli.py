@@ -1,38 +1,26 @@
-"""``diffusers-ztsnr`` command line: ``demo``, ``make-tiny``, ``checkpoint-settings``."""
+"""``diffusers-ztsnr``: the offline demo and the tools around the package.
+
+commands: demo, inspect, lighting, export-checkpoint, checkpoint-settings, make-tiny
+(``diffusers-ztsnr <command> --help`` for each)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 from pathlib import Path
 
 
-def run_demo(output_dir: Path, steps: int, num_images: int, seed: int, train_steps: int = 300) -> dict[str, Path]:
-    """Offline, end to end: a tiny epsilon SD1.5-style base model and a generated image + caption set, LoRA
-    fine-tuning that converts it to v-prediction on the zero-terminal-SNR schedule, then a sample grid with
-    our scheduler under the trained config."""
-    from .demo_data import make_demo_dataset
-    from .tiny import save_tiny_pipeline
-    from .training.unet import main as train_main
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    base = save_tiny_pipeline("sd15", output_dir / "tiny-sd15", seed=seed)
-    data = make_demo_dataset(output_dir / "data", num_images=32, size=64, seed=seed)
-    result = train_main([
-        "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--resolution", "64",
-        "--center_crop", "--random_flip", "--train_batch_size", "4", "--max_train_steps", str(train_steps),
-        "--learning_rate", "1e-3", "--rank", "8", "--prediction_type", "v_prediction", "--zero_terminal_snr",
-        "--snr_gamma", "5.0", "--checkpointing_steps", str(max(1, train_steps // 2)), "--seed", str(seed),
-        "--validation_prompt", "a red disc on a dark background", "--num_validation_images", str(num_images),
-        "--validation_steps", str(train_steps), "--validation_inference_steps", str(steps),
-        "--output_dir", str(output_dir / "lora"), "--overwrite_output_dir",
-    ])
-    if not all(math.isfinite(v) for v in result["losses"]):
-        raise RuntimeError("the demo's training loss was not finite")
-    return {"pipeline": base, "lora": result["lora"], "grid": result["grid"], "card": result["card"],
-            "scheduler": result["scheduler"], "kohya": result["kohya"]}
+def demo_threads(requested: int | None) -> int:
+    """Torch's CPU thread count for the demo: ``requested``, else the CPUs this process may use minus the
+    one-minute load average (at least 1, at most 4). Oversubscribing a loaded machine costs far more than
+    it gains: two threads on two busy cores ran the demo's kind of small convolutions 10x slower than one."""
+    if requested is not None:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(4, cpus - round(load)))
 
 
 def _step_list(text: str) -> tuple[int, ...]:
@@ -47,42 +35,104 @@ def _step_list(text: str) -> tuple[int, ...]:
     return steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffusers-ztsnr", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline: LoRA-train a tiny model eps -> v + ZTSNR, sample a PNG grid")
-    demo.add_argument("--output_dir", type=Path, default=Path("demo_output"))
-    demo.add_argument("--train_steps", type=int, default=300)
-    demo.add_argument("--steps", type=int, default=20, help="sampling steps")
-    demo.add_argument("--num_images", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
-    tiny = sub.add_parser("make-tiny", help="save a tiny random-weight pipeline (sd15, sdxl, sd3, flux)")
-    tiny.add_argument("kind")
-    tiny.add_argument("output_dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    marks = sub.add_parser("checkpoint-settings", help="scheduler settings from a checkpoint's v_pred/ztsnr markers")
-    marks.add_argument("checkpoint", type=Path)
-    insp = sub.add_parser("inspect", help="terminal SNR, sigma_max, timestep grid and warnings of a scheduler config")
+def build_parser() -> argparse.ArgumentParser:
+    parser = _parser(prog="diffusers-ztsnr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_demo(sub)
+    insp = _subparser(sub, "inspect", "terminal SNR, sigma_max, timestep grid and warnings of a scheduler config")
     insp.add_argument("path", type=Path, help="pipeline folder, scheduler folder or scheduler_config.json")
-    insp.add_argument("--steps", type=int, default=20)
-    insp.add_argument("--spacing", default=None, help="timestep spacing (default: the config's)")
+    insp.add_argument("--steps", type=int, default=20, help="number of inference steps to lay out")
+    insp.add_argument("--spacing", default=None, help="timestep spacing to inspect (default: the config's own)")
     insp.add_argument("--lora", type=Path, default=None, help="a LoRA / checkpoint file to check its markers against")
-    insp.add_argument("--plot", type=Path, default=None, help="write the log-SNR plot (PNG; needs matplotlib)")
-    light = sub.add_parser("lighting", help="the uniform-lighting curse computed exactly: table and plot")
-    light.add_argument("--output_dir", type=Path, default=Path("lighting_output"))
+    insp.add_argument("--plot", type=Path, default=None, help="also write the log-SNR plot to this PNG")
+    light = _subparser(sub, "lighting", "the uniform-lighting curse computed exactly: table and plot")
+    light.add_argument("--output_dir", type=Path, default=Path("lighting_output"), help="where lighting.md/png go")
     light.add_argument("--steps", type=_step_list, default="5,10,25,50,100", help="comma-separated step counts")
-    export = sub.add_parser("export-checkpoint", help="merge a LoRA into its base: one original-layout checkpoint with "
-                            "v_pred/ztsnr markers (SD1.x/2.x/SDXL)")
+    export = _subparser(sub, "export-checkpoint", "merge a LoRA into its base: one original-layout checkpoint with "
+                        "v_pred/ztsnr markers (SD1.x/2.x/SDXL)")
     export.add_argument("lora_dir", type=Path, help="diffusers-format LoRA folder (pytorch_lora_weights.safetensors)")
     export.add_argument("out", type=Path, help="output .safetensors file")
     export.add_argument("--base", default=None, help="base pipeline (default: the LoRA's training_args.json)")
-    export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="weight dtype of the file")
+    marks = _subparser(sub, "checkpoint-settings", "scheduler settings from a checkpoint's v_pred/ztsnr markers")
+    marks.add_argument("checkpoint", type=Path, help="a .safetensors LoRA or checkpoint")
+    tiny = _subparser(sub, "make-tiny", "save a tiny random-weight pipeline, for tests and experiments")
+    tiny.add_argument("kind", metavar="kind", help="one of: sd15, sdxl, sd3, flux")
+    tiny.add_argument("output_dir", type=Path, help="folder to save_pretrained into")
+    tiny.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
+    return parser
+
+
+def _parser(**kwargs) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+
+def _subparser(sub, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, allow_abbrev=False,
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _add_demo(sub) -> None:
+    from .demo.run import DemoSettings
+
+    d = DemoSettings()
+    demo = _subparser(sub, "demo", "offline, about 3 minutes on 2 CPU cores: train a tiny epsilon model on SD's "
+                      "schedule, convert it to v-prediction + zero terminal SNR with a LoRA, and draw the same "
+                      "prompts before and after (before_after.png) with the measured brightness spreads")
+    demo.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="where everything is written")
+    demo.add_argument("--seed", type=int, default=d.seed, help="seed of the data, the training runs and the figure")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: the CPUs available minus the 1-minute load average, 1 to 4)")
+    demo.add_argument("--vae_steps", type=int, default=d.vae_steps, help="training steps of the base model's VAE")
+    demo.add_argument("--base_steps", type=int, default=d.unet_steps,
+                      help="training steps of the base model's epsilon UNet")
+    demo.add_argument("--train_steps", type=int, default=d.convert_steps,
+                      help="LoRA steps of the epsilon -> v + ZTSNR conversion")
+    demo.add_argument("--steps", type=int, default=d.sampling_steps, help="sampling steps of the figure")
+    demo.add_argument("--num_images", type=int, default=d.images_per_prompt,
+                      help="images (seeds) per prompt in the figure")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(parser, args)
     except (ValueError, FileNotFoundError) as error:  # bad input: one line naming the fix, not a traceback
         parser.error(f"{args.command}: {error}")
     return 2
+
+
+def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    from .demo.run import DemoSettings, run_demo
+
+    for flag in ("vae_steps", "base_steps", "train_steps", "steps", "num_images", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1 (got {value})")
+    torch.set_num_threads(demo_threads(args.threads))
+    settings = DemoSettings(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.base_steps,
+                            convert_steps=args.train_steps, sampling_steps=args.steps,
+                            images_per_prompt=args.num_images)
+    print(f"diffusers-ztsnr demo: offline, {torch.get_num_threads()} torch thread(s), output in {args.output_dir}")
+    result = run_demo(args.output_dir, settings)
+    spread, ratio = result.spread, result.ratio
+    print(f"brightness spread (std of per-image mean brightness): data {spread['data']:.3f}, "
+          f"before {spread['before']:.3f} ({ratio['before']:.0%} of the data's), "
+          f"after {spread['after']:.3f} ({ratio['after']:.0%})")
+    apart = result.separation
+    print(f"bright-prompt minus dark-prompt brightness, as a share of the data's: before {apart['before']:.0%}, "
+          f"after {apart['after']:.0%}")
+    print(f"figure (before | after):    {result.paths['figure']}")
+    print(f"base model (epsilon):       {result.paths['base']}")
+    print(f"LoRA (diffusers format):    {result.paths['lora']}")
+    print(f"LoRA (kohya / ComfyUI):     {result.paths['kohya']}")
+    print(f"scheduler config:           {result.paths['scheduler']}/scheduler_config.json")
+    print(f"model card:                 {result.paths['card']}")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
+    print(f"next: diffusers-ztsnr inspect {result.paths['base']}   (why the base never starts at SNR 0)")
 
 
 def _export_checkpoint(args: argparse.Namespace) -> None:
@@ -101,16 +151,7 @@ def _export_checkpoint(args: argparse.Namespace) -> None:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
-        for flag in ("steps", "num_images", "train_steps"):
-            if getattr(args, flag) < 1:
-                parser.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-        paths = run_demo(args.output_dir, args.steps, args.num_images, args.seed, args.train_steps)
-        print(f"base model (tiny, epsilon): {paths['pipeline']}")
-        print(f"LoRA (diffusers format):    {paths['lora']}")
-        print(f"LoRA (kohya/ComfyUI):       {paths['kohya']}")
-        print(f"scheduler config:           {paths['scheduler']}/scheduler_config.json")
-        print(f"model card:                 {paths['card']}")
-        print(f"sample grid:                {paths['grid']}")
+        _demo(parser, args)
     elif args.command == "make-tiny":
         from .tiny import TINY_KINDS, save_tiny_pipeline
 

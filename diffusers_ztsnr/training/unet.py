@@ -27,6 +27,7 @@ from . import objectives
 from .card import RunFacts, render_unet_card
 from .config import (
     FLOW_OBJECTIVE_FLAGS,
+    InputError,
     add_common_arguments,
     add_flow_objective_arguments,
     add_vp_objective_arguments,
@@ -38,7 +39,7 @@ from .config import (
 )
 from .loop import ModelTask
 from .loop import train as run_training
-from .lora import add_lora, save_diffusers_lora, save_kohya_lora
+from .lora import DEFAULT_UNET_TARGETS, add_lora, save_diffusers_lora, save_kohya_lora
 
 OBJECTIVES = ("diffusion", "flow")
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diffusion: the VP loss of --prediction_type; flow: rectified-flow matching through the "
                              "equal-SNR mapping (needs --zero_terminal_snr).")
     add_flow_objective_arguments(parser)
+    parser.add_argument("--lora_layers", type=str, default=None,
+                        help="comma-separated module names (or dotted name suffixes) to put LoRA on; Linear and Conv2d "
+                             f"layers (default: {','.join(DEFAULT_UNET_TARGETS)}, diffusers' LoRA example).")
     parser.add_argument("--export_checkpoint", type=str, default=None,
                         help="also write the LoRA merged into the base as one single-file checkpoint in the original "
                              "layout, with the v_pred / ztsnr keys ComfyUI and A1111 read (a path; relative ones lie "
@@ -116,7 +120,12 @@ class UNetTask(ModelTask):
             self.flow_s_min = sigma_0 / (alpha_0 + sigma_0)  # the cleanest flow time the VP schedule has
 
     def add_adapters(self, args: argparse.Namespace) -> None:
-        add_lora(self.denoiser, args.rank, args.lora_alpha)
+        targets = tuple(x.strip() for x in (args.lora_layers or "").split(",") if x.strip()) or DEFAULT_UNET_TARGETS
+        try:
+            add_lora(self.denoiser, args.rank, args.lora_alpha, targets)
+        except ValueError as error:
+            raise InputError(f"--lora_layers {','.join(targets)}: {error} Name modules of the UNet (e.g. "
+                             "to_q,to_k,to_v,to_out.0 or conv1,conv2).") from error
 
     def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:
         """Text conditioning through the pipeline's own ``encode_prompt`` (gradients flow when trained)."""
