@@ -14,9 +14,13 @@ _LOADERS = ("diffusers", "transformers", "datasets", "accelerate", "huggingface_
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Loggers of the loading libraries at ERROR and their progress bars off, restored afterwards."""
+    import transformers
+
+    # before diffusers' pipelines import transformers' image processors, which log about a missing torchvision
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
     import datasets
     import diffusers
-    import transformers
 
     levels = {name: logging.getLogger(name).level for name in _LOADERS}
     bars = (diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled(),
@@ -34,6 +38,7 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        transformers.utils.logging.set_verbosity(verbosity)
         if bars[0]:
             diffusers.utils.logging.enable_progress_bar()
         if bars[1]:

@@ -96,9 +96,9 @@ def run_demo(output_dir: Path, settings: DemoSettings | None = None) -> DemoResu
     settings = settings or DemoSettings()
     output_dir.mkdir(parents=True, exist_ok=True)
     seconds, start = {}, time.perf_counter()
-    from .pretrain import build_base  # imports diffusers' pipelines: after the arguments are checked
-
     with quiet_libraries():
+        from .pretrain import build_base  # imports diffusers' pipelines, which log about optional dependencies
+
         shapes = make_shapes(settings.num_images, IMAGE_SIZE, settings.seed)
         data = write_imagefolder(shapes, output_dir / "data")
         base = build_base(shapes, settings, output_dir / "base-epsilon", stage_bar)
