@@ -2,6 +2,7 @@
 thread policy, and -- as a slow campaign -- the brightness claim at the default settings."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ def quick_demo(tmp_path_factory):
 def test_demo_writes_figure_lora_kohya_card_scheduler_and_numbers(quick_demo, capsys):
     results = json.loads((quick_demo / "results.json").read_text())
     for key in ("figure", "base", "lora", "kohya", "card", "scheduler", "data"):
-        assert (quick_demo / results["paths"][key].split(str(quick_demo) + "/")[-1]).exists(), key
+        path = Path(results["paths"][key])
+        assert path.exists() and path.is_relative_to(quick_demo), key
     figure = np.asarray(Image.open(results["paths"]["figure"]))
     assert figure.ndim == 3 and figure.shape[1] > 1000 and figure.std() > 10
     spread, ratio = results["spread"], results["ratio"]

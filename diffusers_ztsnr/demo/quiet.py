@@ -32,8 +32,7 @@ def quiet_libraries() -> Iterator[None]:
     datasets.disable_progress_bars()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message=".*safety.checker.*")
+            warnings.simplefilter("ignore", FutureWarning)  # deprecation notices of the libraries, not ours
             yield
     finally:
         for name, level in levels.items():
