@@ -19,3 +19,22 @@ def test_make_tiny_and_checkpoint_settings(tmp_path, capsys):
     capsys.readouterr()
     assert main(["checkpoint-settings", str(tmp_path / "m.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out) == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+
+
+def test_every_command_and_flag_has_help_and_no_flag_is_abbreviated(capsys):
+    import argparse
+
+    from diffusers_ztsnr.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"demo", "inspect", "lighting", "export-checkpoint", "checkpoint-settings",
+                                     "make-tiny"}
+    assert all(name in parser.description for name in commands.choices)
+    for name, sub in commands.choices.items():
+        assert sub.allow_abbrev is False and sub.description, name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest}"
+    with pytest.raises(SystemExit):
+        main(["demo", "--train_step", "3"])
+    assert "unrecognized arguments: --train_step" in capsys.readouterr().err
