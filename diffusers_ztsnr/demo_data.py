@@ -16,6 +16,16 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 220), "
 SHAPES = ("square", "disc", "stripes")
 
 
+def shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, radius: float) -> np.ndarray:
+    """Pixels inside a disc of ``radius`` or a square of half-side ``radius`` centred at ``(cy, cx)`` (``yy``,
+    ``xx``: pixel coordinates in [0, 1))."""
+    if shape == "disc":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+    if shape == "square":
+        return (np.abs(yy - cy) < radius) & (np.abs(xx - cx) < radius)
+    raise ValueError(f"shape={shape!r}; allowed: disc, square")
+
+
 def demo_image(shape: str, color: tuple[int, int, int], background: float, size: int, rng: np.random.Generator):
     from PIL import Image
 
@@ -23,12 +33,10 @@ def demo_image(shape: str, color: tuple[int, int, int], background: float, size:
     canvas = np.full((size, size, 3), background * 255.0)
     cy, cx = rng.uniform(0.35, 0.65, size=2)
     radius = rng.uniform(0.18, 0.3)
-    if shape == "square":
-        mask = (np.abs(yy - cy) < radius) & (np.abs(xx - cx) < radius)
-    elif shape == "disc":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
-    else:
+    if shape == "stripes":
         mask = np.sin(xx * rng.uniform(12, 20) + rng.uniform(0, 6)) > 0.3
+    else:
+        mask = shape_mask(shape, yy, xx, cy, cx, radius)
     canvas[mask] = color
     canvas += rng.normal(0, 6, canvas.shape)  # a little texture: not flat colour only
     return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..demo_data import COLORS
+from ..demo_data import COLORS, shape_mask
 
 SHAPES = ("disc", "square")
 
@@ -55,10 +55,7 @@ def draw(shape: str, color: tuple[int, int, int], background: float, size: int,
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
     cy, cx = rng.uniform(0.4, 0.6, size=2)
     radius = rng.uniform(0.16, 0.24)
-    if shape == "disc":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
-    else:
-        mask = (np.abs(yy - cy) < radius * 0.9) & (np.abs(xx - cx) < radius * 0.9)
+    mask = shape_mask(shape, yy, xx, cy, cx, radius * (0.9 if shape == "square" else 1.0))  # equal areas, roughly
     canvas = np.full((size, size, 3), background * 255.0)
     canvas[mask] = color
     return canvas.clip(0, 255).astype(np.uint8)
