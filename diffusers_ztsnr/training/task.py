@@ -1,0 +1,95 @@
+"""The model family's side of the shared training loop: :class:`ModelTask`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelTask:
+    """One model family's side of the shared loop. Subclasses set the attributes below in ``__init__``.
+
+    Attributes: ``pipeline_class``, ``pipe`` (the loaded base pipeline), ``denoiser`` (the module LoRA is
+    trained on: UNet or transformer), ``denoiser_name`` (its pipeline component name), ``vae``,
+    ``text_encoders`` (all of them, frozen), ``trainable_text_encoders`` (``{component name: module}`` that
+    ``--train_text_encoder`` adds LoRA to), ``script`` (the entry point's file name, for messages and cards).
+    """
+
+    pipeline_class: type
+    pipe: Any
+    denoiser: torch.nn.Module
+    denoiser_name: str
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    trainable_text_encoders: dict[str, torch.nn.Module]
+    script: str
+    #: the base pipeline classes the task trains, and where a user of another family is sent
+    pipelines: tuple[str, ...] = ()
+    other_script_hint: str = ""
+    #: the names of :meth:`encode_prompts`' outputs (what the encodings cache stores beside ``latents``)
+    cond_keys: tuple[str, ...] = ()
+    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def load_pipeline(self, args: argparse.Namespace, allowed: tuple[str, ...] | None = None,
+                      hint: str | None = None) -> str:
+        """Load the base pipeline into ``self.pipe`` / ``self.pipeline_class`` if its class is one of ``allowed``
+        (default ``pipelines``; else an ``InputError`` ending with ``hint``, the script to use instead); returns the
+        class name."""
+        import diffusers
+
+        from .inputs import check_pipeline_class, load_base_pipeline
+
+        class_name = check_pipeline_class(args, allowed or self.pipelines, self.script,
+                                          self.other_script_hint if hint is None else hint)
+        self.args = args
+        self.pipeline_class = getattr(diffusers, class_name)
+        self.pipe = load_base_pipeline(args, class_name)
+        return class_name
+
+    @property
+    def family(self) -> str:
+        """``sd1`` / ``sd2`` / ``sdxl`` / ``sd3`` / ``flux``: the naming and metadata conventions of the files the
+        LoRA ships in."""
+        from ..lora_keys import model_family
+
+        return model_family(self.pipeline_class.__name__, self.denoiser.config)
+
+    def add_adapters(self, args: argparse.Namespace) -> None:
+        raise NotImplementedError
+
+    def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE mean latent, shifted and scaled (the mean, not a sample: deterministic and cacheable)."""
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def loss(self, model, latents: torch.Tensor, cond: dict[str, torch.Tensor], batch: dict[str, Any],
+             generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
+        """One micro-batch's scalar loss; ``model`` is the (possibly DDP-wrapped) denoiser."""
+        raise NotImplementedError
+
+    def sampling_scheduler(self):
+        """This package's scheduler configured for the trained model (what the output folder ships)."""
+        raise NotImplementedError
+
+    def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {}
+
+    def save_lora(self, output_dir: Path, states: dict[str, dict[str, torch.Tensor]],
+                  args: argparse.Namespace) -> dict[str, Path]:
+        """Write the diffusers-format LoRA (and the kohya export); ``states`` maps component names to peft
+        state dicts. Returns the written paths."""
+        raise NotImplementedError
+
+    def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
+        raise NotImplementedError
+
+    def cache_key(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> dict[str, Any]:
+        return {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+                "vae_dtype": str(self.vae.dtype), "text_dtype": str(weight_dtype)}
