@@ -1,0 +1,300 @@
+"""How each tiny pipeline is assembled: small random models around the offline tokenizers.
+
+Every model is created right after seeding torch's global generator from ``(seed, component name)``
+(:func:`_seeded`), so equally shaped components differ and the same seed gives the same weights. The
+scheduler is the released checkpoint's (:mod:`diffusers_ztsnr.testing.released_schedulers`). Shapes and
+sizes are listed in :mod:`diffusers_ztsnr.testing.tiny`, which is the public entry point.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PNDMScheduler,
+    SchedulerMixin,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from .released_schedulers import released_scheduler_config
+from .tokenizers import CLIP_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
+
+__all__ = ["BUILDERS"]
+
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def _component_seed(seed: int, name: str) -> int:
+    """A per-component seed, so that equally shaped components (e.g. two encoders) differ."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _seeded(seed: int, name: str, factory: Callable[[], _M]) -> _M:
+    torch.manual_seed(_component_seed(seed, name))
+    return factory().eval()
+
+
+def _clip_config(
+    tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int | None = None
+) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=projection_dim if projection_dim is not None else hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_config(tokenizer: T5TokenizerFast, d_model: int) -> T5Config:
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_decoder_layers=0,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(
+    latent_channels: int, scaling_factor: float, shift_factor: float | None, quant_conv: bool
+) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
+    )
+
+
+_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {
+    "sd15": PNDMScheduler,
+    "sdxl": EulerDiscreteScheduler,
+    "sd3": FlowMatchEulerDiscreteScheduler,
+    "flux": FlowMatchEulerDiscreteScheduler,
+}
+
+
+def _scheduler(kind: str) -> SchedulerMixin:
+    """The released checkpoint's scheduler, built with ``from_config``: keys the class ignores (e.g. PNDM's
+    ``clip_sample``) are still kept in ``scheduler.config``, exactly as when loading the real checkpoint, so
+    ``DDIMScheduler.from_config(pipe.scheduler.config)`` then gets ``clip_sample=False`` as it would for the
+    real model."""
+    return _SCHEDULER_CLASSES[kind].from_config(released_scheduler_config(kind))
+
+
+def _tiny_unet(**config) -> UNet2DConditionModel:
+    """The two-level UNet of the SD-style kinds (32x32 latents, 4 channels); ``config`` adds the text wiring."""
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        **config,
+    )
+
+
+def _build_sd15(seed: int) -> StableDiffusionPipeline:
+    tokenizer = build_clip_tokenizer()
+    unet = _seeded(seed, "unet", lambda: _tiny_unet(cross_attention_dim=32, attention_head_dim=4))
+    vae = _seeded(seed, "vae", lambda: _vae(4, 0.18215, None, quant_conv=True))
+    text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, 32)))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler("sd15"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(seed: int) -> StableDiffusionXLPipeline:
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    hidden_1, hidden_2, projection_2 = 32, 32, 32
+    addition_time_embed_dim = 8
+    text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, hidden_1)))
+    text_encoder_2 = _seeded(
+        seed,
+        "text_encoder_2",
+        lambda: CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_2, projection_2)),
+    )
+    unet = _seeded(
+        seed,
+        "unet",
+        lambda: _tiny_unet(
+            transformer_layers_per_block=1,
+            cross_attention_dim=hidden_1 + hidden_2,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim,
+            # six micro-conditioning ids (original size, crop top-left, target size) + pooled text
+            projection_class_embeddings_input_dim=6 * addition_time_embed_dim + projection_2,
+        ),
+    )
+    vae = _seeded(seed, "vae", lambda: _vae(4, 0.13025, None, quant_conv=True))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler("sdxl"),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    tokenizer_3 = build_t5_tokenizer()
+    # Two CLIPs of different widths (like CLIP-L / CLIP-G); their concatenation (48) is zero-padded by
+    # the pipeline to the T5 width (64), which must therefore be at least as large.
+    hidden_1, hidden_2, t5_width = 16, 32, 64
+    text_encoder = _seeded(
+        seed, "text_encoder", lambda: CLIPTextModelWithProjection(_clip_config(tokenizer, hidden_1, hidden_1))
+    )
+    text_encoder_2 = _seeded(
+        seed,
+        "text_encoder_2",
+        lambda: CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_2, hidden_2)),
+    )
+    text_encoder_3 = _seeded(
+        seed, "text_encoder_3", lambda: T5EncoderModel(_t5_config(tokenizer_3, t5_width))
+    )
+    heads, head_dim = 4, 8
+    transformer = _seeded(
+        seed,
+        "transformer",
+        lambda: SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=t5_width,
+            caption_projection_dim=heads * head_dim,
+            pooled_projection_dim=hidden_1 + hidden_2,
+            pos_embed_max_size=32,
+        ),
+    )
+    # stabilityai/stable-diffusion-3-medium-diffusers VAE normalisation
+    vae = _seeded(seed, "vae", lambda: _vae(16, 1.5305, 0.0609, quant_conv=False))
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_scheduler("sd3"),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_flux(seed: int) -> FluxPipeline:
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
+    clip_hidden, t5_width = 32, 64
+    text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, clip_hidden)))
+    text_encoder_2 = _seeded(
+        seed, "text_encoder_2", lambda: T5EncoderModel(_t5_config(tokenizer_2, t5_width))
+    )
+    latent_channels = 16
+    transformer = _seeded(
+        seed,
+        "transformer",
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,  # 2x2 latent patches are packed into channels
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=t5_width,
+            pooled_projection_dim=clip_hidden,  # CLIP pooler_output, no projection
+            guidance_embeds=True,  # FLUX.1-dev style (guidance-distilled)
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        ),
+    )
+    # black-forest-labs/FLUX.1-dev VAE normalisation
+    vae = _seeded(seed, "vae", lambda: _vae(latent_channels, 0.3611, 0.1159, quant_conv=False))
+    return FluxPipeline(
+        scheduler=_scheduler("flux"),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
+    "sd15": _build_sd15,
+    "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
+    "flux": _build_flux,
+}
+"""``kind -> build(seed)``: the pipeline in float32 on the CPU, models in eval mode (the caller forks the RNG)."""
