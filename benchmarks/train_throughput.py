@@ -93,7 +93,7 @@ starts from its current RSS, not the parent's peak), read at the end of the N2 r
 state, data, cache). A fresh interpreter running the same thing shows some tens of MiB more (import-time pages
 the child never touches again).
 
-Models, unet family: the tiny SD1.5-style pipeline of :func:`diffusers_ztsnr.tiny.save_tiny_pipeline` ("sd15")
+Models, unet family: the tiny SD1.5-style pipeline of :func:`diffusers_ztsnr.testing.tiny.save_tiny_pipeline` ("sd15")
 at 64 px, and a "small" one: the same pipeline folder with its UNet replaced by a larger ``UNet2DConditionModel``
 (block_out_channels (64, 128, 256), 2 layers per block, 8 heads, cross-attention dim 32 = the tiny text
 encoder's width, cross-attention in the two lower levels only, as in SDXL's layout) at ``--small_resolution``
@@ -283,8 +283,8 @@ def build_assets(root: str, families: tuple[str, ...], small: bool, small_resolu
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, T5Config
 
-    from diffusers_ztsnr.demo_data import make_demo_dataset
-    from diffusers_ztsnr.tiny import save_tiny_pipeline
+    from diffusers_ztsnr.testing.demo_data import make_demo_dataset
+    from diffusers_ztsnr.testing.tiny import save_tiny_pipeline
 
     root = Path(root)
     out = {"pipelines": {}, "data": {}, "params": {}}

@@ -153,7 +153,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
         _demo(parser, args)
     elif args.command == "make-tiny":
-        from .tiny import TINY_KINDS, save_tiny_pipeline
+        from .testing.tiny import TINY_KINDS, save_tiny_pipeline
 
         if args.kind not in TINY_KINDS:
             parser.error(f"unknown kind {args.kind!r}; allowed: {', '.join(TINY_KINDS)}")

@@ -127,7 +127,7 @@ def test_adapters_reject_unknown_parameterizations():
 
 def test_sd_pipeline_runs_a_ztsnr_unet_on_the_flow_scheduler():
     """The UNet adapter inside StableDiffusionPipeline: same image as our VP scheduler, as steps grow."""
-    from diffusers_ztsnr.tiny import make_tiny_pipeline
+    from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 
     pipe = make_tiny_pipeline("sd15")
     pipe.set_progress_bar_config(disable=True)
@@ -146,7 +146,7 @@ def test_sd_pipeline_runs_a_ztsnr_unet_on_the_flow_scheduler():
 
 
 def test_sd3_pipeline_runs_its_transformer_on_a_vp_scheduler():
-    from diffusers_ztsnr.tiny import make_tiny_pipeline
+    from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 
     pipe = make_tiny_pipeline("sd3")
     pipe.set_progress_bar_config(disable=True)

@@ -48,8 +48,8 @@ def trained_loras(tmp_path_factory):
     """A v-prediction + ZTSNR UNet LoRA and a flow-matching SD3 LoRA, 1 step each, from the training scripts."""
     import warnings
 
-    from diffusers_ztsnr.demo_data import make_demo_dataset
-    from diffusers_ztsnr.tiny import save_tiny_pipeline
+    from diffusers_ztsnr.testing.demo_data import make_demo_dataset
+    from diffusers_ztsnr.testing.tiny import save_tiny_pipeline
     from diffusers_ztsnr.training.flow import main as flow_main
     from diffusers_ztsnr.training.unet import main as unet_main
 

@@ -262,7 +262,7 @@ def test_long_message_filter_shortens_existing_and_later_library_loggers(long_me
 
 
 def test_truncated_prompt_warning_of_a_real_pipeline_is_bounded(long_message_filter, caplog) -> None:
-    from diffusers_ztsnr.tiny import make_tiny_pipeline
+    from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
     from diffusers_ztsnr.training.log_filters import install_long_message_filter
 
     pipe = make_tiny_pipeline("sd15")

@@ -1,7 +1,6 @@
 """`diffusers-ztsnr inspect` on the real configs, and the lighting curse computed exactly."""
 
 import math
-from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
@@ -11,8 +10,9 @@ from diffusers_ztsnr.cli import main
 from diffusers_ztsnr.diagnose import inspect_scheduler_config, load_scheduler_config
 from diffusers_ztsnr.lighting import CONFIGURATIONS, brightness_data, collapse_limit, lighting_table
 from diffusers_ztsnr.schedule import VPSchedule
+from diffusers_ztsnr.testing.released_schedulers import SCHEDULER_CONFIGS_DIR
 
-CONFIGS = Path(__file__).parent / "fixtures" / "scheduler_configs"
+CONFIGS = SCHEDULER_CONFIGS_DIR
 SD_TERMINAL_SNR = 0.0046819  # alphabar_999 / (1 - alphabar_999) of SD's scaled_linear schedule
 
 

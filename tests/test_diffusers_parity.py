@@ -1,7 +1,6 @@
 """Where diffusers is right we equal it numerically; where it is wrong, a test shows we are right."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +22,10 @@ from diffusers_ztsnr import (
     solvers,
 )
 from diffusers_ztsnr.analytic import AnalyticModel, GaussianMixture, flow_levels, vp_levels
+from diffusers_ztsnr.testing.released_schedulers import SCHEDULER_CONFIGS_DIR
 from tests.oracle_utils import GAUSSIAN, deterministic_error, make_scheduler
 
-CONFIGS = Path(__file__).parent / "fixtures" / "scheduler_configs"
+CONFIGS = SCHEDULER_CONFIGS_DIR
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_ztsnr.tiny import make_tiny_pipeline
+from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

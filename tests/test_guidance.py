@@ -7,7 +7,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.guidance import _GuidanceRescaleHook, generate_with_guidance_rescale, rescale_guided_prediction
-from diffusers_ztsnr.tiny import make_tiny_pipeline
+from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 
 
 def test_formula_matches_diffusers_and_the_paper():

@@ -30,7 +30,7 @@ from diffusers_ztsnr import (  # noqa: E402
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
 )
-from diffusers_ztsnr.tiny import load_tiny_pipeline, make_tiny_pipeline  # noqa: E402
+from diffusers_ztsnr.testing.tiny import load_tiny_pipeline, make_tiny_pipeline  # noqa: E402
 
 SIZE = 64
 STEPS = 3

@@ -3,7 +3,6 @@
 import inspect
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,10 @@ from diffusers_ztsnr.analytic import run_sampler
 from diffusers_ztsnr.parameterization import MODEL_PREDICTION_TYPES
 from diffusers_ztsnr.schedulers.stock import FOREIGN_CONFIG_KEYS, OWN_SETTINGS_KEY, stock_keywords
 from diffusers_ztsnr.spacing import SPACINGS
+from diffusers_ztsnr.testing.released_schedulers import SCHEDULER_CONFIGS_DIR
 from tests.oracle_utils import ALL_CLASSES, GAUSSIAN, VP_CLASSES, make_scheduler, model_for
 
-CONFIGS = Path(__file__).parent / "fixtures" / "scheduler_configs"
+CONFIGS = SCHEDULER_CONFIGS_DIR
 VP_CONFIGS = ["sd15.json", "sd21.json", "sdxl.json"]
 FLOW_CONFIGS = ["sd3.json", "flux.json"]
 

@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.schedulers.stock import OWN_SETTINGS_KEY, stock_keywords
-from diffusers_ztsnr.tiny import make_tiny_pipeline
+from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 from tests.oracle_utils import VP_CLASSES
 
 ZTSNR_V_LOGSNR = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="logsnr")

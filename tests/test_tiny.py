@@ -21,15 +21,14 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
 )
 
-from diffusers_ztsnr.tiny import (  # noqa: E402
+from diffusers_ztsnr.testing.tiny import (  # noqa: E402
     TINY_KINDS,
-    build_clip_tokenizer,
-    build_t5_tokenizer,
     load_tiny_pipeline,
     make_tiny_pipeline,
     save_tiny_pipeline,
     tiny_pipeline_class,
 )
+from diffusers_ztsnr.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer  # noqa: E402
 
 SIZE = 64
 PROMPT = "a photo of a cat"

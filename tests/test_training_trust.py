@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_ztsnr.tiny import save_tiny_pipeline
+from diffusers_ztsnr.testing.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training import unet
 from diffusers_ztsnr.training.checkpointing import checkpoint_folders, write_manifest
 from diffusers_ztsnr.training.identity import FolderInUseError, lock_folder

@@ -3,8 +3,8 @@
 import warnings
 from pathlib import Path
 
-from diffusers_ztsnr.demo_data import make_demo_dataset
-from diffusers_ztsnr.tiny import save_tiny_pipeline
+from diffusers_ztsnr.testing.demo_data import make_demo_dataset
+from diffusers_ztsnr.testing.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
 
 RES = 32

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..demo_data import COLORS, shape_mask
+from ..testing.demo_data import COLORS, shape_mask
 
 SHAPES = ("disc", "square")
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 from ..schedule import VPSchedule
-from ..tiny import make_tiny_pipeline
+from ..testing.tiny import make_tiny_pipeline
 from .data import ShapeSet
 
 Progress = Callable[[int], None]

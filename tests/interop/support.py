@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from diffusers_ztsnr.lora_keys import model_family
-from diffusers_ztsnr.tiny import make_tiny_pipeline
+from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 from diffusers_ztsnr.training.checkpointing import load_tensor_state
 from diffusers_ztsnr.training.flow import DEFAULT_LORA_LAYERS
 from diffusers_ztsnr.training.loop import ModelTask

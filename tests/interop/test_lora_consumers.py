@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_ztsnr.tiny import make_tiny_pipeline
+from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 from tests.interop.conventions import apply_kohya, comfyui_key_map, expected_native, native_error, sd_scripts_names
 from tests.interop.support import (
     KINDS,
