@@ -1,0 +1,189 @@
+"""One optimizer step of the shared training loop: gradient accumulation, the NaN/Inf guard, clipping, EMA.
+
+An optimizer step is ``--gradient_accumulation_steps`` micro-steps. Each micro-step draws its noise and timesteps from
+:func:`step_generator` (a function of seed, optimizer step, micro-step and rank only, so a resumed run draws what an
+uninterrupted one would have) and computes its loss through :func:`batch_loss`.
+
+A NaN/Inf loss on any rank skips the whole update on every rank (the same decision everywhere, so DDP ranks never
+diverge) and is counted; ``--max_consecutive_bad_losses`` skipped steps in a row raise :class:`NonFiniteLossError`.
+Trainable weights that become NaN/Inf after a finite loss raise :class:`NonFiniteWeightsError` before anything is
+checkpointed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpointing import intact_checkpoints
+from .output import NonFiniteWeightsError, nonfinite_weights
+from .task import ModelTask
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many optimizer steps in a row had a NaN/Inf loss."""
+
+
+def non_finite_loss_error(in_a_row: int, step: int, output_dir: Path) -> NonFiniteLossError:
+    """The error for ``in_a_row`` skipped steps ending at optimizer step ``step`` (1-based)."""
+    return NonFiniteLossError(
+        f"{in_a_row} optimizer steps in a row had a NaN/Inf loss (stopped at step {step}; "
+        f"{last_checkpoint_note(output_dir)}). Likely causes: fp16 overflow (use --mixed_precision bf16 or no), a "
+        "learning rate too high (lower --learning_rate), an epsilon target at SNR 0 (use v_prediction with "
+        "--zero_terminal_snr), or a bad image/latent in the data. Raise --max_consecutive_bad_losses to tolerate more."
+    )
+
+
+def non_finite_weights_error(step: int, output_dir: Path) -> NonFiniteWeightsError:
+    """The error for trainable weights that became NaN/Inf at optimizer step ``step`` (1-based)."""
+    return NonFiniteWeightsError(
+        f"step {step}: the trainable weights became NaN/Inf after a finite loss (a learning rate too high for this "
+        f"model, or an fp16 overflow); they were neither checkpointed nor exported, and "
+        f"{last_checkpoint_note(output_dir)}. Lower --learning_rate (resuming then needs --resume_despite_changes) "
+        "or use --mixed_precision bf16."
+    )
+
+
+def last_checkpoint_note(output_dir: Path) -> str:
+    """Which checkpoint a resume would take (checkpoints are only ever written with finite weights)."""
+    intact = intact_checkpoints(output_dir, deep=False, warn=False)
+    if not intact:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, {intact[-1].name}, holds finite weights (--resume_from_checkpoint latest)"
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """One independent stream per (optimizer step, micro-step, rank): resume-exact by construction."""
+    mixed = (seed * 1_000_003 + step) * 1_009 + micro * 131 + rank
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def read_step_health(accelerator, loss: torch.Tensor, weights_bad: torch.Tensor) -> tuple[float, bool]:
+    """One host sync per optimizer step: the loss averaged over processes, and whether any process holds
+    non-finite trainable weights."""
+    health = torch.stack([loss.detach().float().reshape(()), weights_bad.float().reshape(())])[None]
+    gathered = accelerator.gather(health).cpu()
+    return float(gathered[:, 0].mean()), bool(gathered[:, 1].max() > 0)
+
+
+def batch_loss(task: ModelTask, model: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+               batch: dict[str, Any], generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch's scalar loss: every loss the loop trains on is computed here."""
+    return task.loss(model, latents, cond, batch, generator, weight_dtype)
+
+
+def batch_inputs(task: ModelTask, batch: dict[str, Any], device: torch.device,
+                 text_encoders_trained: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The micro-batch's latents and prompt encodings: read from the encodings cache when the batch holds them,
+    else encoded here (the prompts with gradients when text-encoder LoRA is trained)."""
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+        return latents, {k: batch[k].to(device) for k in task.cond_keys if k in batch}
+    with torch.no_grad():
+        latents = task.encode_images(batch["pixel_values"].to(device)).float()
+    with torch.set_grad_enabled(text_encoders_trained):
+        cond = task.encode_prompts(batch["caption"], device)
+    return latents, cond
+
+
+@dataclass
+class StepParts:
+    """What an optimizer step reads and updates."""
+
+    accelerator: Any
+    task: ModelTask
+    #: the denoiser as ``accelerator.prepare`` returned it (DDP-wrapped under several processes)
+    model: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    #: every trainable (LoRA) parameter, the denoiser's first
+    params: list[torch.nn.Parameter]
+    #: the text encoders' trainable parameters: not DDP-wrapped, so their gradients are averaged by hand
+    text_encoder_params: list[torch.nn.Parameter]
+    ema: Any | None
+    weight_dtype: torch.dtype
+    #: text-encoder LoRA is trained: uncached prompts are encoded with gradients
+    text_encoders_trained: bool
+
+
+class OptimizerStep:
+    """Runs micro-steps and closes each optimizer step; ``counters`` (``skipped_steps``, ``consecutive_bad``) is
+    updated in place (it is checkpointed with the weights)."""
+
+    def __init__(self, parts: StepParts, args: argparse.Namespace, counters: dict[str, int]) -> None:
+        self.parts = parts
+        self.args = args
+        self.counters = counters
+        self.micro = 0
+        # over all micro-steps of one optimizer step: one bad micro-step spoils the accumulated gradient
+        self.step_finite, self.bad_loss = True, None
+        self.weights_bad = torch.zeros((), dtype=torch.bool, device=parts.accelerator.device)
+
+    def micro_step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """Forward and backward one micro-batch of optimizer step ``step`` (0-based); the optimizer updates on
+        the last micro-step unless a loss of this step was non-finite on some rank. Returns the loss."""
+        parts = self.parts
+        accelerator = parts.accelerator
+        with accelerator.accumulate(parts.model):
+            generator = step_generator(self.args.seed, step, self.micro, accelerator.process_index)
+            self.micro = (self.micro + 1) % self.args.gradient_accumulation_steps
+            latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
+            loss = batch_loss(parts.task, parts.model, latents, cond, batch, generator, parts.weight_dtype)
+            all_finite = self._finite_everywhere(loss)
+            accelerator.backward(loss if all_finite else loss * 0.0)
+            self._update()
+        return loss
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (a collective: every rank makes the same decision)."""
+        accelerator = self.parts.accelerator
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        all_finite = bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+        if not all_finite and self.step_finite:
+            self.step_finite, self.bad_loss = False, loss.item()
+        return all_finite
+
+    def _update(self) -> None:
+        """Average text-encoder gradients, clip, and step the optimizer and LR schedule (skipped for a bad step;
+        the gradient is zeroed either way)."""
+        parts = self.parts
+        accelerator = parts.accelerator
+        if accelerator.sync_gradients and self.step_finite:
+            if parts.text_encoder_params and accelerator.num_processes > 1:
+                for p in parts.text_encoder_params:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= accelerator.num_processes
+            accelerator.clip_grad_norm_(parts.params, self.args.max_grad_norm)
+        if self.step_finite:
+            parts.optimizer.step()
+            parts.lr_scheduler.step()
+            if accelerator.sync_gradients:  # a flag on the device, read with the loss in end_step
+                self.weights_bad = nonfinite_weights(parts.params)
+        parts.optimizer.zero_grad()
+
+    def end_step(self, loss: torch.Tensor, step: int) -> float:
+        """Close optimizer step ``step`` (0-based) after its last micro-step: raise on non-finite weights, count a
+        skipped update (raising after too many in a row), else step the EMA. Returns the loss averaged over ranks."""
+        parts = self.parts
+        output_dir = Path(self.args.output_dir)
+        loss_value, weights_bad_anywhere = read_step_health(parts.accelerator, loss, self.weights_bad)
+        if weights_bad_anywhere:
+            raise non_finite_weights_error(step + 1, output_dir)
+        if not self.step_finite:
+            self.step_finite = True
+            self.counters["skipped_steps"] += 1
+            self.counters["consecutive_bad"] += 1
+            parts.accelerator.print(f"step {step + 1}: non-finite loss ({self.bad_loss}), update skipped "
+                                    f"({self.counters['consecutive_bad']} in a row)")
+            if self.counters["consecutive_bad"] >= self.args.max_consecutive_bad_losses:
+                raise non_finite_loss_error(self.counters["consecutive_bad"], step + 1, output_dir)
+        else:
+            self.counters["consecutive_bad"] = 0
+            if parts.ema is not None:
+                parts.ema.step(parts.params)
+        return loss_value
