@@ -10,8 +10,9 @@ import warnings
 from typing import Any
 
 _NEW_MODULE = "diffusers_ztsnr.testing.demo_data"
+_PUBLIC_NAMES = ("COLORS", "SHAPES", "demo_image", "make_demo_dataset", "shape_mask")
 
-__all__ = ["COLORS", "SHAPES", "demo_image", "make_demo_dataset", "shape_mask"]
+__all__ = list(_PUBLIC_NAMES)
 
 
 def __getattr__(name: str) -> Any:
