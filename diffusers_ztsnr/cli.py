@@ -159,8 +159,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"unknown kind {args.kind!r}; allowed: {', '.join(TINY_KINDS)}")
         print(save_tiny_pipeline(args.kind, args.output_dir, seed=args.seed))
     elif args.command == "inspect":
-        from .checkpoints import scheduler_settings_from_checkpoint
         from .diagnose import inspect_scheduler_config, load_scheduler_config, plot_log_snr
+        from .markers import scheduler_settings_from_checkpoint
 
         config = load_scheduler_config(args.path)
         lora = scheduler_settings_from_checkpoint(args.lora) if args.lora else None
@@ -186,7 +186,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     elif args.command == "export-checkpoint":
         _export_checkpoint(args)
     elif args.command == "checkpoint-settings":
-        from .checkpoints import scheduler_settings_from_checkpoint
+        from .markers import scheduler_settings_from_checkpoint
 
         print(json.dumps(scheduler_settings_from_checkpoint(args.checkpoint)))
     return 0

@@ -72,7 +72,7 @@ def _declared_keys(class_name: str) -> set[str] | None:
 def inspect_scheduler_config(config: dict[str, Any], num_inference_steps: int = 20, spacing: str | None = None,
                              lora_settings: dict[str, Any] | None = None) -> ScheduleReport:
     """Analyse ``config``; ``lora_settings`` (from
-    :func:`~diffusers_ztsnr.checkpoints.scheduler_settings_from_checkpoint`) adds a check of a LoRA's markers."""
+    :func:`~diffusers_ztsnr.markers.scheduler_settings_from_checkpoint`) adds a check of a LoRA's markers."""
     class_name = config.get("_class_name", "?")
     declared = _declared_keys(class_name)
     warnings: list[str] = []

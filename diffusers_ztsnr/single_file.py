@@ -6,12 +6,12 @@ samples v-prediction on the zero-terminal-SNR schedule with no extra node. :func
 
 1. reads how the LoRA must be sampled from its folder -- ``scheduler/scheduler_config.json`` (``prediction_type``,
    ``rescale_betas_zero_snr``) and the safetensors metadata the training scripts write
-   (:func:`diffusers_ztsnr.checkpoints.scheduler_settings_from_checkpoint`); the two must agree;
+   (:func:`diffusers_ztsnr.markers.scheduler_settings_from_checkpoint`); the two must agree;
 2. loads the base pipeline (``--base``, else ``training_args.json``'s ``pretrained_model_name_or_path``) in fp32,
    ``load_lora_weights`` + ``fuse_lora`` (the file's peft adapter metadata makes that the trained delta
    ``B @ A * lora_alpha / rank``), then ``unload_lora_weights`` so that only plain fused weights remain;
 3. renames UNet, VAE and text encoder(s) to the original layout (:mod:`diffusers_ztsnr.ldm_keys`), adds the marker keys
-   (:func:`diffusers_ztsnr.checkpoints.with_markers`: empty tensors, ComfyUI's / A1111's convention), casts floating
+   (:func:`diffusers_ztsnr.markers.with_markers`: empty tensors, ComfyUI's / A1111's convention), casts floating
    tensors to the requested dtype and writes safetensors.
 
 SD 1.x and 2.x checkpoints carry the markers too, but ComfyUI does not read them for those families (SD 1.x is
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import ldm_keys
-from .checkpoints import V_PRED_KEY, ZTSNR_KEY, scheduler_settings_from_checkpoint, with_markers
+from .markers import V_PRED_KEY, ZTSNR_KEY, scheduler_settings_from_checkpoint, with_markers
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights / load_lora_weights name
 _MARKER_METADATA = ("modelspec.prediction_type", "ss_v_parameterization", "ss_zero_terminal_snr")  # sd-scripts' keys

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler
-from diffusers_ztsnr.checkpoints import scheduler_settings_from_checkpoint, with_markers
+from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint, with_markers
 
 WEIGHTS = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}
 
@@ -87,7 +87,7 @@ def test_every_export_path_carries_the_markers(trained_loras):
 def test_loading_a_v_ztsnr_lora_into_an_epsilon_pipeline_warns_with_the_fix(trained_loras):
     from diffusers import StableDiffusionPipeline
 
-    from diffusers_ztsnr.checkpoints import check_lora_for_pipeline, load_lora_weights
+    from diffusers_ztsnr.markers import check_lora_for_pipeline, load_lora_weights
 
     pipe = StableDiffusionPipeline.from_pretrained(trained_loras["sd15"], safety_checker=None,
                                                    requires_safety_checker=False)
@@ -107,7 +107,7 @@ def test_loading_a_v_ztsnr_lora_into_an_epsilon_pipeline_warns_with_the_fix(trai
 def test_a_flow_lora_checks_against_the_scheduler_path(trained_loras):
     from diffusers import StableDiffusion3Pipeline
 
-    from diffusers_ztsnr.checkpoints import check_lora_for_pipeline
+    from diffusers_ztsnr.markers import check_lora_for_pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(trained_loras["sd3"])
     assert check_lora_for_pipeline(pipe, trained_loras["flow"]) == []

@@ -5,8 +5,8 @@ import json
 import pytest
 from safetensors.torch import save_file
 
-from diffusers_ztsnr.checkpoints import with_markers
 from diffusers_ztsnr.cli import main
+from diffusers_ztsnr.markers import with_markers
 
 
 def test_make_tiny_and_checkpoint_settings(tmp_path, capsys):

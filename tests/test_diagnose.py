@@ -5,10 +5,10 @@ import math
 import pytest
 from safetensors.torch import save_file
 
-from diffusers_ztsnr.checkpoints import with_markers
 from diffusers_ztsnr.cli import main
 from diffusers_ztsnr.diagnose import inspect_scheduler_config, load_scheduler_config
 from diffusers_ztsnr.lighting import CONFIGURATIONS, brightness_data, collapse_limit, lighting_table
+from diffusers_ztsnr.markers import with_markers
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.testing.released_schedulers import SCHEDULER_CONFIGS_DIR
 

@@ -269,7 +269,7 @@ def test_readme_scheduler_swaps_run_as_written():
 def test_readme_checkpoint_settings_snippet_runs(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from diffusers_ztsnr.checkpoints import V_PRED_KEY, ZTSNR_KEY
+    from diffusers_ztsnr.markers import V_PRED_KEY, ZTSNR_KEY
 
     block = readme_python_block("scheduler_settings_from_checkpoint(")
     monkeypatch.chdir(tmp_path)

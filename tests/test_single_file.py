@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusers_ztsnr import cli, ldm_keys
-from diffusers_ztsnr.checkpoints import scheduler_settings_from_checkpoint
+from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.single_file import export_single_file, lora_sampling_settings
 from diffusers_ztsnr.training.unet import main as train
 from tests.train_utils import RES, tiny_assets

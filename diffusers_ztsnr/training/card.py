@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import yaml
 
-from ..checkpoints import marker_metadata
+from ..markers import marker_metadata
 
 BASE_TAGS = ("lora", "diffusers", "text-to-image", "diffusers-ztsnr")
 DEFAULT_PROMPT = "a photo"
@@ -113,7 +113,7 @@ def markdown_image(alt: str, target: str) -> str:
 
 def kohya_note(prediction_type: str, zero_terminal_snr: bool, family: str) -> str:
     """What the card says of ``lora_kohya.safetensors``: its naming and the sampling metadata it carries
-    (:func:`~diffusers_ztsnr.checkpoints.marker_metadata`, the keys and values the file really holds), and for a
+    (:func:`~diffusers_ztsnr.markers.marker_metadata`, the keys and values the file really holds), and for a
     v-prediction / zero-terminal-SNR SD 1.x / 2.x LoRA the ComfyUI node settings (ComfyUI reads such markers only from
     full SDXL checkpoints: ``diffusers-ztsnr export-checkpoint`` writes one)."""
     metadata = marker_metadata(prediction_type, zero_terminal_snr, family)

@@ -10,7 +10,7 @@
   the names and fused projections of :mod:`diffusers_ztsnr.lora_keys`.
 
 Both carry how the LoRA must be sampled as safetensors metadata only, in sd-scripts' keys
-(:func:`diffusers_ztsnr.checkpoints.marker_metadata`); neither holds a tensor that is not a LoRA weight.
+(:func:`diffusers_ztsnr.markers.marker_metadata`); neither holds a tensor that is not a LoRA weight.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..checkpoints import LORA_WEIGHT_NAME, add_marker_metadata, marker_metadata
 from ..lora_keys import to_kohya_state_dict
+from ..markers import LORA_WEIGHT_NAME, add_marker_metadata, marker_metadata
 
 #: attention projections, the targets of diffusers' LoRA examples and of most community LoRAs
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -95,7 +95,7 @@ def save_diffusers_lora(pipeline_class, output_dir: Path, states: dict[str, dict
                         prediction_type: str, zero_terminal_snr: bool, *, lora_alpha: float, family: str) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``: peft names,
     each component's :func:`adapter_metadata`, and the sampling metadata
-    (:func:`diffusers_ztsnr.checkpoints.marker_metadata`) of ``family``.
+    (:func:`diffusers_ztsnr.markers.marker_metadata`) of ``family``.
 
     ``states`` maps pipeline component names (``unet`` / ``transformer``, ``text_encoder``, ``text_encoder_2``) to
     peft state dicts (:func:`lora_state_dict`).
@@ -117,7 +117,7 @@ def save_kohya_lora(path: Path, states: dict[str, dict[str, torch.Tensor]], alph
                     zero_terminal_snr: bool, *, family: str, denoiser_config: dict, base_model: str = "") -> Path:
     """Write the kohya / sd-scripts format (:func:`diffusers_ztsnr.lora_keys.to_kohya_state_dict`) with
     sd-scripts' metadata: network module, rank, alpha, base model, and how to sample it
-    (:func:`diffusers_ztsnr.checkpoints.marker_metadata`: ``modelspec.prediction_type`` ``"v"`` / ``"epsilon"`` and
+    (:func:`diffusers_ztsnr.markers.marker_metadata`: ``modelspec.prediction_type`` ``"v"`` / ``"epsilon"`` and
     ``ss_zero_terminal_snr`` for SD-style models, only the architecture for SD3 / Flux).
 
     ``states`` maps component names (``unet`` / ``transformer``, ``text_encoder``, ``text_encoder_2``) to peft

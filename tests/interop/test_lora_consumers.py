@@ -128,7 +128,7 @@ def test_fused_qkv_is_block_diagonal_with_alpha_scaled_to_its_rank(loras):
 
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_sd3_kohya_file_loads_through_our_loader_where_diffusers_has_no_converter(loras, alpha):
-    from diffusers_ztsnr.checkpoints import load_lora_weights
+    from diffusers_ztsnr.markers import load_lora_weights
 
     lora = loras["sd3", alpha]
     trained = lora.deltas()
@@ -142,7 +142,7 @@ def test_sd3_kohya_file_loads_through_our_loader_where_diffusers_has_no_converte
 
 
 def test_flux_kohya_file_of_any_width_loads_through_our_loader(loras):
-    from diffusers_ztsnr.checkpoints import load_lora_weights
+    from diffusers_ztsnr.markers import load_lora_weights
 
     for alpha in ALPHAS:
         lora = loras["flux", alpha]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler
-from diffusers_ztsnr.checkpoints import (
+from diffusers_ztsnr.markers import (
     check_lora_for_pipeline,
     marker_metadata,
     scheduler_fix_line,

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_ztsnr.checkpoints import load_lora_weights, scheduler_settings_from_checkpoint
+from diffusers_ztsnr.markers import load_lora_weights, scheduler_settings_from_checkpoint
 from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.unet import main as unet_main
