@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.adapters import VPModelAsFlow
-from diffusers_ztsnr.checkpoints import scheduler_settings_from_checkpoint
+from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.training import objectives
 from diffusers_ztsnr.training.flow import FlowTask
