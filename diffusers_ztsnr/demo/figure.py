@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..imaging import tile_images
 from .data import TONES, caption, mean_brightness
 
 #: the (shape, colour) pairs drawn for every tone in the figure
@@ -73,8 +74,7 @@ def _shown(side: Side, per_subject: int) -> torch.Tensor:
 
 def _strip(images: torch.Tensor, columns: int) -> np.ndarray:
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    rows = [np.concatenate(list(pixels[i:i + columns]), axis=1) for i in range(0, len(pixels), columns)]
-    return np.concatenate(rows, axis=0)
+    return tile_images(pixels, columns)
 
 
 def draw_figure(before: Side, after: Side, data_brightness: torch.Tensor, data_tones: list[str], path: Path) -> Path:

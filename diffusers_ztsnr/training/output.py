@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..imaging import image_grid
+
 if TYPE_CHECKING:
     from .loop import ModelTask
 
@@ -41,19 +43,6 @@ def check_finite_states(states: dict[str, dict[str, torch.Tensor]], where: str) 
         for name, tensor in state.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteWeightsError(f"{where}: {component}.{name} holds NaN/Inf values; nothing was written.")
-
-
-def image_grid(images: np.ndarray, columns: int):
-    """``[N, H, W, 3]`` floats in [0, 1] -> one PIL image, ``columns`` wide."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    canvas = np.ones((rows * h, columns * w, 3), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    return Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8))
 
 
 def save_grid(images: list, path: Path) -> Path:
