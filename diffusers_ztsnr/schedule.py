@@ -1,4 +1,9 @@
-"""Noise schedules: alpha and sigma at any time, ZTSNR and shift as transforms of a schedule.
+"""Noise paths: alpha and sigma at any time, ZTSNR and shift as transforms of a path.
+
+Both paths of this package satisfy :class:`NoisePath` (``alpha_sigma(t)``, and the SNR derived from it):
+:class:`VPSchedule` (discrete VP schedules) and :class:`FlowPath` (rectified flow, with SD3's shift, Flux's
+dynamic shift and diffusers' terminal stretch as transforms returning a new path). Each formula lives in one
+function of this module; the path classes only compose them.
 
 Conventions (used by every API of this package unless it says otherwise):
 
@@ -22,6 +27,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -87,8 +93,32 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return root**2
 
 
-class VPSchedule:
+@runtime_checkable
+class NoisePath(Protocol):
+    """A noise path ``x_t = alpha(t) * x0 + sigma(t) * eps``; each implementation states its time ``t``.
+
+    Implementations provide :meth:`alpha_sigma` (float64); the SNR follows from it.
+    """
+
+    def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` at time(s) ``t`` (float64)."""
+        ...
+
+    def snr(self, t: torch.Tensor | float) -> torch.Tensor:
+        """``alpha**2 / sigma**2``: ``0`` at pure noise, ``inf`` at clean data."""
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha**2 / sigma**2
+
+    def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
+        """``log(alpha**2 / sigma**2)``: ``-inf`` at a zero-SNR time."""
+        alpha, sigma = self.alpha_sigma(t)
+        return 2 * (alpha.log() - sigma.log())
+
+
+class VPSchedule(NoisePath):
     """A discrete variance-preserving schedule, evaluable at any (fractional) timestep.
+
+    Time: training timesteps ``t`` in ``[0, T-1]``, ``T-1`` the noisiest; ``alpha**2 + sigma**2 = 1``.
 
     Between integer timesteps ``alpha = sqrt(alphabar)`` is interpolated linearly, which keeps
     ``alpha`` monotone, exact at the grid points, and finite where the SNR is 0 or where sigma is 0
@@ -161,17 +191,9 @@ class VPSchedule:
         return (1 - self.alpha(t) ** 2).clamp(min=0).sqrt()
 
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` at timestep(s) ``t`` in ``[0, T-1]`` (float64)."""
         alpha = self.alpha(t)
         return alpha, (1 - alpha**2).clamp(min=0).sqrt()
-
-    def snr(self, t: torch.Tensor | float) -> torch.Tensor:
-        alpha, sigma = self.alpha_sigma(t)
-        return alpha**2 / sigma**2
-
-    def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
-        """``log(alpha**2 / sigma**2)``: ``-inf`` at a zero-SNR timestep."""
-        alpha, sigma = self.alpha_sigma(t)
-        return 2 * (alpha.log() - sigma.log())
 
     def timestep_from_alpha(self, alpha: torch.Tensor | float) -> torch.Tensor:
         """Inverse of :meth:`alpha`: the fractional timestep at which ``alpha_t`` equals ``alpha``."""
@@ -259,6 +281,55 @@ def stretch_flow_sigmas_to_terminal(s: torch.Tensor, shift_terminal: float) -> t
         return s
     scale = one_minus[-1] / (1 - shift_terminal)
     return 1 - one_minus / scale
+
+
+class FlowPath(NoisePath):
+    """The flow path ``x_s = (1 - s) x0 + s eps`` at a time ``u`` that the path's warps map to ``s``.
+
+    Time: diffusers' convention, ``u`` and ``s`` in ``[0, 1]`` with 1 pure noise (SNR 0) and 0 clean data; the
+    model is conditioned on ``1000 * s``. Without warps ``s = u``. :meth:`shifted`, :meth:`dynamically_shifted`
+    and :meth:`stretched_to_terminal` return a new path whose warps end with that transform (applied in the order
+    added), each computed by this module's formula function. The terminal stretch is defined relative to a grid:
+    it maps the last entry of the (1-D, descending) times it is evaluated at to ``shift_terminal``.
+    """
+
+    def __init__(self, warps: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()):
+        self.warps = tuple(warps)
+
+    def __repr__(self) -> str:
+        return f"FlowPath(warps={list(self.warps)!r})"
+
+    def sigma(self, u: torch.Tensor | float) -> torch.Tensor:
+        """Flow time ``s`` (the noise level) at time(s) ``u`` (float64)."""
+        s = _as_f64(u)
+        for warp in self.warps:
+            s = warp(s)
+        return s
+
+    def alpha_sigma(self, u: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 - s, s)`` with ``s = sigma(u)`` (float64)."""
+        return flow_alpha_sigma(self.sigma(u))
+
+    def then(self, warp: Callable[[torch.Tensor], torch.Tensor]) -> FlowPath:
+        """This path followed by ``warp``, a map of flow times ``s`` that keeps 0 and 1 in ``[0, 1]``."""
+        return FlowPath((*self.warps, warp))
+
+    def shifted(self, shift: float) -> FlowPath:
+        """SD3's static shift (:func:`shift_flow_sigmas`) after this path's warps."""
+        return self.then(functools.partial(shift_flow_sigmas, shift=shift))
+
+    def dynamically_shifted(
+        self, mu: float, exponent: float = 1.0, time_shift_type: str = "exponential"
+    ) -> FlowPath:
+        """Flux's resolution-dependent shift (:func:`dynamic_shift_flow_sigmas`, ``mu`` from :func:`flow_mu`)."""
+        return self.then(
+            functools.partial(dynamic_shift_flow_sigmas, mu=mu, exponent=exponent, time_shift_type=time_shift_type)
+        )
+
+    def stretched_to_terminal(self, shift_terminal: float) -> FlowPath:
+        """diffusers' ``shift_terminal`` (:func:`stretch_flow_sigmas_to_terminal`): a grid's last flow time
+        becomes ``shift_terminal``."""
+        return self.then(functools.partial(stretch_flow_sigmas_to_terminal, shift_terminal=shift_terminal))
 
 
 # --- mapping between the two paths ----------------------------------------------------------------

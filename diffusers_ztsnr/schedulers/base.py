@@ -138,6 +138,12 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
 
     # -- grid ---------------------------------------------------------------------------------
 
+    def _set_levels(self, timesteps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                    final_level: Level, device) -> None:
+        """Install a grid from a path's levels at its ``timesteps`` and the level the last step goes to."""
+        levels = torch.cat([torch.stack([alpha, sigma], 1), torch.tensor([final_level], dtype=torch.float64)])
+        self._reset(timesteps, levels, device)
+
     def _reset(self, timesteps: torch.Tensor, levels: torch.Tensor, device) -> None:
         """Install a grid: ``timesteps`` (n model times), ``levels`` ((n+1) x 2 float64 alpha, sigma)."""
         if self.config.prediction_type == "epsilon" and float(levels[0, 0]) == 0.0:
@@ -211,11 +217,28 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
     ) -> ZTSNRSchedulerOutput | tuple:
         """Advance ``sample`` from ``timestep`` to the next grid point given the model's output in
         ``config.prediction_type``. Works internally in float32 (or float64) whatever the latent dtype."""
-        if not hasattr(self, "_levels"):
-            raise RuntimeError("call set_timesteps before step.")
+        self._check_grid_set()
         unsupported = {k: v for k, v in kwargs.items() if k not in ("variance_noise", "eta") and v}
         if unsupported:
             raise TypeError(f"{type(self).__name__}.step does not support {sorted(unsupported)}.")
+        return self._advance(model_output, timestep, sample, generator, return_dict, kwargs.get("variance_noise"))
+
+    def _check_grid_set(self) -> None:
+        if not hasattr(self, "_levels"):
+            raise RuntimeError("call set_timesteps before step.")
+
+    def _advance(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None,
+        return_dict: bool,
+        variance_noise: torch.Tensor | None,
+        **rule_parameters: Any,
+    ) -> ZTSNRSchedulerOutput | tuple:
+        """The step itself; ``rule_parameters`` (DDIM's ``eta``) are passed on to :meth:`_update_rule`."""
+        self._check_grid_set()
         if self._step_index is None:
             begin = self.begin_index
             self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
@@ -228,12 +251,12 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
         p, q, _, _ = solve_coefficients(self.config.prediction_type, level[0], level[1])  # x0 = p x + q y
         x0 = linear_combination((p, x), (q, y))
         previous_x0, previous_level = self._previous if self._previous else (None, None)
-        u = self._update_rule(level, next_level, previous_level)
+        u = self._update_rule(level, next_level, previous_level, **rule_parameters)
         terms = [(u.x + u.x0 * p, x), (u.x0 * q, y)]  # x0 folded in: as few kernels as the rule allows
         if u.previous_x0:
             terms.append((u.previous_x0, previous_x0))
         if u.noise:
-            noise = kwargs.get("variance_noise")
+            noise = variance_noise
             if noise is None:
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
             terms.append((u.noise, noise.to(work)))
@@ -245,8 +268,10 @@ class ZTSNRSchedulerBase(SchedulerMixin, ConfigMixin):
             return (prev, x0)
         return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def _update_rule(self, level: Level, next_level: Level, previous_level: Level | None) -> Update:
-        """Coefficients of this scheduler's update (see :mod:`diffusers_ztsnr.solvers`)."""
+    def _update_rule(self, level: Level, next_level: Level, previous_level: Level | None,
+                     **rule_parameters: Any) -> Update:
+        """Coefficients of this scheduler's update (see :mod:`diffusers_ztsnr.solvers`); ``rule_parameters`` are
+        the ones its ``step`` takes (none unless a subclass's ``step`` passes them to :meth:`_advance`)."""
         raise NotImplementedError
 
     def __len__(self) -> int:

@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
-from ..schedule import dynamic_shift_flow_sigmas, shift_flow_sigmas, stretch_flow_sigmas_to_terminal
+from ..schedule import FlowPath
 from ..solvers import ddim_update, dpmpp_2m_update
 from .base import ZTSNRSchedulerBase
 
@@ -57,13 +57,13 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         if epsilon_zero_snr_clamp is not None and not 0 < epsilon_zero_snr_clamp < 1:
             raise ValueError(f"epsilon_zero_snr_clamp={epsilon_zero_snr_clamp} must lie in (0, 1), or be None.")
         T = num_train_timesteps
+        # the dynamic shift depends on the image size, known only at set_timesteps: none until then
+        training_path = FlowPath() if use_dynamic_shifting else FlowPath().shifted(shift)
         # diffusers' default grid runs from the (shifted) training sigma_max to sigma_min
-        s_min = torch.tensor(1.0 / T, dtype=torch.float64)
-        self.sigma_min = float(s_min if use_dynamic_shifting else shift_flow_sigmas(s_min, shift))
+        self.sigma_min = float(training_path.sigma(torch.tensor(1.0 / T, dtype=torch.float64)))
         self.sigma_max = 1.0
         # as in diffusers: the (shifted) training grid, noisiest first, until set_timesteps
-        s = torch.arange(T, 0, -1, dtype=torch.float64) / T
-        self.timesteps = ((s if use_dynamic_shifting else shift_flow_sigmas(s, shift)) * T).float()
+        self.timesteps = (training_path.sigma(torch.arange(T, 0, -1, dtype=torch.float64) / T) * T).float()
         self.num_inference_steps = None
 
     @property
@@ -97,21 +97,24 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
             s = torch.linspace(self.sigma_max, self.sigma_min, num_inference_steps, dtype=torch.float64)
         if s.ndim != 1 or len(s) == 0 or bool((s.diff() >= 0).any()) or bool(((s <= 0) | (s > 1)).any()):
             raise ValueError("flow sigmas must be strictly decreasing values in (0, 1] (the final 0 is added).")
+        alpha, s = self.sampling_path(mu).alpha_sigma(s)
+        model_timesteps = torch.as_tensor(timesteps, dtype=torch.float32) if timesteps is not None else (s * T).float()
+        self._set_levels(model_timesteps, alpha, s, (1.0, 0.0), device)
+
+    def sampling_path(self, mu: float | None = None) -> FlowPath:
+        """The flow path ``set_timesteps`` samples: the static shift, or the dynamic shift with ``mu``, then the
+        ``shift_terminal`` stretch; its time is the unshifted flow time (``sigmas=`` of ``set_timesteps``)."""
+        cfg = self.config
         if cfg.use_dynamic_shifting:
             if mu is None:
                 raise ValueError(
                     "use_dynamic_shifting=True needs mu= in set_timesteps (FluxPipeline passes it; compute it "
                     "with diffusers_ztsnr.schedule.flow_mu(image_seq_len))."
                 )
-            s = dynamic_shift_flow_sigmas(s, mu, 1.0, cfg.time_shift_type)
+            path = FlowPath().dynamically_shifted(mu, 1.0, cfg.time_shift_type)
         else:
-            s = shift_flow_sigmas(s, cfg.shift)
-        if cfg.shift_terminal:
-            s = stretch_flow_sigmas_to_terminal(s, cfg.shift_terminal)
-        model_timesteps = torch.as_tensor(timesteps, dtype=torch.float32) if timesteps is not None else (s * T).float()
-        levels = torch.stack([1 - s, s], 1)
-        levels = torch.cat([levels, torch.tensor([[1.0, 0.0]], dtype=torch.float64)])
-        self._reset(model_timesteps, levels, device)
+            path = FlowPath().shifted(cfg.shift)
+        return path.stretched_to_terminal(cfg.shift_terminal) if cfg.shift_terminal else path
 
     @property
     def sigmas(self) -> torch.Tensor:

@@ -14,6 +14,8 @@ from .base import ZTSNRSchedulerBase
 
 VP_CLASS_NAMES = ("ZTSNRDDIMScheduler", "ZTSNREulerScheduler", "ZTSNREulerAncestralScheduler",
                   "ZTSNRDPMSolverMultistepScheduler")
+#: ``final_sigmas_type``: the last step goes to clean data ("zero") or to the schedule's timestep 0 ("sigma_min")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
 class VPSchedulerBase(ZTSNRSchedulerBase):
@@ -110,9 +112,8 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
                 self.schedule, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
             ).double()
         alpha, sigma = self.schedule.alpha_sigma(grid)
-        levels = torch.cat([torch.stack([alpha, sigma], 1), torch.tensor([self._final_level()], dtype=torch.float64)])
         model_timesteps = grid.float() if self.fractional_timesteps else grid.long()
-        self._reset(model_timesteps, levels, device)
+        self._set_levels(model_timesteps, alpha, sigma, self._final_level(), device)
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -134,3 +135,20 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
         """The v-prediction target ``alpha_t * noise - sigma_t * x0`` (diffusers' name)."""
         alpha, sigma = self._levels_at(torch.as_tensor(timesteps).reshape(-1), sample)
         return from_x0_eps(sample, noise, alpha.flatten(), sigma.flatten(), "v_prediction")
+
+
+class FractionalVPSchedulerBase(VPSchedulerBase):
+    """A VP scheduler whose model may be called between integer timesteps (Karras grids, custom ``sigmas``),
+    with diffusers' ``final_sigmas_type`` for the level of its last step. Base of the Euler and DPM-Solver
+    schedulers; subclasses call :meth:`_setup_fractional` in ``__init__``."""
+
+    fractional_timesteps = True
+
+    def _final_level(self) -> tuple[float, float]:
+        if self.config.final_sigmas_type == "zero":
+            return (1.0, 0.0)
+        return tuple(float(v) for v in self.schedule.alpha_sigma(0.0))
+
+    def _setup_fractional(self) -> None:
+        self._setup_vp()
+        self._check_choice("final_sigmas_type", self.config.final_sigmas_type, FINAL_SIGMAS_TYPES)
