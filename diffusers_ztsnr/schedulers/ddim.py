@@ -44,7 +44,6 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
     ):
         self._check_stock_kwargs(kwargs)
         self._setup_vp()
-        self._eta = 0.0
 
     def _final_level(self) -> tuple[float, float]:
         if self.config.set_alpha_to_one:
@@ -67,8 +66,7 @@ class ZTSNRDDIMScheduler(VPSchedulerBase):
             raise ValueError(f"eta={eta} must lie in [0, 1] (beyond 1 the DDIM noise exceeds the next sigma).")
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both.")
-        self._eta = eta
-        return super().step(model_output, timestep, sample, generator, return_dict, variance_noise=variance_noise)
+        return self._advance(model_output, timestep, sample, generator, return_dict, variance_noise, eta=eta)
 
-    def _update_rule(self, level, next_level, previous_level):
-        return ddim_update(level, next_level, self._eta)
+    def _update_rule(self, level, next_level, previous_level, eta: float = 0.0):
+        return ddim_update(level, next_level, eta)

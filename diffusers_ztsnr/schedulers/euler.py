@@ -9,25 +9,10 @@ from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import ddim_update
-from .vp import VPSchedulerBase
-
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+from .vp import FractionalVPSchedulerBase
 
 
-class _EulerGrid(VPSchedulerBase):
-    fractional_timesteps = True
-
-    def _final_level(self) -> tuple[float, float]:
-        if self.config.final_sigmas_type == "zero":
-            return (1.0, 0.0)
-        return tuple(float(v) for v in self.schedule.alpha_sigma(0.0))
-
-    def _setup_euler(self) -> None:
-        self._setup_vp()
-        self._check_choice("final_sigmas_type", self.config.final_sigmas_type, FINAL_SIGMAS_TYPES)
-
-
-class ZTSNREulerScheduler(_EulerGrid):
+class ZTSNREulerScheduler(FractionalVPSchedulerBase):
     """Euler on the probability-flow ODE; drop-in for ``diffusers.EulerDiscreteScheduler``.
 
     The latent is kept in VP form (``scale_model_input`` is the identity, ``init_noise_sigma`` is 1),
@@ -57,13 +42,13 @@ class ZTSNREulerScheduler(_EulerGrid):
         **kwargs: Any,
     ):
         self._check_stock_kwargs(kwargs)
-        self._setup_euler()
+        self._setup_fractional()
 
     def _update_rule(self, level, next_level, previous_level):
         return ddim_update(level, next_level)
 
 
-class ZTSNREulerAncestralScheduler(_EulerGrid):
+class ZTSNREulerAncestralScheduler(FractionalVPSchedulerBase):
     """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``, eta = 1); drop-in for
     ``diffusers.EulerAncestralDiscreteScheduler``.
 
@@ -95,7 +80,7 @@ class ZTSNREulerAncestralScheduler(_EulerGrid):
         self._check_stock_kwargs(kwargs)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta={eta} must lie in [0, 1].")
-        self._setup_euler()
+        self._setup_fractional()
 
     def _update_rule(self, level, next_level, previous_level):
         return ddim_update(level, next_level, self.config.eta)

@@ -9,10 +9,10 @@ from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..solvers import dpmpp_2m_update
-from .euler import _EulerGrid
+from .vp import FractionalVPSchedulerBase
 
 
-class ZTSNRDPMSolverMultistepScheduler(_EulerGrid):
+class ZTSNRDPMSolverMultistepScheduler(FractionalVPSchedulerBase):
     """DPM-Solver++(2M) (Lu et al. 2022); drop-in for ``diffusers.DPMSolverMultistepScheduler``
     with ``algorithm_type="dpmsolver++"``.
 
@@ -47,7 +47,7 @@ class ZTSNRDPMSolverMultistepScheduler(_EulerGrid):
         self._check_choice("solver_order", solver_order, (1, 2))
         self._check_choice("algorithm_type", algorithm_type, ("dpmsolver++",))
         self._check_choice("solver_type", solver_type, ("midpoint", "heun"))
-        self._setup_euler()
+        self._setup_fractional()
 
     def _update_rule(self, level, next_level, previous_level):
         if self.config.solver_order == 1:
