@@ -21,6 +21,11 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
 )
 
+from diffusers_ztsnr.testing.released_schedulers import (  # noqa: E402
+    RELEASED_SCHEDULER_NAMES,
+    SCHEDULER_CONFIGS_DIR,
+    released_scheduler_config,
+)
 from diffusers_ztsnr.testing.tiny import (  # noqa: E402
     TINY_KINDS,
     load_tiny_pipeline,
@@ -246,6 +251,21 @@ def test_default_schedulers(tiny_pipes):
         use_dynamic_shifting=True,
     )
     assert {k: flux.config[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_schedulers_are_built_from_the_shipped_released_configs(kind, tiny_pipes):
+    shipped = json.loads((SCHEDULER_CONFIGS_DIR / f"{kind}.json").read_text(encoding="utf-8"))
+    assert shipped.pop("_diffusers_version")  # which diffusers wrote the file: not carried into the scheduler
+    assert released_scheduler_config(kind) == shipped
+    config = tiny_pipes[kind].scheduler.config
+    assert {key: config[key] for key in shipped} == shipped
+
+
+def test_every_released_config_is_shipped():
+    assert sorted(path.stem for path in SCHEDULER_CONFIGS_DIR.glob("*.json")) == sorted(RELEASED_SCHEDULER_NAMES)
+    with pytest.raises(ValueError, match="unknown released scheduler 'sd99'"):
+        released_scheduler_config("sd99")
 
 
 def test_architecture_invariants(tiny_pipes):
