@@ -158,12 +158,14 @@ def test_every_time_sampling_scheme_trains(assets, tmp_path, model, extra, monke
 
 def test_shift_follows_the_base_scheduler(assets):
     latents = torch.zeros(1, 16, 64, 64)  # 32 x 32 = 1024 tokens of 2 x 2 patches
-    sd3 = FlowTask(flow_args(argv(assets, "x", "sd3", 1)))
-    assert sd3.shift_for(latents) == (3.0, None)  # SD3's config: static shift 3.0
-    flux = FlowTask(flow_args(argv(assets, "x", "flux", 1)))
-    assert flux.shift_for(latents) == (1.0, pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840))  # Flux: mu(tokens)
-    fixed = FlowTask(flow_args(argv(assets, "x", "flux", 1, "--timestep_shift", "2.5")))
-    assert fixed.shift_for(latents) == (2.5, None)
+    def objective(*flags):
+        args = flow_args(argv(assets, "x", *flags))
+        return FlowTask(args).build_objective(args)
+
+    assert objective("sd3", 1).shift_and_mu(latents) == (3.0, None)  # SD3's config: static shift 3.0
+    flux = objective("flux", 1)
+    assert flux.shift_and_mu(latents) == (1.0, pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840))  # Flux: mu(tokens)
+    assert objective("flux", 1, "--timestep_shift", "2.5").shift_and_mu(latents) == (2.5, None)
 
 
 def test_resume_latest_equals_an_uninterrupted_run(assets, tmp_path):

@@ -1,26 +1,28 @@
-"""Command-line flags shared by the training scripts, and ``--config`` files with the same keys.
+"""All the training scripts' flags and all their checks, in one place.
 
 Flag names follow diffusers' example training scripts where the option exists there
 (``--pretrained_model_name_or_path``, ``--train_data_dir``, ``--snr_gamma``, ...); ours are added
 beside them (``--zero_terminal_snr``, ``--timestep_shift``, ``--cache_latents``, ...). A ``--config``
-YAML or JSON file holds the same names as keys; flags given on the command line win over the file.
+YAML or JSON file holds the same names as keys; flags given on the command line win over the file
+(:mod:`diffusers_ztsnr.training.arguments`: the parser, config files and one-line errors).
 
-Flags are never abbreviated (``--learning_rat`` is an error naming ``--learning_rate``, not a silent match), and a
-config file's keys and values go through the same parser as the command line: an unknown key, a value of the wrong
-type or outside a flag's choices is a one-line error naming the file.
+Every check of every flag runs before anything is loaded or written, and all problems are reported at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
 import math
-import os
-import sys
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+
+from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and errors, where they always were)
+    USAGE,
+    InputError,
+    TrainingArgumentParser,
+    UsageError,
+    make_parser,
+    parse_with_config,
+    run_script,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -28,105 +30,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 MAX_LEARNING_RATE = 1.0
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "none")
-USAGE_EXIT_CODE = 2  # argparse's status for a bad command line; ours is the same for bad flags and inputs
-
-LAUNCH_EPILOG = """\
---config FILE (.yaml, .yml or .json) holds flags as keys, named without the leading --; flags on the command
-line win over the file. Examples: examples/configs/.
-
-Errors: a bad flag, config key or input path stops the script before it writes anything, with one line on
-stderr and exit status 2. Under `accelerate launch` (single process), accelerate re-raises a failed script as a
-Python traceback ending in subprocess.CalledProcessError, printed after our line; `accelerate launch -q ...`
-(--quiet) leaves our line last and exits with status 1. With several processes, torchrun prints its
-ChildFailedError report after our line, with or without -q.
-"""
-
-
-class UsageError(SystemExit):
-    """A bad flag, config key or input: one line, ``error: ...``, raised before anything is written.
-
-    In-process it is a ``SystemExit`` carrying the message (like argparse's own errors); the scripts print the line
-    and exit with status 2 (:func:`run_script`)."""
-
-    def __init__(self, message: str):
-        super().__init__(message if message.startswith("error: ") else f"error: {message}")
-
-
-class InputError(ValueError):
-    """An input the run cannot use (an output folder holding another run, no checkpoint to resume, a model of the
-    other script's family); the message says what to change. The scripts print it as one line (status 2)."""
-
-
-class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows each flag's default unless its help already says what the default is; an unset (``None``)
-    or off (``False``) default is left unsaid, the help text says what happens then."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        unsaid = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if not action.option_strings or "default" in text or unsaid:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class TrainingArgumentParser(argparse.ArgumentParser):
-    """The scripts' parser: no abbreviated flags, defaults and the launch notes in ``--help``, and an unknown flag
-    named together with the closest real one."""
-
-    def __init__(self, **kwargs: Any):
-        kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        kwargs.setdefault("epilog", LAUNCH_EPILOG)
-        super().__init__(**kwargs)
-        self.source: str | None = None  # where the arguments being parsed come from, for error messages
-
-    def option_names(self) -> list[str]:
-        return [a.dest for a in self._actions if a.option_strings and a.dest != "help"]
-
-    def parse_args(self, args: Sequence[str] | None = None,
-                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
-            hint = did_you_mean(flags, self.option_names(), "--")
-            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
-        return parsed
-
-    def error(self, message: str) -> NoReturn:
-        if not is_first_rank():  # under torchrun every rank parses the same flags: one copy of the error
-            self.exit(USAGE_EXIT_CODE)
-        super().error(f"{message} (in {self.source})" if self.source else message)
-
-
-def did_you_mean(names: list[str], options: Iterable[str], prefix: str) -> str:
-    """`` (did you mean --x?)`` for the closest option of each of ``names`` (empty when none is close)."""
-    options = list(options)
-    pairs = [(name, f"{prefix}{c}") for name in names if (c := closest_option(name, options))]
-    if not pairs:
-        return ""
-    if len(names) == 1:
-        return f" (did you mean {pairs[0][1]}?)"
-    return f" (did you mean {', '.join(f'{c} for {name}' for name, c in pairs)}?)"
-
-
-def closest_option(name: str, options: Iterable[str]) -> str | None:
-    """The option a misspelt or shortened ``name`` most likely meant (``None``: nothing close)."""
-    options = list(options)
-    key = name.lstrip("-").replace("-", "_")
-    starting = [o for o in options if o.startswith(key)]
-    if len(starting) == 1:
-        return starting[0]
-    close = difflib.get_close_matches(key, starting or options, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-USAGE = ("%(prog)s [-h] [--config FILE] --pretrained_model_name_or_path MODEL (--train_data_dir DIR | "
-         "--dataset_name NAME) [--output_dir DIR] [flags; see --help]")
-
-
-def make_parser(description: str) -> TrainingArgumentParser:
-    # the short usage: argparse prints it above every error, where the full list of flags would bury the error
-    return TrainingArgumentParser(description=description, usage=USAGE)
+OBJECTIVES = ("diffusion", "flow")
+FLOW_OBJECTIVE_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+DEFAULT_FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance, diffusers' Flux script default
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,7 +193,6 @@ def add_vp_objective_arguments(parser: argparse.ArgumentParser) -> None:
     a("--snr_gamma", type=float, default=None,
       help="min-SNR-gamma loss weighting (5.0 is the paper's; default: unweighted).")
     a("--debiased_estimation", action="store_true", help="debiased-estimation loss weighting.")
-    a("--timestep_shift", type=float, default=1.0, help="> 1 samples noisier training timesteps.")
     a("--noise_offset", type=float, default=0.0, help="add this much per-channel constant noise (0: off).")
     a("--input_perturbation", type=float, default=0.0,
       help="perturb the noise fed to the model by this scale, not the target's (0: off).")
@@ -309,9 +214,6 @@ def add_flow_objective_arguments(parser: argparse.ArgumentParser) -> None:
            "velocity eps - x0.")
 
 
-FLOW_OBJECTIVE_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
-
-
 def check_flow_objective_arguments(args: argparse.Namespace) -> list[str]:
     """Problems with the flow-matching flags (returned, like :func:`check_common_args`)."""
     from .objectives import check_flow_weighting
@@ -323,95 +225,112 @@ def check_flow_objective_arguments(args: argparse.Namespace) -> list[str]:
     return []
 
 
-# --- --config files ---------------------------------------------------------------------------------------
+def add_timestep_shift_argument(parser: argparse.ArgumentParser, default: float | str) -> None:
+    """``--timestep_shift``, one flag for both scripts (checked and converted by :func:`parse_timestep_shift`)."""
+    parser.add_argument(
+        "--timestep_shift", type=str, default=default,
+        help="shift of the training times toward noise (SD3's shift k: u -> k u / (1 + (k - 1) u); > 1 noisier, "
+             "1 none): a number > 0; 'auto' (what the base scheduler does at sampling: SD3's static shift, Flux's "
+             "resolution-dependent mu; 1 for UNets); 'dynamic' (flow transformers: Flux's mu from each batch's "
+             "token count).")
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; values from ``--config`` fill every flag not given on the command line.
-
-    The file's entries become flags placed before the command line's (``key: value`` -> ``--key=value``,
-    ``key: true`` -> ``--key``), so they are converted and checked exactly like typed flags, and a flag typed
-    again later wins."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = parser.parse_known_args(argv)
-    if not pre.config:
-        return parser.parse_args(argv)
-    tokens = config_tokens(parser, load_config_file(pre.config), pre.config)
-    source = getattr(parser, "source", None)
-    parser.source = f"--config {pre.config}"
+def parse_timestep_shift(value: float | str, flow_model: bool) -> tuple[float | str, str | None]:
+    """``(converted value, problem)``: ``'auto'``, ``'dynamic'`` (flow transformers only) or a finite number > 0.
+    A UNet's ``'auto'`` is 1 (VP schedulers do not shift)."""
+    if value == "auto":
+        return ("auto" if flow_model else 1.0), None
+    if value == "dynamic":
+        if flow_model:
+            return value, None
+        return value, ("--timestep_shift dynamic is the resolution-dependent shift of flow transformers; a UNet "
+                       "takes a number > 0 (or auto)")
     try:
-        parser.parse_args(tokens)  # the file alone first: its errors name the file
-    finally:
-        parser.source = source
-    return parser.parse_args([*tokens, *argv])
+        shift = float(value)
+    except ValueError:
+        shift = float("nan")
+    if shift > 0 and shift != math.inf:
+        return shift, None
+    allowed = "'auto', 'dynamic' or a number > 0" if flow_model else "'auto' or a number > 0"
+    return value, f"--timestep_shift must be {allowed} (got {str(value)!r})"
 
 
-def config_tokens(parser: argparse.ArgumentParser, values: dict[str, Any], path: str | Path) -> list[str]:
-    """The command-line spelling of a config file's entries; unknown keys are a :class:`UsageError` naming the
-    closest flag."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    unknown = [str(k) for k in values if k not in actions]
-    if unknown:
-        hint = did_you_mean(unknown, actions, "")
-        raise UsageError(f"error: --config {path} has unknown keys {sorted(unknown)}{hint}; keys are the flags' "
-                         "names without the leading --.")
-    tokens = []
-    for key, value in values.items():
-        flag = f"--{key}"
-        if actions[key].nargs == 0:  # on/off flags
-            if not isinstance(value, bool):
-                raise UsageError(f"error: --config {path}: {key} is an on/off flag, give true or false (got "
-                                 f"{value!r}).")
-            tokens += [flag] if value else []
-        elif isinstance(value, (dict, list)):
-            raise UsageError(f"error: --config {path}: {key} takes one value (got {value!r}).")
-        elif value is not None:
-            tokens.append(f"{flag}={value}")  # '=' keeps a value such as -1 from reading as a flag
-    return tokens
+def unet_parser(description: str) -> TrainingArgumentParser:
+    """``train_lora_unet.py``'s flags: the common ones, the VP objective's, ``--objective flow``'s."""
+    from .lora import DEFAULT_UNET_TARGETS
+
+    parser = make_parser(description)
+    add_common_arguments(parser)
+    add_vp_objective_arguments(parser)
+    add_timestep_shift_argument(parser, 1.0)
+    a = parser.add_argument
+    a("--objective", type=str, default="diffusion", choices=OBJECTIVES,
+      help="diffusion: the VP loss of --prediction_type; flow: rectified-flow matching through the equal-SNR mapping "
+           "(needs --zero_terminal_snr).")
+    add_flow_objective_arguments(parser)
+    a("--lora_layers", type=str, default=None,
+      help="comma-separated module names (or dotted name suffixes) to put LoRA on; Linear and Conv2d layers "
+           f"(default: {','.join(DEFAULT_UNET_TARGETS)}, diffusers' LoRA example).")
+    a("--export_checkpoint", type=str, default=None,
+      help="also write the LoRA merged into the base as one single-file checkpoint in the original layout, with the "
+           "v_pred / ztsnr keys ComfyUI and A1111 read (a path; relative ones lie in --output_dir), e.g. "
+           "merged.safetensors.")
+    a("--export_dtype", type=str, default="fp16", choices=("fp16", "bf16", "fp32"),
+      help="dtype of --export_checkpoint.")
+    return parser
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"error: --config {path} does not exist.")
-    values = _parse_config_text(path, path.read_text(encoding="utf-8"))
-    if not isinstance(values, dict):
-        raise UsageError(f"error: --config {path} must hold a mapping of flag names to values.")
-    return values
+def flow_parser(description: str) -> TrainingArgumentParser:
+    """``train_lora_flow.py``'s flags: the common ones and the flow-matching objective's."""
+    parser = make_parser(description)
+    add_common_arguments(parser)
+    add_flow_objective_arguments(parser)
+    add_timestep_shift_argument(parser, "auto")
+    a = parser.add_argument
+    a("--guidance_scale", type=float, default=None,
+      help=f"guidance value fed to a guidance-distilled transformer (Flux dev) while training and validating "
+           f"(default {DEFAULT_FLUX_GUIDANCE}); an error for models without a guidance embedding.")
+    a("--lora_layers", type=str, default=None,
+      help="comma-separated module names to put LoRA on (default: diffusers' SD3 / Flux script choice).")
+    a("--max_sequence_length", type=int, default=None,
+      help="T5 prompt length in tokens (default: 77 for SD3, 512 for Flux, as diffusers' scripts).")
+    return parser
 
 
-def _parse_config_text(path: Path, text: str) -> Any:
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            return yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError) as error:
-            raise UsageError(f"error: --config {path} is not valid YAML ({' '.join(str(error).split())}).") from error
-    try:
-        return json.loads(text)
-    except ValueError as error:
-        raise UsageError(f"error: --config {path} is not valid JSON ({error}).") from error
-
-
-# --- the scripts' entry point -----------------------------------------------------------------------------
-
-
-def run_script(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)`` as a command: a :class:`UsageError` or :class:`InputError` becomes one line on stderr
-    (``<script>: error: ...``) and exit status 2, with no traceback; anything else propagates as usual."""
-    prog = Path(sys.argv[0]).name or "train"
-    try:
-        main(sys.argv[1:] if argv is None else list(argv))
-    except (UsageError, InputError) as error:
-        message = str(error.code) if isinstance(error, UsageError) else f"error: {error}"
-        sys.stdout.flush()  # whatever was printed before comes before the error line
-        if is_first_rank():  # under torchrun every rank fails alike: print one copy
-            print(f"{prog}: {' '.join(message.split())}", file=sys.stderr, flush=True)
-        return USAGE_EXIT_CODE
-    return 0
+def check_unet_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every check of ``train_lora_unet.py``'s flags; converts ``--timestep_shift``. Raises :class:`UsageError`
+    listing all problems."""
+    problems = check_common_args(args)
+    args.timestep_shift, problem = parse_timestep_shift(args.timestep_shift, flow_model=False)
+    problems += [problem] if problem else []
+    if args.objective == "flow":
+        problems += check_flow_objective_arguments(args)
+        if not args.zero_terminal_snr:
+            problems.append("--objective flow starts its paths at pure noise (s = 1), which only a zero-terminal-SNR "
+                            "schedule reaches: add --zero_terminal_snr")
+        if args.snr_gamma or args.debiased_estimation:
+            problems.append("--snr_gamma / --debiased_estimation weight the diffusion objective; with --objective flow "
+                            "use --weighting_scheme (none, sigma_sqrt, cosmap, logit_normal, mode)")
+    else:
+        changed = [f"--{k}" for k in FLOW_OBJECTIVE_FLAGS if getattr(args, k) != parser.get_default(k)]
+        if changed:
+            problems.append(f"{', '.join(changed)} apply to the flow-matching objective: add --objective flow, or drop "
+                            "them")
+    raise_problems(problems)
 
 
-def is_first_rank() -> bool:
-    """Rank 0 of a torchrun / accelerate launch, or a process started on its own (no ``RANK``)."""
-    return os.environ.get("RANK", "0") == "0"
+def check_flow_args(args: argparse.Namespace) -> None:
+    """Every check of ``train_lora_flow.py``'s flags; converts ``--timestep_shift``. Raises :class:`UsageError`
+    listing all problems."""
+    problems = check_common_args(args)
+    args.timestep_shift, problem = parse_timestep_shift(args.timestep_shift, flow_model=True)
+    problems += [problem] if problem else []
+    if args.resolution % 16:
+        problems.append(f"--resolution must be a multiple of 16 for flow transformers (VAE factor 8 x patch 2), got "
+                        f"{args.resolution}")
+    problems += check_flow_objective_arguments(args)
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        problems.append(f"--max_sequence_length must be >= 1 (got {args.max_sequence_length})")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        problems.append(f"--guidance_scale must be >= 0 (got {args.guidance_scale})")
+    raise_problems(problems)

@@ -1,4 +1,11 @@
-"""The model family's side of the shared training loop: :class:`ModelTask`."""
+"""The model family's side of the shared training loop: :class:`ModelTask`.
+
+A task knows its model: how to load the base pipeline, encode captions and images, call the denoiser on a batch
+(:meth:`ModelTask.predictor`, adapted to the path the objective trains on), where LoRA goes, which scheduler the
+output ships and how the LoRA files are written. What the loss is belongs to the objective
+(:mod:`diffusers_ztsnr.training.objectives`); :meth:`ModelTask.build_objective` only picks it from the flags.
+A new family is one new module under :mod:`diffusers_ztsnr.training.families`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ from typing import Any
 
 import torch
 
+from .objectives import DiffusionObjective, FlowMatchingObjective, Predict
+
+Objective = DiffusionObjective | FlowMatchingObjective
 
 class ModelTask:
     """One model family's side of the shared loop. Subclasses set the attributes below in ``__init__``.
@@ -44,7 +54,6 @@ class ModelTask:
 
         class_name = check_pipeline_class(args, allowed or self.pipelines, self.script,
                                           self.other_script_hint if hint is None else hint)
-        self.args = args
         self.pipeline_class = getattr(diffusers, class_name)
         self.pipe = load_base_pipeline(args, class_name)
         return class_name
@@ -69,9 +78,23 @@ class ModelTask:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
-    def loss(self, model, latents: torch.Tensor, cond: dict[str, torch.Tensor], batch: dict[str, Any],
-             generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
-        """One micro-batch's scalar loss; ``model`` is the (possibly DDP-wrapped) denoiser."""
+    def predictor(self, model: torch.nn.Module, batch: dict[str, Any], weight_dtype: torch.dtype,
+                  path: str) -> Predict:
+        """``predict(noisy, time, conditioning)`` for one batch: ``model`` (the possibly DDP-wrapped denoiser) on
+        the noise ``path`` an objective trains (``"vp"``: integer timesteps, the model's own prediction type;
+        ``"flow"``: flow times ``s`` in [0, 1], the velocity ``eps - x0``). ``batch`` supplies per-image
+        conditioning beyond the captions (SDXL's sizes)."""
+        raise NotImplementedError
+
+    def loss(self, model, latents, cond, batch, generator, weight_dtype):  # TEMPORARY BRIDGE
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        objective = self._bridge_objective
+        per_sample, _ = objective(self.predictor(model, batch, weight_dtype, objective.path), latents, cond, noise,
+                                  generator)
+        return per_sample.mean()
+
+    def build_objective(self, args: argparse.Namespace) -> Objective:
+        """The training objective the flags ask for, on this model's schedule."""
         raise NotImplementedError
 
     def sampling_scheduler(self):

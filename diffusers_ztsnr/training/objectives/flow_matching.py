@@ -70,9 +70,16 @@ class FlowMatchingObjective:
         self.precondition_outputs = precondition_outputs
         self.noise_offset, self.input_perturbation = noise_offset, input_perturbation
 
+    def shift_and_mu(self, latents: torch.Tensor) -> tuple[float, float | None]:
+        """``(static shift, mu)`` for a batch of ``latents``: ``mu`` is ``None`` unless the shift depends on the
+        resolution (then the static shift is 1)."""
+        if isinstance(self.shift, ResolutionShift):
+            return 1.0, self.shift.mu(latents)
+        return self.shift, None
+
     def times(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Flow times ``s`` ``[B]`` (float64) for a batch of ``latents``."""
-        shift, mu = (1.0, self.shift.mu(latents)) if isinstance(self.shift, ResolutionShift) else (self.shift, None)
+        shift, mu = self.shift_and_mu(latents)
         s = sample_flow_sigmas(len(latents), generator, self.weighting_scheme, self.logit_mean, self.logit_std,
                                self.mode_scale, shift=shift, mu=mu)
         return s if self.min_time is None else s.clamp(min=self.min_time)

@@ -1,0 +1,143 @@
+"""SD3 (``SD3Transformer2DModel``) and Flux (``FluxTransformer2DModel``): the transformer trained with LoRA as a
+rectified flow.
+
+Conventions (diffusers'): ``x_s = (1 - s) * x0 + s * eps`` with ``s = 1`` pure noise, the output is the velocity
+``eps - x0``; SD3's transformer takes the model time ``1000 * s``, Flux's takes ``s`` (it multiplies by 1000 inside)
+on packed 2x2 latent patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..card import RunFacts, render_flow_card
+from ..config import DEFAULT_FLUX_GUIDANCE, InputError
+from ..lora import add_lora, save_diffusers_lora, save_kohya_lora
+from ..objectives import FlowMatchingObjective, Predict, resolve_flow_shift
+from ..task import ModelTask
+
+PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+# attention (and for Flux the feed-forward) projections: the defaults of diffusers' SD3 / Flux LoRA scripts
+DEFAULT_LORA_LAYERS = {
+    "StableDiffusion3Pipeline": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"),
+    "FluxPipeline": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"),
+}
+
+
+class FlowTask(ModelTask):
+    """SD3 / Flux: the transformer trained with LoRA on the flow-matching objective."""
+
+    denoiser_name = "transformer"
+    script = "train_lora_flow.py"
+    pipelines = PIPELINES
+    other_script_hint = "SD 1.x / 2.x / SDXL UNets: use train_lora_unet.py (--objective flow trains them as flows)."
+
+    def __init__(self, args: argparse.Namespace):
+        class_name = self.load_pipeline(args)
+        pipe = self.pipe
+        self.is_flux = class_name == "FluxPipeline"
+        self.denoiser, self.vae = pipe.transformer, pipe.vae
+        self.text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2,
+                                          getattr(pipe, "text_encoder_3", None)) if m is not None]
+        # the CLIP encoders take LoRA with --train_text_encoder (T5 stays frozen, as in diffusers' scripts)
+        clips = ["text_encoder"] if self.is_flux else ["text_encoder", "text_encoder_2"]
+        self.trainable_text_encoders = {name: getattr(pipe, name) for name in clips}
+        self.cond_keys = ("prompt_embeds", "pooled_projections")
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.max_sequence_length = args.max_sequence_length or (512 if self.is_flux else 77)
+        self.guidance = None
+        if self.denoiser.config.get("guidance_embeds", False):
+            self.guidance = DEFAULT_FLUX_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+        elif args.guidance_scale is not None:
+            raise InputError(f"--guidance_scale {args.guidance_scale}: {args.pretrained_model_name_or_path}'s "
+                             "transformer has no guidance embedding (only guidance-distilled models such as "
+                             "FLUX.1-dev do); drop --guidance_scale.")
+        self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
+                            else DEFAULT_LORA_LAYERS[class_name])
+        self._bridge_objective = self.build_objective(args)  # TEMPORARY BRIDGE
+
+    def build_objective(self, args: argparse.Namespace) -> FlowMatchingObjective:
+        """Flow matching with ``--weighting_scheme``'s time density or weight, shifted as ``--timestep_shift``
+        says (``auto``: as this model's scheduler shifts at sampling time)."""
+        return FlowMatchingObjective(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
+                                     shift=resolve_flow_shift(args.timestep_shift, self.scheduler_config),
+                                     precondition_outputs=bool(args.precondition_outputs))
+
+    def add_adapters(self, args: argparse.Namespace) -> None:
+        try:
+            add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers)
+        except ValueError as error:
+            raise InputError(f"--lora_layers {','.join(self.lora_layers)}: {error} Name modules of the "
+                             f"{type(self.denoiser).__name__} (e.g. attn.to_q,attn.to_k).") from error
+
+    def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        if self.is_flux:
+            embeds, pooled, _text_ids = self.pipe.encode_prompt(
+                captions, prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length)
+        else:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                captions, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    def predictor(self, model, batch: dict[str, Any], weight_dtype: torch.dtype, path: str) -> Predict:
+        if path != "flow":
+            raise ValueError(f"{type(self.denoiser).__name__} is a flow model; it trains on the 'flow' path only, "
+                             f"not {path!r}")
+        return lambda noisy, s, cond: self.predict(model, noisy, s, cond, weight_dtype)
+
+    def predict(self, model, noisy: torch.Tensor, s: torch.Tensor, cond: dict[str, torch.Tensor],
+                 weight_dtype: torch.dtype) -> torch.Tensor:
+        """The transformer's velocity for latents ``noisy`` ``[B, C, h, w]`` at flow times ``s`` ``[B]``."""
+        device = noisy.device
+        embeds = cond["prompt_embeds"].to(device, weight_dtype)
+        pooled = cond["pooled_projections"].to(device, weight_dtype)
+        if not self.is_flux:
+            return model(hidden_states=noisy.to(weight_dtype), timestep=(1000 * s).to(device, torch.float32),
+                         encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        b, c, h, w = noisy.shape
+        packed = self.pipeline_class._pack_latents(noisy.to(weight_dtype), b, c, h, w)
+        img_ids = self.pipeline_class._prepare_latent_image_ids(b, h // 2, w // 2, device, weight_dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=weight_dtype)
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((b,), float(self.guidance), device=device, dtype=torch.float32)
+        out = model(hidden_states=packed, timestep=s.to(device, torch.float32), guidance=guidance,
+                    pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False)[0]
+        scale = self.pipe.vae_scale_factor
+        return self.pipeline_class._unpack_latents(out, h * scale, w * scale, scale)
+
+    def sampling_scheduler(self):
+        from ...schedulers import ZTSNRFlowMatchScheduler
+
+        return ZTSNRFlowMatchScheduler.from_config(self.scheduler_config)
+
+    def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_sequence_length": self.max_sequence_length}
+        if self.guidance is not None:
+            kwargs["guidance_scale"] = self.guidance
+        return kwargs
+
+    def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
+        alpha, family = args.lora_alpha or args.rank, self.family
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False,
+                                   lora_alpha=alpha, family=family)
+        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, "flow_prediction", False,
+                                family=family, denoiser_config=dict(self.denoiser.config),
+                                base_model=args.pretrained_model_name_or_path)
+        return {"lora": lora, "kohya": kohya}
+
+    def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
+        run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
+        return render_flow_card(run, weighting_scheme=args.weighting_scheme, timestep_shift=args.timestep_shift,
+                                precondition_outputs=bool(args.precondition_outputs), lora_layers=self.lora_layers,
+                                guidance_scale=self.guidance, family=self.family)

@@ -1,0 +1,141 @@
+"""SD 1.x / 2.x / SDXL: the UNet trained with LoRA, on the VP objective or as a rectified flow.
+
+On the VP path the UNet is called at integer timesteps and outputs its ``prediction_type``. For the flow objective
+it is wrapped by :meth:`diffusers_ztsnr.adapters.PathTransformedModel.vp_as_flow`: flow time ``s`` maps to the VP
+timestep of equal SNR and the output converts to the velocity ``eps - x0`` (the same wrapper that lets a flow
+sampler drive it afterwards); the UNet keeps its VP timestep conditioning.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...adapters import PathTransformedModel
+from ...schedule import VPSchedule
+from ..card import RunFacts, render_unet_card
+from ..config import InputError
+from ..lora import DEFAULT_UNET_TARGETS, add_lora, save_diffusers_lora, save_kohya_lora
+from ..objectives import DiffusionObjective, FlowMatchingObjective, Predict, check_objective_config
+from ..task import ModelTask
+
+
+class UNetTask(ModelTask):
+    """SD 1.x / 2.x / SDXL: the UNet trained with LoRA, on the VP objective or as a rectified flow."""
+
+    denoiser_name = "unet"
+    script = "train_lora_unet.py"
+    pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    other_script_hint = "Flow transformers (SD3, Flux): use train_lora_flow.py."
+
+    def __init__(self, args: argparse.Namespace):
+        class_name = self.load_pipeline(args)
+        pipe = self.pipe
+        self.is_sdxl = class_name == "StableDiffusionXLPipeline"
+        self.denoiser, self.vae = pipe.unet, pipe.vae
+        self.text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+        names = ["text_encoder", "text_encoder_2"]
+        self.trainable_text_encoders = dict(zip(names, self.text_encoders, strict=False))
+        self.cond_keys = ("encoder_hidden_states", "text_embeds") if self.is_sdxl else ("encoder_hidden_states",)
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.base_prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        default = "v_prediction" if args.objective == "flow" else self.base_prediction_type
+        self.prediction_type = args.prediction_type or default
+        self.zero_terminal_snr = bool(args.zero_terminal_snr)
+        check_objective_config(self.prediction_type, args.zero_terminal_snr, args.noise_offset,
+                               args.input_perturbation, args.snr_gamma)
+        self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config, args.zero_terminal_snr)
+        self._bridge_objective = self.build_objective(args)  # TEMPORARY BRIDGE
+
+    def build_objective(self, args: argparse.Namespace) -> DiffusionObjective | FlowMatchingObjective:
+        """``--objective diffusion``: the VP loss of ``prediction_type`` on the (ZTSNR-rescaled) schedule;
+        ``--objective flow``: flow matching, times clamped at the schedule's cleanest flow time."""
+        if args.objective == "flow":
+            alphas, sigmas = self.schedule.alpha_sigma(torch.arange(self.schedule.num_train_timesteps,
+                                                                    dtype=torch.float64))
+            alpha_0, sigma_0 = float(alphas[0]), float(sigmas[0])  # the cleanest level the VP schedule has
+            return FlowMatchingObjective(
+                args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, shift=args.timestep_shift,
+                min_time=sigma_0 / (alpha_0 + sigma_0), precondition_outputs=bool(args.precondition_outputs),
+                noise_offset=args.noise_offset, input_perturbation=args.input_perturbation)
+        return DiffusionObjective(self.schedule, self.prediction_type, timestep_shift=args.timestep_shift,
+                                  noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
+                                  snr_gamma=args.snr_gamma, debiased_estimation=args.debiased_estimation)
+
+    def add_adapters(self, args: argparse.Namespace) -> None:
+        targets = tuple(x.strip() for x in (args.lora_layers or "").split(",") if x.strip()) or DEFAULT_UNET_TARGETS
+        try:
+            add_lora(self.denoiser, args.rank, args.lora_alpha, targets)
+        except ValueError as error:
+            raise InputError(f"--lora_layers {','.join(targets)}: {error} Name modules of the UNet (e.g. "
+                             "to_q,to_k,to_v,to_out.0 or conv1,conv2).") from error
+
+    def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        """Text conditioning through the pipeline's own ``encode_prompt`` (gradients flow when trained)."""
+        if self.is_sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+        embeds, _ = self.pipe.encode_prompt(captions, device, 1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds}
+
+    def predictor(self, model, batch: dict[str, Any], weight_dtype: torch.dtype, path: str) -> Predict:
+        def predict(noisy: torch.Tensor, time: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+            kwargs = self._unet_kwargs(noisy, cond, batch, weight_dtype)
+            if path == "vp":
+                return model(noisy.to(weight_dtype), time, **kwargs).sample
+            flow_model = PathTransformedModel.vp_as_flow(model, self.schedule, self.prediction_type)
+            return flow_model(noisy.to(weight_dtype), (1000 * time).to(noisy.device), **kwargs).sample
+
+        if path not in ("vp", "flow"):
+            raise ValueError(f"a UNet trains on the 'vp' or 'flow' path, not {path!r}")
+        return predict
+
+    def _unet_kwargs(self, latents, cond, batch, weight_dtype) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"].to(weight_dtype)}
+        if self.is_sdxl:
+            target_size = tuple(int(v) * 8 for v in latents.shape[-2:])  # the (bucket) size trained
+            time_ids = sdxl_time_ids(batch["original_size"].tolist(), batch["crop_top_left"].tolist(),
+                                     target_size, latents.device, weight_dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(weight_dtype), "time_ids": time_ids}
+        return kwargs
+
+    def sampling_scheduler(self):
+        """Our recommended scheduler configured for the trained model (what the output folder ships)."""
+        from ...schedulers import ZTSNRDPMSolverMultistepScheduler
+
+        return ZTSNRDPMSolverMultistepScheduler.from_config(
+            self.scheduler_config, prediction_type=self.prediction_type,
+            rescale_betas_zero_snr=self.zero_terminal_snr, timestep_spacing="logsnr",
+        )
+
+    def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"guidance_rescale": 0.7 if args.zero_terminal_snr else 0.0}
+
+    def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
+        alpha, family = args.lora_alpha or args.rank, self.family
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
+                                   args.zero_terminal_snr, lora_alpha=alpha, family=family)
+        kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, self.prediction_type,
+                                args.zero_terminal_snr, family=family, denoiser_config=dict(self.denoiser.config),
+                                base_model=args.pretrained_model_name_or_path)
+        return {"lora": lora, "kohya": kohya}
+
+    def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
+        run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
+        return render_unet_card(
+            run, base_prediction_type=self.base_prediction_type, prediction_type=self.prediction_type,
+            zero_terminal_snr=args.zero_terminal_snr, snr_gamma=args.snr_gamma,
+            flow_weighting=args.weighting_scheme if args.objective == "flow" else None,
+            flow_shift=args.timestep_shift, guidance_rescale=self.validation_kwargs(args)["guidance_rescale"],
+            family=self.family)
+
+
+def sdxl_time_ids(original_size, crop_top_left, target_size, device, dtype) -> torch.Tensor:
+    """SDXL micro-conditioning (Podell et al. 2023, §2.2): original size, crop corner, target size."""
+    rows = [list(o) + list(c) + list(target_size) for o, c in zip(original_size, crop_top_left, strict=True)]
+    return torch.tensor(rows, device=device, dtype=dtype)
