@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
+    import PIL.Image
 
 __all__ = ["image_grid", "tile_images"]
 
@@ -30,7 +30,7 @@ def tile_images(pixels: np.ndarray, columns: int, fill: float = 0) -> np.ndarray
     return canvas
 
 
-def image_grid(images: np.ndarray, columns: int) -> Image:
+def image_grid(images: np.ndarray, columns: int) -> PIL.Image.Image:
     """``[N, H, W, 3]`` floats in [0, 1] -> one PIL image, ``columns`` wide; empty cells are white."""
     from PIL import Image
 

@@ -26,6 +26,23 @@ from pathlib import Path
 
 import torch
 
+__all__ = [
+    "ARCHITECTURES",
+    "ARCHITECTURE_KEY",
+    "FLOW_ARCHITECTURES",
+    "LORA_WEIGHT_NAME",
+    "PREDICTION_TYPE_KEY",
+    "V_PRED_KEY",
+    "ZTSNR_KEY",
+    "add_marker_metadata",
+    "check_lora_for_pipeline",
+    "load_lora_weights",
+    "marker_metadata",
+    "scheduler_fix_line",
+    "scheduler_settings_from_checkpoint",
+    "with_markers",
+]
+
 V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
 

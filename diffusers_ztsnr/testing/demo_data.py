@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+__all__ = ["COLORS", "SHAPES", "demo_image", "make_demo_dataset", "shape_mask"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "disc", "stripes")
@@ -26,7 +32,10 @@ def shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
     raise ValueError(f"shape={shape!r}; allowed: disc, square")
 
 
-def demo_image(shape: str, color: tuple[int, int, int], background: float, size: int, rng: np.random.Generator):
+def demo_image(shape: str, color: tuple[int, int, int], background: float, size: int,
+               rng: np.random.Generator) -> PIL.Image.Image:
+    """One ``size`` x ``size`` RGB image: ``shape`` in ``color`` on a grey level ``background`` in [0, 1], with a
+    little noise; position, size and stripe frequency are drawn from ``rng``."""
     from PIL import Image
 
     yy, xx = np.mgrid[0:size, 0:size] / size
