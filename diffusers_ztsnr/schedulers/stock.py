@@ -1,5 +1,5 @@
 """Where our schedulers meet diffusers' own ("stock") classes: the keywords of a stock scheduler they accept,
-and the ``scheduler_config.json`` they write. The conventions are stated in :mod:`diffusers_ztsnr.schedulers.base`.
+and the ``scheduler_config.json`` they write. The conventions are stated in :mod:`diffusers_ztsnr.schedulers.interop`.
 """
 
 from __future__ import annotations
