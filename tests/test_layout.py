@@ -5,7 +5,8 @@ or ``from ... import`` in ``a``, relative or absolute, at module level or inside
 ``b`` of the package (``from pkg import name`` points at ``pkg.name`` when that is a module). A package's
 ``__init__.py`` is the package itself. Importing ``p.q.r`` also runs ``p`` and ``p.q``, so those arrows count too,
 except to the importer's own enclosing packages, which Python always initialises before the importer. Imports under
-``if TYPE_CHECKING:`` are left out: they never run.
+``if TYPE_CHECKING:`` are left out: they never run; so are ``importlib`` calls (the deprecated module paths use them
+to load their new module on first use).
 """
 
 from __future__ import annotations
