@@ -20,7 +20,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,6 +52,10 @@ from .step import (
     step_generator,
 )
 from .task import ModelTask
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
 
 __all__ = [
     "WEIGHT_DTYPES",
@@ -100,7 +104,7 @@ def train(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], Mo
         return finish_run(state)
 
 
-def build_accelerator(args: argparse.Namespace):
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """The run's ``Accelerator``: gradient accumulation, mixed precision, trackers logging under the output folder,
     and a seedable sampler (the data order is a function of seed and epoch)."""
     from accelerate import Accelerator
@@ -146,7 +150,7 @@ def run_epochs(state: TrainingState) -> None:
     progress.close()
 
 
-def after_step(state: TrainingState, progress, loss_value: float) -> None:
+def after_step(state: TrainingState, progress: tqdm, loss_value: float) -> None:
     """Record and log the step's loss; write a checkpoint every ``--checkpointing_steps`` (and at the last step)
     and validation images every ``--validation_steps``."""
     args, accelerator, step = state.args, state.accelerator, state.global_step
@@ -188,7 +192,7 @@ def finish_run(state: TrainingState) -> dict[str, Any]:
     return result
 
 
-def write_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
+def write_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
     """Rank 0 writes ``checkpoint-step``; every rank learns whether it worked.
 
     A failed write (disk full, ...) raises :class:`CheckpointWriteError` on rank 0 and a ``RuntimeError`` naming it

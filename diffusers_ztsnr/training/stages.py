@@ -36,6 +36,8 @@ from .step import StepParts
 from .task import ModelTask
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from .data import BucketBatchSampler, ImageCaptionDataset
 
 #: the frozen base weights' dtype under each ``--mixed_precision`` (fp32 otherwise); LoRA weights stay fp32
@@ -60,7 +62,7 @@ class Models:
 
 
 def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], ModelTask],
-                   accelerator) -> Models:
+                   accelerator: Accelerator) -> Models:
     """Load the task; freeze the VAE and text encoders; add LoRA; place everything on the device in the weight dtype
     (the VAE in fp32 under fp16, where it overflows), with the LoRA parameters in fp32."""
     from diffusers.training_utils import cast_training_params
@@ -105,7 +107,8 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
                                caption_column=args.caption_column, seed=args.seed, buckets=buckets)
 
 
-def record_identity(args: argparse.Namespace, accelerator, image_set: ImageCaptionDataset) -> tuple[dict, Path | None]:
+def record_identity(args: argparse.Namespace, accelerator: Accelerator,
+                    image_set: ImageCaptionDataset) -> tuple[dict, Path | None]:
     """Fingerprint the base model (its files are hashed once, here), resolve the checkpoint to resume from, and
     record both with the data's fingerprint in the output folder (main process). Returns the model fingerprint
     and the resume checkpoint (``None`` for a fresh run)."""
@@ -141,7 +144,7 @@ def encode_for_cache(task: ModelTask, device: torch.device, batch: dict[str, Any
     return {"latents": latents.float().cpu(), **{k: v.float().cpu() for k, v in cond.items()}}
 
 
-def build_data(args: argparse.Namespace, accelerator, models: Models, image_set: ImageCaptionDataset,
+def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Models, image_set: ImageCaptionDataset,
                base_model: dict) -> TrainingData:
     """Under ``--cache_latents`` swap the images for their cached encodings (computed on a miss); then the
     dataloader: bucketed batches under ``--bucketing``, else shuffled ones."""
@@ -163,8 +166,8 @@ def build_data(args: argparse.Namespace, accelerator, models: Models, image_set:
     return TrainingData(image_set, dataloader, sampler, cache_stats)
 
 
-def cached_encodings(args: argparse.Namespace, accelerator, models: Models, image_set: ImageCaptionDataset,
-                     base_model: dict) -> tuple[Any, dict[str, int]]:
+def cached_encodings(args: argparse.Namespace, accelerator: Accelerator, models: Models,
+                     image_set: ImageCaptionDataset, base_model: dict) -> tuple[Any, dict[str, int]]:
     """The dataset of ``image_set``'s cached encodings (the main process fills the cache first, under its lock)
     and the cache's hit/miss counts."""
     from .data import cache_image_encodings
@@ -203,7 +206,7 @@ class TrainingState:
     in every checkpoint."""
 
     args: argparse.Namespace
-    accelerator: Any
+    accelerator: Accelerator
     models: Models
     data: TrainingData
     parts: StepParts
@@ -225,7 +228,7 @@ class TrainingState:
         return Path(self.args.output_dir)
 
 
-def prepare_training(args: argparse.Namespace, accelerator, models: Models, data: TrainingData,
+def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models: Models, data: TrainingData,
                      params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> TrainingState:
     """Prepare the dataloader, then the denoiser, optimizer and LR schedule with accelerate; set up the EMA and
     the checkpoint hooks. Returns the run at step 0."""
@@ -306,7 +309,7 @@ def resume(state: TrainingState, resume_path: Path | None) -> None:
     state.skip_batches = (state.global_step % state.updates_per_epoch) * state.args.gradient_accumulation_steps
 
 
-def start_trackers(args: argparse.Namespace, accelerator) -> None:
+def start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """Start ``--report_to``'s tracker on the main process, with the run's scalar flags as its config."""
     if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
         accelerator.init_trackers("diffusers-ztsnr", config={k: v for k, v in recorded_args(args).items()

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checkpointing import intact_checkpoints
 from .output import NonFiniteWeightsError, nonfinite_weights
 from .task import ModelTask
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,7 +65,7 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(mixed % (2**63))
 
 
-def read_step_health(accelerator, loss: torch.Tensor, weights_bad: torch.Tensor) -> tuple[float, bool]:
+def read_step_health(accelerator: Accelerator, loss: torch.Tensor, weights_bad: torch.Tensor) -> tuple[float, bool]:
     """One host sync per optimizer step: the loss averaged over processes, and whether any process holds
     non-finite trainable weights."""
     health = torch.stack([loss.detach().float().reshape(()), weights_bad.float().reshape(())])[None]
@@ -94,7 +97,7 @@ def batch_inputs(task: ModelTask, batch: dict[str, Any], device: torch.device,
 class StepParts:
     """What an optimizer step reads and updates."""
 
-    accelerator: Any
+    accelerator: Accelerator
     task: ModelTask
     #: the denoiser as ``accelerator.prepare`` returned it (DDP-wrapped under several processes)
     model: torch.nn.Module
