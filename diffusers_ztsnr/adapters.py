@@ -78,7 +78,7 @@ class PathTransformedModel(torch.nn.Module):
         self.flow_time_scale = float(flow_time_scale)
 
     @classmethod
-    def vp_as_flow(cls, model: torch.nn.Module, schedule: VPSchedule, prediction_type: str, *,
+    def vp_as_flow(cls, model: torch.nn.Module, schedule: VPSchedule, prediction_type: str,
                    output_type: str = "flow_prediction", input_name: str = "sample",
                    flow_time_scale: float = FLOW_TIME_SCALE) -> PathTransformedModel:
         """A VP model (epsilon / v / sample / flow output, ZTSNR or not) presented as a flow model.
@@ -218,7 +218,7 @@ def _vp_sampler_arguments(config: Mapping[str, Any], kwargs: dict[str, Any]) -> 
 def _warn_deprecated(old: str, new: str) -> None:
     warnings.warn(
         f"diffusers_ztsnr.adapters.{old} is deprecated and will be removed in the next release; use "
-        f"diffusers_ztsnr.adapters.PathTransformedModel.{new} (same arguments, same module behaviour).",
+        f"diffusers_ztsnr.adapters.PathTransformedModel.{new} (same arguments, same behaviour).",
         FutureWarning,
         stacklevel=3,
     )
