@@ -86,18 +86,18 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         cfg = self.config
         T = cfg.num_train_timesteps
         if sigmas is not None:
-            s = torch.as_tensor(sigmas, dtype=torch.float64)
+            u = torch.as_tensor(sigmas, dtype=torch.float64)
         elif timesteps is not None:
-            s = torch.as_tensor(timesteps, dtype=torch.float64) / T
+            u = torch.as_tensor(timesteps, dtype=torch.float64) / T
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
                 raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
             if not 1 <= num_inference_steps <= T:
                 raise ValueError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}].")
-            s = torch.linspace(self.sigma_max, self.sigma_min, num_inference_steps, dtype=torch.float64)
-        if s.ndim != 1 or len(s) == 0 or bool((s.diff() >= 0).any()) or bool(((s <= 0) | (s > 1)).any()):
+            u = torch.linspace(self.sigma_max, self.sigma_min, num_inference_steps, dtype=torch.float64)
+        if u.ndim != 1 or len(u) == 0 or bool((u.diff() >= 0).any()) or bool(((u <= 0) | (u > 1)).any()):
             raise ValueError("flow sigmas must be strictly decreasing values in (0, 1] (the final 0 is added).")
-        alpha, s = self.sampling_path(mu).alpha_sigma(s)
+        alpha, s = self.sampling_path(mu).alpha_sigma(u)  # u: unshifted flow times, s: the grid's
         model_timesteps = torch.as_tensor(timesteps, dtype=torch.float32) if timesteps is not None else (s * T).float()
         self._set_levels(model_timesteps, alpha, s, (1.0, 0.0), device)
 
