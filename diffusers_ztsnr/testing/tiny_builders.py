@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from diffusers import (
@@ -95,6 +96,10 @@ def _t5_config(tokenizer: T5TokenizerFast, d_model: int) -> T5Config:
     )
 
 
+#: the VAE and the UNet both have two levels (32 and 64 channels, one block each): 64 px images, 32 px latents
+_TWO_LEVELS: dict[str, Any] = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 32}
+
+
 def _vae(
     latent_channels: int, scaling_factor: float, shift_factor: float | None, quant_conv: bool
 ) -> AutoencoderKL:
@@ -103,10 +108,8 @@ def _vae(
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **_TWO_LEVELS,
         latent_channels=latent_channels,
-        norm_num_groups=32,
         sample_size=64,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
@@ -139,40 +142,40 @@ def _tiny_unet(**config) -> UNet2DConditionModel:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=32,
+        **_TWO_LEVELS,
         **config,
     )
 
 
+def _text_components(seed: int, *encoders: tuple[Any, Callable[[Any], torch.nn.Module]]) -> dict[str, Any]:
+    """The text side of a pipeline under diffusers' component names: encoder ``i`` (from 1) and its tokenizer are
+    ``text_encoder`` / ``tokenizer`` for the first, ``text_encoder_{i}`` / ``tokenizer_{i}`` after; each encoder is
+    ``make_encoder(tokenizer)`` seeded by its component name."""
+    components: dict[str, Any] = {}
+    for index, (tokenizer, make_encoder) in enumerate(encoders, start=1):
+        suffix = "" if index == 1 else f"_{index}"
+        components[f"tokenizer{suffix}"] = tokenizer
+        components[f"text_encoder{suffix}"] = _seeded(seed, f"text_encoder{suffix}", partial(make_encoder, tokenizer))
+    return components
+
+
 def _build_sd15(seed: int) -> StableDiffusionPipeline:
-    tokenizer = build_clip_tokenizer()
+    text = _text_components(seed, (build_clip_tokenizer(), lambda t: CLIPTextModel(_clip_config(t, 32))))
     unet = _seeded(seed, "unet", lambda: _tiny_unet(cross_attention_dim=32, attention_head_dim=4))
     vae = _seeded(seed, "vae", lambda: _vae(4, 0.18215, None, quant_conv=True))
-    text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, 32)))
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler("sd15"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **text, unet=unet, vae=vae, scheduler=_scheduler("sd15"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
 def _build_sdxl(seed: int) -> StableDiffusionXLPipeline:
-    tokenizer = build_clip_tokenizer()
-    tokenizer_2 = build_clip_tokenizer()
     hidden_1, hidden_2, projection_2 = 32, 32, 32
     addition_time_embed_dim = 8
-    text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, hidden_1)))
-    text_encoder_2 = _seeded(
+    text = _text_components(
         seed,
-        "text_encoder_2",
-        lambda: CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_2, projection_2)),
+        (build_clip_tokenizer(), lambda t: CLIPTextModel(_clip_config(t, hidden_1))),
+        (build_clip_tokenizer(), lambda t: CLIPTextModelWithProjection(_clip_config(t, hidden_2, projection_2))),
     )
     unet = _seeded(
         seed,
@@ -190,35 +193,20 @@ def _build_sdxl(seed: int) -> StableDiffusionXLPipeline:
     )
     vae = _seeded(seed, "vae", lambda: _vae(4, 0.13025, None, quant_conv=True))
     return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_scheduler("sdxl"),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
+        **text, unet=unet, vae=vae, scheduler=_scheduler("sdxl"),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
 
 
 def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
-    tokenizer = build_clip_tokenizer()
-    tokenizer_2 = build_clip_tokenizer()
-    tokenizer_3 = build_t5_tokenizer()
     # Two CLIPs of different widths (like CLIP-L / CLIP-G); their concatenation (48) is zero-padded by
     # the pipeline to the T5 width (64), which must therefore be at least as large.
     hidden_1, hidden_2, t5_width = 16, 32, 64
-    text_encoder = _seeded(
-        seed, "text_encoder", lambda: CLIPTextModelWithProjection(_clip_config(tokenizer, hidden_1, hidden_1))
-    )
-    text_encoder_2 = _seeded(
+    text = _text_components(
         seed,
-        "text_encoder_2",
-        lambda: CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_2, hidden_2)),
-    )
-    text_encoder_3 = _seeded(
-        seed, "text_encoder_3", lambda: T5EncoderModel(_t5_config(tokenizer_3, t5_width))
+        (build_clip_tokenizer(), lambda t: CLIPTextModelWithProjection(_clip_config(t, hidden_1, hidden_1))),
+        (build_clip_tokenizer(), lambda t: CLIPTextModelWithProjection(_clip_config(t, hidden_2, hidden_2))),
+        (build_t5_tokenizer(), lambda t: T5EncoderModel(_t5_config(t, t5_width))),
     )
     heads, head_dim = 4, 8
     transformer = _seeded(
@@ -240,26 +228,15 @@ def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
     )
     # stabilityai/stable-diffusion-3-medium-diffusers VAE normalisation
     vae = _seeded(seed, "vae", lambda: _vae(16, 1.5305, 0.0609, quant_conv=False))
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=_scheduler("sd3"),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    )
+    return StableDiffusion3Pipeline(**text, transformer=transformer, vae=vae, scheduler=_scheduler("sd3"))
 
 
 def _build_flux(seed: int) -> FluxPipeline:
-    tokenizer = build_clip_tokenizer()
-    tokenizer_2 = build_t5_tokenizer()
     clip_hidden, t5_width = 32, 64
-    text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, clip_hidden)))
-    text_encoder_2 = _seeded(
-        seed, "text_encoder_2", lambda: T5EncoderModel(_t5_config(tokenizer_2, t5_width))
+    text = _text_components(
+        seed,
+        (build_clip_tokenizer(), lambda t: CLIPTextModel(_clip_config(t, clip_hidden))),
+        (build_t5_tokenizer(), lambda t: T5EncoderModel(_t5_config(t, t5_width))),
     )
     latent_channels = 16
     transformer = _seeded(
@@ -280,15 +257,7 @@ def _build_flux(seed: int) -> FluxPipeline:
     )
     # black-forest-labs/FLUX.1-dev VAE normalisation
     vae = _seeded(seed, "vae", lambda: _vae(latent_channels, 0.3611, 0.1159, quant_conv=False))
-    return FluxPipeline(
-        scheduler=_scheduler("flux"),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
+    return FluxPipeline(**text, transformer=transformer, vae=vae, scheduler=_scheduler("flux"))
 
 
 BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
