@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_ztsnr.training import flow, unet
+from diffusers_ztsnr.training import flow, step, unet
 from diffusers_ztsnr.training.inputs import looks_local
 from tests.train_utils import RES, tiny_assets
 
@@ -113,7 +113,7 @@ def test_records_of_a_run_that_stopped_before_its_first_checkpoint_do_not_refuse
         raise RuntimeError("out of memory")
 
     with monkeypatch.context() as patch:  # the first optimizer step fails, after the run was recorded
-        patch.setattr(unet.UNetTask, "loss", failing_loss)
+        patch.setattr(step, "batch_loss", failing_loss)
         with pytest.raises(RuntimeError, match="out of memory"):
             unet.main(argv(assets["sd15"], assets["data"], out))
     assert (out / "run_identity.json").is_file() and not list(out.glob("checkpoint-*"))

@@ -17,7 +17,7 @@ from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchSche
 from diffusers_ztsnr.adapters import VPModelAsFlow
 from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
-from diffusers_ztsnr.training import objectives
+from diffusers_ztsnr.training import objectives, step
 from diffusers_ztsnr.training.flow import FlowTask
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.flow import parse_args as flow_args
@@ -334,14 +334,14 @@ def test_unet_flow_objective_with_an_epsilon_model_is_refused(assets, tmp_path):
 def test_a_nan_flow_loss_is_skipped_and_counted(assets, tmp_path, monkeypatch):
     """The shared loop's fault handling holds for the flow script too (the campaigns run the UNet script)."""
     calls = {"n": 0}
-    original = FlowTask.loss
+    original = step.batch_loss
 
-    def sometimes_nan(self, *args, **kwargs):
+    def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
+        loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(FlowTask, "loss", sometimes_nan)
+    monkeypatch.setattr(step, "batch_loss", sometimes_nan)
     result = run(assets, tmp_path / "out", "flux", 3)
     assert result["skipped_steps"] == 1 and np.isnan(result["losses"][1]) and np.isfinite(result["losses"][2])
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")

@@ -157,9 +157,16 @@ def test_sdxl_training_with_text_encoder_lora_and_loading(assets, tmp_path):
     assert np.isfinite(tuned).all() and np.abs(tuned - plain).max() > 1e-4
 
 
-def test_resume_latest_equals_an_uninterrupted_run(assets, tmp_path):
+# 4 images: 2 batches of 2 per epoch; or 4 micro-batches of 1 accumulated by 3, so that every epoch ends with an
+# optimizer step of one micro-step (accelerate closes it at the end of the data) and step 5 resumes mid-epoch
+BATCHING = {"batch 2": ["--train_batch_size", "2"],
+            "accumulation 3, uneven epochs": ["--train_batch_size", "1", "--gradient_accumulation_steps", "3"]}
+
+
+@pytest.mark.parametrize("batching", BATCHING)
+def test_resume_latest_equals_an_uninterrupted_run(assets, tmp_path, batching):
     common = ["--prediction_type", "v_prediction", "--zero_terminal_snr", "--checkpointing_steps", "3",
-              "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2", "--train_batch_size", "2"]
+              "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2", *BATCHING[batching]]
     full = run(assets, tmp_path / "a", *common, steps=8)
     first = run(assets, tmp_path / "b", *common, steps=5)
     assert first["global_step"] == 5 and (tmp_path / "b" / "checkpoint-3").is_dir()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_ztsnr.training import unet
+from diffusers_ztsnr.training import step, unet
 from diffusers_ztsnr.training.checkpointing import (
     CheckpointWriteError,
     checkpoint_folders,
@@ -61,20 +61,20 @@ def nan_on(monkeypatch):
 
     Keyed on the step's generator seed, which is a function of (seed, step, micro-step, rank) only, so the same
     steps fail again after a resume."""
-    original = unet.UNetTask.loss
+    original = step.batch_loss
 
     def install(steps):
         pairs = [s if isinstance(s, tuple) else (s, 0) for s in steps]
-        bad = {step_generator(SEED, step - 1, micro, 0).initial_seed() for step, micro in pairs}
+        bad = {step_generator(SEED, number - 1, micro, 0).initial_seed() for number, micro in pairs}
 
-        def loss(self, model, latents, cond, batch, generator, weight_dtype):
-            value = original(self, model, latents, cond, batch, generator, weight_dtype)
+        def loss(task, objective, model, latents, cond, batch, generator, weight_dtype):
+            value = original(task, objective, model, latents, cond, batch, generator, weight_dtype)
             return value * float("nan") if generator.initial_seed() in bad else value
 
-        monkeypatch.setattr(unet.UNetTask, "loss", loss)
+        monkeypatch.setattr(step, "batch_loss", loss)
 
     yield install
-    monkeypatch.setattr(unet.UNetTask, "loss", original)
+    monkeypatch.setattr(step, "batch_loss", original)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from .log_filters import install_long_message_filter
 from .lora import add_lora, load_lora_state_dict, lora_state_dict
 from .output import check_finite_states
 from .step import StepParts
-from .task import ModelTask
+from .task import ModelTask, Objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -49,6 +49,8 @@ class Models:
     """The task's modules: frozen, with LoRA adapters added, placed on the device."""
 
     task: ModelTask
+    #: the loss the flags ask for, on the task's schedule (``predict`` comes from the task)
+    objective: Objective
     #: the denoiser LoRA is trained on, unwrapped (``accelerator.prepare`` may wrap it for DDP later)
     denoiser: torch.nn.Module
     weight_dtype: torch.dtype
@@ -68,6 +70,7 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     from diffusers.training_utils import cast_training_params
 
     task = make_task(args)
+    objective = task.build_objective(args)
     install_long_message_filter()  # a long caption in a truncation warning is shortened, not printed whole
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     denoiser, vae, text_encoders = task.denoiser, task.vae, task.text_encoders
@@ -82,7 +85,7 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     for te in text_encoders:
         te.to(accelerator.device, dtype=weight_dtype)
-    models = Models(task, denoiser, weight_dtype, trained_tes)
+    models = Models(task, objective, denoiser, weight_dtype, trained_tes)
     cast_training_params(models.trained, dtype=torch.float32)  # LoRA weights in fp32 whatever the base dtype
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -250,9 +253,10 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=args.ema_decay)
-    parts = StepParts(accelerator=accelerator, task=models.task, model=model, optimizer=optimizer,
-                      lr_scheduler=lr_scheduler, params=params, text_encoder_params=te_params, ema=ema,
-                      weight_dtype=models.weight_dtype, text_encoders_trained=bool(models.trained_text_encoders))
+    parts = StepParts(accelerator=accelerator, task=models.task, objective=models.objective, model=model,
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, text_encoder_params=te_params,
+                      ema=ema, weight_dtype=models.weight_dtype,
+                      text_encoders_trained=bool(models.trained_text_encoders))
     state = TrainingState(args, accelerator, models, data, parts, updates_per_epoch, max_steps, num_epochs)
     hooks = CheckpointHooks(models.trained, ema, state.counters, state.history)
     accelerator.register_save_state_pre_hook(hooks.save)

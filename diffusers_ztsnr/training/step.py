@@ -21,7 +21,7 @@ import torch
 
 from .checkpointing import intact_checkpoints
 from .output import NonFiniteWeightsError, nonfinite_weights
-from .task import ModelTask
+from .task import ModelTask, Objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -73,10 +73,16 @@ def read_step_health(accelerator: Accelerator, loss: torch.Tensor, weights_bad: 
     return float(gathered[:, 0].mean()), bool(gathered[:, 1].max() > 0)
 
 
-def batch_loss(task: ModelTask, model: torch.nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor],
-               batch: dict[str, Any], generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
-    """One micro-batch's scalar loss: every loss the loop trains on is computed here."""
-    return task.loss(model, latents, cond, batch, generator, weight_dtype)
+def batch_loss(task: ModelTask, objective: Objective, model: torch.nn.Module, latents: torch.Tensor,
+               cond: dict[str, torch.Tensor], batch: dict[str, Any], generator: torch.Generator,
+               weight_dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch's scalar loss, the mean of the objective's per-sample losses: the noise is the first draw on
+    the step's generator, the objective draws the rest; ``predict`` is the task's model call on the objective's
+    path. Every loss the loop trains on is computed here."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    predict = task.predictor(model, batch, weight_dtype, objective.path)
+    per_sample, _times = objective(predict, latents, cond, noise, generator)
+    return per_sample.mean()
 
 
 def batch_inputs(task: ModelTask, batch: dict[str, Any], device: torch.device,
@@ -99,6 +105,7 @@ class StepParts:
 
     accelerator: Accelerator
     task: ModelTask
+    objective: Objective
     #: the denoiser as ``accelerator.prepare`` returned it (DDP-wrapped under several processes)
     model: torch.nn.Module
     optimizer: Any
@@ -133,9 +140,12 @@ class OptimizerStep:
         accelerator = parts.accelerator
         with accelerator.accumulate(parts.model):
             generator = step_generator(self.args.seed, step, self.micro, accelerator.process_index)
-            self.micro = (self.micro + 1) % self.args.gradient_accumulation_steps
+            # the micro-step's index within its optimizer step; an epoch's last step may hold fewer micro-steps
+            # (accelerate closes it at the end of the data), so count from 0 again at every update, as a resume does
+            self.micro = 0 if accelerator.sync_gradients else self.micro + 1
             latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
-            loss = batch_loss(parts.task, parts.model, latents, cond, batch, generator, parts.weight_dtype)
+            loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
+                              parts.weight_dtype)
             all_finite = self._finite_everywhere(loss)
             accelerator.backward(loss if all_finite else loss * 0.0)
             self._update()

@@ -86,13 +86,6 @@ class ModelTask:
         conditioning beyond the captions (SDXL's sizes)."""
         raise NotImplementedError
 
-    def loss(self, model, latents, cond, batch, generator, weight_dtype):  # TEMPORARY BRIDGE
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        objective = self._bridge_objective
-        per_sample, _ = objective(self.predictor(model, batch, weight_dtype, objective.path), latents, cond, noise,
-                                  generator)
-        return per_sample.mean()
-
     def build_objective(self, args: argparse.Namespace) -> Objective:
         """The training objective the flags ask for, on this model's schedule."""
         raise NotImplementedError

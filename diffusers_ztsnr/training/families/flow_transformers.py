@@ -61,7 +61,6 @@ class FlowTask(ModelTask):
                              "FLUX.1-dev do); drop --guidance_scale.")
         self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
                             else DEFAULT_LORA_LAYERS[class_name])
-        self._bridge_objective = self.build_objective(args)  # TEMPORARY BRIDGE
 
     def build_objective(self, args: argparse.Namespace) -> FlowMatchingObjective:
         """Flow matching with ``--weighting_scheme``'s time density or weight, shifted as ``--timestep_shift``

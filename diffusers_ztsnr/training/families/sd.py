@@ -48,7 +48,6 @@ class UNetTask(ModelTask):
         check_objective_config(self.prediction_type, args.zero_terminal_snr, args.noise_offset,
                                args.input_perturbation, args.snr_gamma)
         self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config, args.zero_terminal_snr)
-        self._bridge_objective = self.build_objective(args)  # TEMPORARY BRIDGE
 
     def build_objective(self, args: argparse.Namespace) -> DiffusionObjective | FlowMatchingObjective:
         """``--objective diffusion``: the VP loss of ``prediction_type`` on the (ZTSNR-rescaled) schedule;
