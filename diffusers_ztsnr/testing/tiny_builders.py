@@ -213,17 +213,12 @@ def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
         seed,
         "transformer",
         lambda: SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=head_dim,
-            num_attention_heads=heads,
-            joint_attention_dim=t5_width,
+            # 32x32 latents of 16 channels in 2x2 patches; two joint blocks of 4 heads of 8
+            sample_size=32, pos_embed_max_size=32, patch_size=2, in_channels=16, out_channels=16,
+            num_layers=2, num_attention_heads=heads, attention_head_dim=head_dim,
             caption_projection_dim=heads * head_dim,
-            pooled_projection_dim=hidden_1 + hidden_2,
-            pos_embed_max_size=32,
+            # the text side: T5 states (zero-padded CLIP states beside them) and both CLIPs' pooled projections
+            joint_attention_dim=t5_width, pooled_projection_dim=hidden_1 + hidden_2,
         ),
     )
     # stabilityai/stable-diffusion-3-medium-diffusers VAE normalisation
