@@ -231,7 +231,7 @@ def schedule_floor(data: GaussianMixture, num_bands: int) -> list[float]:
 # --- main -------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 512 samples (< 60 s)")
     p.add_argument("--samples", type=int, default=None, help="samples per run (default 2048; --quick 512)")
@@ -244,14 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.bands < 3:
         p.error("--bands must be >= 3")
-    torch.set_num_threads(args.threads)
-    num = args.samples or (512 if args.quick else 2048)
-    start = time.perf_counter()
-    data = make_data(args.bands, args.dims)
-    stds = band_stds(args.bands).tolist()
-    floor = schedule_floor(data, args.bands)
-    last = args.bands - 1
+    return args
 
+
+def print_setup(args: argparse.Namespace, num: int, stds: list[float], floor: list[float]) -> None:
     print("# Sampling accuracy on an exact Gaussian oracle (v-prediction, SD schedule rescaled to ZTSNR)")
     print()
     print(machine_header())
@@ -265,34 +261,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
 
-    results: dict[str, dict[str, dict]] = {}
-    for row in rows():
-        results[row.label] = {}
-        for nfe in args.nfe:
-            entry: dict = {"error": None, "ratios": None, "band0_mean": None}
-            try:
-                scheduler = row.make()
-                x = sample(scheduler, model_for(row, scheduler, data), num, nfe, args.seed)
-                if not bool(torch.isfinite(x).all()):
-                    entry["error"] = "non-finite"
-                else:
-                    entry["ratios"], entry["band0_mean"] = band_ratios(x, data, args.bands)
-            except Exception as exc:  # a crash of a scheduler is a result, not a failure of the benchmark
-                entry["error"] = f"crash ({type(exc).__name__})"
-                entry["message"] = str(exc)[:300]
-            results[row.label][str(nfe)] = entry
 
-    def cell(entry: dict, what: str) -> str:
-        if entry["error"]:
-            return entry["error"]
-        r = entry["ratios"]
-        if what == "worst":
-            k = max(range(len(r)), key=lambda i: abs(r[i] - 1))
-            return f"{abs(r[k] - 1) * 100:.1f}% (b{k})"
-        if what == "mean":
-            return f"{entry['band0_mean']:+.3f}"
-        return f"{r[0 if what == 'b0' else last]:.3f}"
+def run_entry(row: Row, data: GaussianMixture, num: int, nfe: int, seed: int, num_bands: int) -> dict:
+    """One row at one NFE: the band ratios and band 0's mean, or what went wrong."""
+    entry: dict = {"error": None, "ratios": None, "band0_mean": None}
+    try:
+        scheduler = row.make()
+        x = sample(scheduler, model_for(row, scheduler, data), num, nfe, seed)
+        if not bool(torch.isfinite(x).all()):
+            entry["error"] = "non-finite"
+        else:
+            entry["ratios"], entry["band0_mean"] = band_ratios(x, data, num_bands)
+    except Exception as exc:  # a crash of a scheduler is a result, not a failure of the benchmark
+        entry["error"] = f"crash ({type(exc).__name__})"
+        entry["message"] = str(exc)[:300]
+    return entry
 
+
+def cell(entry: dict, what: str, last: int) -> str:
+    """A table cell: ``what`` is "worst" (band), "b0" / "last" (that band's ratio) or "mean" (band 0's mean)."""
+    if entry["error"]:
+        return entry["error"]
+    r = entry["ratios"]
+    if what == "worst":
+        k = max(range(len(r)), key=lambda i: abs(r[i] - 1))
+        return f"{abs(r[k] - 1) * 100:.1f}% (b{k})"
+    if what == "mean":
+        return f"{entry['band0_mean']:+.3f}"
+    return f"{r[0 if what == 'b0' else last]:.3f}"
+
+
+def print_tables(results: dict[str, dict[str, dict]], args: argparse.Namespace, num: int, stds: list[float],
+                 floor: list[float]) -> None:
+    last = args.bands - 1
     header = ["sampler", *(f"NFE {n}" for n in args.nfe)]
     tables = [
         ("worst", "Worst band: |std ratio - 1| (band index); 0% is exact"),
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     for what, title in tables:
         print(f"## {title}")
         print()
-        body = [[label, *(cell(res[str(n)], what) for n in args.nfe)] for label, res in results.items()]
+        body = [[label, *(cell(res[str(n)], what, last) for n in args.nfe)] for label, res in results.items()]
         print(markdown_table(header, body))
         print()
 
@@ -317,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"non-finite = NaN/Inf in the samples. Sampling noise of a ratio ~ {noise:.1f}%.")
     print()
 
+
+def print_check(results: dict[str, dict[str, dict]]) -> None:
+    """Whether the default DPM row keeps every band within ``CHECK_TOL`` at ``CHECK_NFE``."""
     check = results[CHECK_LABEL].get(str(CHECK_NFE))
     if check is None:
         print(f"check skipped: NFE {CHECK_NFE} not in --nfe")
@@ -330,22 +334,41 @@ def main(argv: list[str] | None = None) -> int:
             f"check: every band within {CHECK_TOL:.0%} at {CHECK_NFE} NFE for '{CHECK_LABEL}': "
             f"{'YES' if ok else 'NO'} (worst |ratio - 1| = {abs(r[k] - 1) * 100:.2f}% in band {k}, ratio {r[k]:.4f})"
         )
+
+
+def write_json(path: str, args: argparse.Namespace, num: int, stds: list[float], floor: list[float],
+               results: dict[str, dict[str, dict]], elapsed: float) -> None:
+    payload = {
+        "header": machine_header(),
+        "config": dict(
+            bands=args.bands, dims=args.dims, samples=num, seed=args.seed, nfe=args.nfe, band_stds=stds,
+            band0_mean=0.3, schedule_floor=floor, flow_shift=FLOW_SHIFT,
+        ),
+        "results": results,
+        "runtime_s": elapsed,
+    }
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    num = args.samples or (512 if args.quick else 2048)
+    start = time.perf_counter()
+    data = make_data(args.bands, args.dims)
+    stds = band_stds(args.bands).tolist()
+    floor = schedule_floor(data, args.bands)
+    print_setup(args, num, stds, floor)
+    results = {row.label: {str(nfe): run_entry(row, data, num, nfe, args.seed, args.bands) for nfe in args.nfe}
+               for row in rows()}
+    print_tables(results, args, num, stds, floor)
+    print_check(results)
     elapsed = time.perf_counter() - start
     print(f"runtime: {elapsed:.1f} s")
-
     if args.json:
-        payload = {
-            "header": machine_header(),
-            "config": dict(
-                bands=args.bands, dims=args.dims, samples=num, seed=args.seed, nfe=args.nfe, band_stds=stds,
-                band0_mean=0.3, schedule_floor=floor, flow_shift=FLOW_SHIFT,
-            ),
-            "results": results,
-            "runtime_s": elapsed,
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, args, num, stds, floor, results, elapsed)
     return 0
 
 
