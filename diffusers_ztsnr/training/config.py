@@ -36,6 +36,14 @@ DEFAULT_FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance, diffusers' Flux 
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every training script takes (diffusers' names where diffusers' scripts have the option)."""
+    add_model_and_data_arguments(parser)
+    add_optimization_arguments(parser)
+    add_output_arguments(parser)
+
+
+def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The base model, the data and its loading."""
     a = parser.add_argument
     a("--config", type=str, default=None, help="YAML or JSON file whose keys are these flags' names.")
     # model and data (diffusers names)
@@ -66,7 +74,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dataloader_num_workers", type=int, default=0, help="data loading worker processes (0: the main process).")
     a("--follow_symlinks", action="store_true",
       help="follow symlinks in --train_data_dir that point outside it (refused by default).")
-    # optimisation (diffusers names)
+
+
+def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
+    """Steps, batch, optimizer, precision, LoRA."""
+    a = parser.add_argument
     a("--output_dir", type=str, default="lora-output",
       help="where checkpoints, the LoRA files, the scheduler config and the model card are written.")
     a("--overwrite_output_dir", action="store_true",
@@ -95,7 +107,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--train_text_encoder", action="store_true", help="also train LoRA on the text encoder(s).")
     a("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights; save it.")
     a("--ema_decay", type=float, default=0.9999, help="decay of --use_ema's average.")
-    # checkpoints, logging, validation, publishing (diffusers names)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Checkpoints, logging, validation images, publishing."""
+    a = parser.add_argument
     a("--checkpointing_steps", type=int, default=500,
       help="write a resumable checkpoint every N optimizer steps (and at the last step).")
     a("--checkpoints_total_limit", type=int, default=None,
