@@ -1,16 +1,17 @@
 """The training loop both scripts share: accelerate, data, caching, LoRA, checkpoints, validation, output.
 
-A script supplies a :class:`~.task.ModelTask` (``unet.UNetTask`` for SD 1.x/2.x/SDXL, ``flow.FlowTask`` for
-SD3/Flux): how to load the base pipeline, encode images and captions, compute one batch's loss, and which scheduler
-and LoRA formats the output folder ships. Everything else -- the accelerator, dataset, bucketing, the encodings
-cache, optimizer and LR schedule, DDP, EMA, resume, atomic checkpoints, NaN/Inf-loss skipping, tensorboard,
-validation grids, model card and Hub upload -- lives here once: :func:`train` runs the set-up stages of
-:mod:`.stages` in order, then the epochs (each optimizer step through :class:`.step.OptimizerStep`), then the
-summary and the export.
+A script supplies a :class:`~.task.ModelTask` (:mod:`.families`: ``UNetTask`` for SD 1.x/2.x/SDXL, ``FlowTask`` for
+SD3/Flux): how to load the base pipeline, encode images and captions, call its denoiser on a batch, which
+objective the flags ask for (:mod:`.objectives`: it computes each batch's loss from the task's ``predict``), and
+which scheduler and LoRA formats the output folder ships. The loop knows no model family and no objective.
+Everything else -- the accelerator, dataset, bucketing, the encodings cache, optimizer and LR schedule, DDP, EMA,
+resume, atomic checkpoints, NaN/Inf-loss skipping, tensorboard, validation grids, model card and Hub upload --
+lives here once: :func:`train` runs the set-up stages of :mod:`.stages` in order, then the epochs (each optimizer
+step through :class:`.step.OptimizerStep`), then the summary and the export.
 
 Determinism: the data order of epoch ``e`` and the noise/timesteps of optimizer step ``s`` are functions of
-``(seed, e)`` and ``(seed, s, micro-step, rank)`` only, so ``--resume_from_checkpoint latest`` continues the
-exact run that an uninterrupted one would have made (bitwise on CPU).
+``(seed, e)`` and ``(seed, s, micro-step within s, rank)`` only, so ``--resume_from_checkpoint latest`` continues
+the exact run that an uninterrupted one would have made (bitwise on CPU).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from ..imaging import image_grid
 
 if TYPE_CHECKING:
-    from .loop import ModelTask
+    from .task import ModelTask
 
 
 class NonFiniteWeightsError(RuntimeError):
