@@ -338,7 +338,7 @@ def test_cards_keep_the_recipe_hyperparameters_and_sampling_setup(make_card):
     unet_card = make_card("sd15", "--prediction_type", "v_prediction", "--zero_terminal_snr", "--objective",
                           "flow", steps=11)
     for text in ("converted from epsilon to v_prediction", "zero-terminal-SNR rescale", "rectified flow",
-                 "11 optimizer steps", "![validation samples](samples.png)", "VPModelAsFlow"):
+                 "11 optimizer steps", "![validation samples](samples.png)", "PathTransformedModel.vp_as_flow"):
         assert text in unet_card, text
     assert scheduler_loads(unet_card) == {"ZTSNRDPMSolverMultistepScheduler": {"subfolder": "scheduler"},
                                           "ZTSNRFlowMatchScheduler": {"shift": 1.0}}

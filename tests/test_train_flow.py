@@ -14,13 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
-from diffusers_ztsnr.adapters import VPModelAsFlow
+from diffusers_ztsnr.adapters import PathTransformedModel
 from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.training import objectives, step
 from diffusers_ztsnr.training.flow import FlowTask
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.flow import parse_args as flow_args
+from diffusers_ztsnr.training.objectives import flow_matching
 from diffusers_ztsnr.training.unet import UNetTask
 from diffusers_ztsnr.training.unet import main as unet_main
 from diffusers_ztsnr.training.unet import parse_args as unet_args
@@ -130,16 +131,18 @@ def test_every_time_sampling_scheme_trains(assets, tmp_path, model, extra, monke
     """Each scheme's flags reach the time density, the shift, the loss weight and the preconditioning of every
     step, and the update changes the LoRA."""
     seen = {"draws": [], "weights": [], "precondition": []}
-    draw, weigh, loss = objectives.sample_flow_sigmas, objectives.flow_loss_weights, objectives.flow_matching_loss
+    used = flow_matching  # the names the flow-matching objective calls
+    draw, weigh, loss = used.sample_flow_sigmas, used.flow_loss_weights, used.flow_matching_loss
 
     def spy_draw(batch_size, generator, scheme, logit_mean, logit_std, mode_scale, shift=1.0, mu=None):
         seen["draws"].append((scheme, logit_mean, logit_std, mode_scale, "mu" if mu is not None else str(shift)))
         return draw(batch_size, generator, scheme, logit_mean, logit_std, mode_scale, shift=shift, mu=mu)
 
-    monkeypatch.setattr(objectives, "sample_flow_sigmas", spy_draw)
-    monkeypatch.setattr(objectives, "flow_loss_weights", lambda s, scheme: seen["weights"].append(scheme) or
+    monkeypatch.setattr(used, "sample_flow_sigmas", spy_draw)
+    monkeypatch.setattr(used, "flow_loss_weights", lambda s, scheme: seen["weights"].append(scheme) or
                         weigh(s, scheme))
-    monkeypatch.setattr(objectives, "flow_matching_loss", lambda *a: seen["precondition"].append(a[-1]) or loss(*a))
+    monkeypatch.setattr(used, "flow_matching_loss",
+                        lambda *a, **k: seen["precondition"].append(a[-1]) or loss(*a, **k))
     result = run(assets, tmp_path / "out", model, 2, *extra)
     assert result["global_step"] == 2 and np.isfinite(result["losses"]).all() and result["skipped_steps"] == 0
     flags = dict(zip(extra[::2], extra[1::2], strict=True))
@@ -249,7 +252,7 @@ def test_flow_loss_of_a_vp_model_is_its_vp_loss_reweighted_at_equal_snr():
     x0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
     s = torch.tensor([0.999, 0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)
     v_model = lambda sample, timestep: torch.tanh(sample) * 0.3 + timestep.reshape(-1, 1, 1, 1) / 1000  # noqa: E731
-    adapter = VPModelAsFlow(v_model, schedule, "v_prediction")
+    adapter = PathTransformedModel.vp_as_flow(v_model, schedule, "v_prediction")
     x_s = objectives.noisy_latents(x0, noise, 1 - s, s)
     velocity = adapter(x_s, 1000 * s)
     flow_per_sample = objectives.flow_matching_loss(velocity, "flow_prediction", x_s, x0, noise, 1 - s, s)
@@ -269,7 +272,7 @@ def unet_fixed_batch_flow_loss(assets, lora_dir, draws=16):
     task = UNetTask(unet_args(argv(assets, "unused", "sd15", 1, "--objective", "flow", "--zero_terminal_snr")))
     if lora_dir:
         task.pipe.load_lora_weights(lora_dir)
-    model = VPModelAsFlow(task.denoiser, task.schedule, task.prediction_type)
+    model = PathTransformedModel.vp_as_flow(task.denoiser, task.schedule, task.prediction_type)
     batch = whole_dataset_batch(assets["data"])
     g = torch.Generator().manual_seed(123)
     total = 0.0
@@ -293,7 +296,7 @@ def test_unet_objective_flow_trains_and_samples_consistently(assets, tmp_path):
     before, after = unet_fixed_batch_flow_loss(assets, None), unet_fixed_batch_flow_loss(assets, out)
     assert after < 0.95 * before, (before, after)  # measured: 0.82-0.87 (seeds 0, 1; default and AVX2 kernels)
     card = (out / "README.md").read_text()
-    assert "rectified flow" in card and "VPModelAsFlow" in card
+    assert "rectified flow" in card and "PathTransformedModel.vp_as_flow" in card
     # the shipped VP scheduler (v_prediction + ZTSNR) and the flow scheduler through the adapter sample the
     # same ODE: as steps grow the images agree
     pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
@@ -305,7 +308,7 @@ def test_unet_objective_flow_trains_and_samples_consistently(assets, tmp_path):
     pipe.scheduler = vp_scheduler
     native = pipe(**kw, num_inference_steps=60, generator=torch.Generator().manual_seed(0)).images
     unet = pipe.unet
-    pipe.unet = VPModelAsFlow.from_scheduler_config(unet, vp_scheduler.config)
+    pipe.unet = PathTransformedModel.vp_as_flow_from_scheduler_config(unet, vp_scheduler.config)
     pipe.scheduler = ZTSNRFlowMatchScheduler(shift=1.0)
     flow = pipe(**kw, num_inference_steps=60, generator=torch.Generator().manual_seed(0)).images
     assert np.abs(flow - native).max() < 0.03

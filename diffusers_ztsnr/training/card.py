@@ -223,9 +223,9 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
     if flow_weighting is not None:
         flow_note = "\nIt can also be sampled as the rectified flow it was trained as:\n\n" + fenced_code("\n".join([
             "from diffusers_ztsnr import ZTSNRFlowMatchScheduler",
-            "from diffusers_ztsnr.adapters import VPModelAsFlow",
+            "from diffusers_ztsnr.adapters import PathTransformedModel",
             "",
-            "pipe.unet = VPModelAsFlow.from_scheduler_config(pipe.unet, pipe.scheduler.config)",
+            "pipe.unet = PathTransformedModel.vp_as_flow_from_scheduler_config(pipe.unet, pipe.scheduler.config)",
             f"pipe.scheduler = ZTSNRFlowMatchScheduler(shift={python_literal(flow_shift)})",
         ]), "python")
     return (
