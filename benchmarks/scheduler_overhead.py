@@ -34,23 +34,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from _common import machine_header, markdown_table
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-)
 
-from diffusers_ztsnr import (
-    ZTSNRDDIMScheduler,
-    ZTSNRDPMSolverMultistepScheduler,
-    ZTSNREulerAncestralScheduler,
-    ZTSNREulerScheduler,
-    ZTSNRFlowMatchScheduler,
-)
+import diffusers_ztsnr
 
 VP = dict(
     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
@@ -73,21 +61,31 @@ class Pair:
 
 
 PAIRS = [
-    Pair("DDIM", lambda: ZTSNRDDIMScheduler(**VP), lambda: DDIMScheduler(**VP, clip_sample=False)),
-    Pair("Euler", lambda: ZTSNREulerScheduler(**VP), lambda: EulerDiscreteScheduler(**VP)),
     Pair(
-        "EulerAncestral", lambda: ZTSNREulerAncestralScheduler(**VP), lambda: EulerAncestralDiscreteScheduler(**VP)
+        "DDIM",
+        lambda: diffusers_ztsnr.ZTSNRDDIMScheduler(**VP),
+        lambda: diffusers.DDIMScheduler(**VP, clip_sample=False),
     ),
-    Pair("DPM++2M", lambda: ZTSNRDPMSolverMultistepScheduler(**VP), lambda: DPMSolverMultistepScheduler(**VP)),
+    Pair("Euler", lambda: diffusers_ztsnr.ZTSNREulerScheduler(**VP), lambda: diffusers.EulerDiscreteScheduler(**VP)),
+    Pair(
+        "EulerAncestral",
+        lambda: diffusers_ztsnr.ZTSNREulerAncestralScheduler(**VP),
+        lambda: diffusers.EulerAncestralDiscreteScheduler(**VP),
+    ),
+    Pair(
+        "DPM++2M",
+        lambda: diffusers_ztsnr.ZTSNRDPMSolverMultistepScheduler(**VP),
+        lambda: diffusers.DPMSolverMultistepScheduler(**VP),
+    ),
     Pair(
         "Flow order 1 vs FlowMatchEuler",
-        lambda: ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=1),
-        lambda: FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+        lambda: diffusers_ztsnr.ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=1),
+        lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
     ),
     Pair(
         "Flow order 2 vs FlowMatchEuler",
-        lambda: ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=2),
-        lambda: FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+        lambda: diffusers_ztsnr.ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=2),
+        lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
     ),
 ]
 
@@ -140,57 +138,48 @@ def fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 20 steps (< 60 s)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per scheduler and dtype (default 30)")
     p.add_argument("--steps", type=int, default=None, help="steps per sampling run (default 50)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
     p.add_argument("--json", metavar="PATH", default=None, help="also write all numbers to PATH as JSON")
-    args = p.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 30)
-    steps = args.steps or (20 if args.quick else 50)
-    torch.set_num_threads(1)
-    start = time.perf_counter()
+    return p.parse_args(argv)
 
-    print("# Scheduler overhead: µs per scale_model_input + step, ours vs diffusers (no model cost)")
-    print()
-    print(machine_header())
-    print(
-        f"latent {'x'.join(map(str, SHAPE))}, {steps} steps per run, median of {repeats} runs per scheduler "
-        "(interleaved ours/theirs, 1 warm-up each), torch.set_num_threads(1); VP: v_prediction, SD schedule, "
-        f"rescale_betas_zero_snr=True, trailing; flow: shift={FLOW_SHIFT}"
+
+def pair_result(pair: Pair, dtype_name: str, ours: Runner, theirs: Runner) -> dict:
+    """Medians of one pair's timed runs (``None`` where a scheduler crashed) and their ratio."""
+    med = {}
+    for name, runner in (("ours", ours), ("theirs", theirs)):
+        ok = runner.error is None and runner.step_us
+        med[name] = statistics.median(runner.step_us) if ok else None
+        med[name + "_set"] = statistics.median(runner.set_us) if ok else None
+    ratio = med["ours"] / med["theirs"] if med["ours"] and med["theirs"] else None
+    return dict(
+        pair=pair.label, dtype=dtype_name, ours_us=med["ours"], theirs_us=med["theirs"], ratio=ratio,
+        ours_set_timesteps_us=med["ours_set"], theirs_set_timesteps_us=med["theirs_set"],
+        ours_error=ours.error, theirs_error=theirs.error, ours_finite=ours.finite,
+        theirs_finite=theirs.finite, ours_runs_us=ours.step_us, theirs_runs_us=theirs.step_us,
     )
-    print()
 
-    results = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        runners = [(pair, Runner(pair.ours, dtype, steps), Runner(pair.theirs, dtype, steps)) for pair in PAIRS]
-        for _, ours, theirs in runners:  # warm-up
-            ours.run(record=False)
-            theirs.run(record=False)
-        for r in range(repeats):
-            for _, ours, theirs in runners:
-                first, second = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-                first.run()
-                second.run()
-        for pair, ours, theirs in runners:
-            med = {}
-            for name, runner in (("ours", ours), ("theirs", theirs)):
-                ok = runner.error is None and runner.step_us
-                med[name] = statistics.median(runner.step_us) if ok else None
-                med[name + "_set"] = statistics.median(runner.set_us) if ok else None
-            ratio = med["ours"] / med["theirs"] if med["ours"] and med["theirs"] else None
-            results.append(
-                dict(
-                    pair=pair.label, dtype=dtype_name, ours_us=med["ours"], theirs_us=med["theirs"], ratio=ratio,
-                    ours_set_timesteps_us=med["ours_set"], theirs_set_timesteps_us=med["theirs_set"],
-                    ours_error=ours.error, theirs_error=theirs.error, ours_finite=ours.finite,
-                    theirs_finite=theirs.finite, ours_runs_us=ours.step_us, theirs_runs_us=theirs.step_us,
-                )
-            )
 
+def time_pairs(dtype_name: str, steps: int, repeats: int) -> list[dict]:
+    """Every pair at one latent dtype: one warm-up each, then ``repeats`` runs, ours and theirs alternating first."""
+    dtype = getattr(torch, dtype_name)
+    runners = [(pair, Runner(pair.ours, dtype, steps), Runner(pair.theirs, dtype, steps)) for pair in PAIRS]
+    for _, ours, theirs in runners:  # warm-up
+        ours.run(record=False)
+        theirs.run(record=False)
+    for r in range(repeats):
+        for _, ours, theirs in runners:
+            first, second = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+            first.run()
+            second.run()
+    return [pair_result(pair, dtype_name, ours, theirs) for pair, ours, theirs in runners]
+
+
+def print_table(results: list[dict]) -> None:
     header = [
         "pair (ours vs diffusers)", "latent dtype", "ours µs/step", "diffusers µs/step", "ours/diffusers",
         "set_timesteps µs (ours / diffusers)", "finite (ours / diffusers)",
@@ -211,6 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     print("scheduler has one) + step; ours/diffusers < 1 means ours is faster. set_timesteps is timed once per")
     print("run and not included. Ours upcasts fp16 latents to float32 inside step. finite = the final latent")
     print("of a loop with a constant fake model output is finite (informational). crash (X) = raised X.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 30)
+    steps = args.steps or (20 if args.quick else 50)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+
+    print("# Scheduler overhead: µs per scale_model_input + step, ours vs diffusers (no model cost)")
+    print()
+    print(machine_header())
+    print(
+        f"latent {'x'.join(map(str, SHAPE))}, {steps} steps per run, median of {repeats} runs per scheduler "
+        "(interleaved ours/theirs, 1 warm-up each), torch.set_num_threads(1); VP: v_prediction, SD schedule, "
+        f"rescale_betas_zero_snr=True, trailing; flow: shift={FLOW_SHIFT}"
+    )
+    print()
+    results = [res for dtype_name in args.dtypes for res in time_pairs(dtype_name, steps, repeats)]
+    print_table(results)
     elapsed = time.perf_counter() - start
     print(f"runtime: {elapsed:.1f} s")
     if args.json:
