@@ -1,0 +1,1 @@
+"""The parts of ``benchmarks/train_throughput.py`` (the entry point, whose docstring describes the method)."""
