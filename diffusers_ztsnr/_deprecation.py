@@ -1,12 +1,14 @@
-"""Module-level ``__getattr__`` / ``__dir__`` for a deprecated module path whose names now live elsewhere.
+"""Deprecated names kept for one release, each use warning with a ``FutureWarning`` that names the new one.
 
-A name looked up on the old path is served from the new module that exports it (lists it in ``__all__``), or else
-from the first new module that has it, with a ``FutureWarning`` naming that module. The new modules are imported on
-first lookup only, so importing the old path stays cheap.
+:func:`forward_to_new_modules` makes a moved module's old path a module-level ``__getattr__`` / ``__dir__``: a name
+looked up there is served from the new module that exports it (lists it in ``__all__``), or else from the first new
+module that has it. The new modules are imported on first lookup only, so importing the old path stays cheap.
+:func:`renamed_function` keeps a renamed function under its former name.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import warnings
@@ -49,3 +51,21 @@ def forward_to_new_modules(old: str, *new_modules: str) -> tuple[Callable[[str],
         return sorted(set(sys.modules[old].__all__) | set(vars(sys.modules[old])))
 
     return module_getattr, module_dir
+
+
+def renamed_function(new: Callable, old_name: str, module: str) -> Callable:
+    """``new`` under its former name ``old_name`` in ``module``: same arguments and result, plus a warning."""
+
+    @functools.wraps(new)
+    def alias(*args, **kwargs):
+        warnings.warn(
+            f"{module}.{old_name} is deprecated and will be removed in the next release; "
+            f"use {module}.{new.__name__} (same arguments, same result).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old_name
+    alias.__doc__ = f"Deprecated name of :func:`{new.__name__}`."
+    return alias

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from ._deprecation import renamed_function
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -360,26 +361,9 @@ def flow_velocity_from_rectified_flow_velocity(u: torch.Tensor) -> torch.Tensor:
     return -u
 
 
-def _deprecated_alias(new: Callable, old_name: str) -> Callable:
-    """``new`` under its former name: same result, plus a ``FutureWarning`` naming ``new``."""
-
-    @functools.wraps(new)
-    def alias(*args, **kwargs):
-        warnings.warn(
-            f"diffusers_ztsnr.schedule.{old_name} is deprecated and will be removed in the next release; "
-            f"use diffusers_ztsnr.schedule.{new.__name__} (same arguments, same result).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return new(*args, **kwargs)
-
-    alias.__name__ = alias.__qualname__ = old_name
-    alias.__doc__ = f"Deprecated name of :func:`{new.__name__}`."
-    return alias
-
-
 #: deprecated names (kept for one release)
-flow_sigma_from_seed_time = _deprecated_alias(flow_sigma_from_rectified_flow_time, "flow_sigma_from_seed_time")
-flow_velocity_from_seed_velocity = _deprecated_alias(
-    flow_velocity_from_rectified_flow_velocity, "flow_velocity_from_seed_velocity"
+flow_sigma_from_seed_time = renamed_function(flow_sigma_from_rectified_flow_time, "flow_sigma_from_seed_time",
+                                             __name__)
+flow_velocity_from_seed_velocity = renamed_function(
+    flow_velocity_from_rectified_flow_velocity, "flow_velocity_from_seed_velocity", __name__
 )
