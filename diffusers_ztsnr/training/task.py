@@ -18,6 +18,8 @@ import torch
 from .objectives import DiffusionObjective, FlowMatchingObjective, Predict
 
 Objective = DiffusionObjective | FlowMatchingObjective
+#: the pipelines' text-encoder components, in the order the loop freezes and places them
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 class ModelTask:
     """One model family's side of the shared loop. Subclasses set the attributes below in ``__init__``.
@@ -42,6 +44,14 @@ class ModelTask:
     #: the names of :meth:`encode_prompts`' outputs (what the encodings cache stores beside ``latents``)
     cond_keys: tuple[str, ...] = ()
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __init__(self, args: argparse.Namespace):
+        """Load the base pipeline and pick out its denoiser, VAE, text encoders and scheduler config."""
+        self.class_name = self.load_pipeline(args)
+        pipe = self.pipe
+        self.denoiser, self.vae = getattr(pipe, self.denoiser_name), pipe.vae
+        self.text_encoders = [m for m in (getattr(pipe, name, None) for name in TEXT_ENCODER_NAMES) if m is not None]
+        self.scheduler_config = dict(pipe.scheduler.config)
 
     def load_pipeline(self, args: argparse.Namespace, allowed: tuple[str, ...] | None = None,
                       hint: str | None = None) -> str:

@@ -40,17 +40,13 @@ class FlowTask(ModelTask):
     other_script_hint = "SD 1.x / 2.x / SDXL UNets: use train_lora_unet.py (--objective flow trains them as flows)."
 
     def __init__(self, args: argparse.Namespace):
-        class_name = self.load_pipeline(args)
-        pipe = self.pipe
+        super().__init__(args)
+        pipe, class_name = self.pipe, self.class_name
         self.is_flux = class_name == "FluxPipeline"
-        self.denoiser, self.vae = pipe.transformer, pipe.vae
-        self.text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2,
-                                          getattr(pipe, "text_encoder_3", None)) if m is not None]
         # the CLIP encoders take LoRA with --train_text_encoder (T5 stays frozen, as in diffusers' scripts)
         clips = ["text_encoder"] if self.is_flux else ["text_encoder", "text_encoder_2"]
         self.trainable_text_encoders = {name: getattr(pipe, name) for name in clips}
         self.cond_keys = ("prompt_embeds", "pooled_projections")
-        self.scheduler_config = dict(pipe.scheduler.config)
         self.max_sequence_length = args.max_sequence_length or (512 if self.is_flux else 77)
         self.guidance = None
         if self.denoiser.config.get("guidance_embeds", False):

@@ -20,7 +20,7 @@ from ..card import RunFacts, render_unet_card
 from ..config import InputError
 from ..lora import DEFAULT_UNET_TARGETS, add_lora, save_diffusers_lora, save_kohya_lora
 from ..objectives import DiffusionObjective, FlowMatchingObjective, Predict, check_objective_config
-from ..task import ModelTask
+from ..task import TEXT_ENCODER_NAMES, ModelTask
 
 
 class UNetTask(ModelTask):
@@ -32,15 +32,10 @@ class UNetTask(ModelTask):
     other_script_hint = "Flow transformers (SD3, Flux): use train_lora_flow.py."
 
     def __init__(self, args: argparse.Namespace):
-        class_name = self.load_pipeline(args)
-        pipe = self.pipe
-        self.is_sdxl = class_name == "StableDiffusionXLPipeline"
-        self.denoiser, self.vae = pipe.unet, pipe.vae
-        self.text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-        names = ["text_encoder", "text_encoder_2"]
-        self.trainable_text_encoders = dict(zip(names, self.text_encoders, strict=False))
+        super().__init__(args)
+        self.is_sdxl = self.class_name == "StableDiffusionXLPipeline"
+        self.trainable_text_encoders = dict(zip(TEXT_ENCODER_NAMES, self.text_encoders, strict=False))
         self.cond_keys = ("encoder_hidden_states", "text_embeds") if self.is_sdxl else ("encoder_hidden_states",)
-        self.scheduler_config = dict(pipe.scheduler.config)
         self.base_prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         default = "v_prediction" if args.objective == "flow" else self.base_prediction_type
         self.prediction_type = args.prediction_type or default
