@@ -18,7 +18,7 @@ imports each on the 2-core CI machine). The CI subset runs the same script file 
 process forked from a ``forkserver`` that imported torch/diffusers once: a real separate process, SIGKILLed the same
 way, without paying the imports per trial.
 
-    python -m pytest -m slow tests/test_kill_resume.py -s    # the >= 10-kill campaign, prints its numbers
+    python -m pytest -m slow tests/campaigns/test_kill_resume.py -s    # the >= 10-kill campaign, prints its numbers
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from tests.train_utils import tiny_assets
 
 RES = 32
 STEPS = 8
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_scripts" / "train_lora_unet.py"
 FLOW_SCRIPT = REPO / "train_scripts" / "train_lora_flow.py"
 LORA = "pytorch_lora_weights.safetensors"

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "lighting_curse.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "lighting_curse.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("brightness_hist.png", "samples_a.png", "samples_b.png", "samples_data.png", "log_snr.png")
 STATS = ("mean", "std", "p5", "p95", "std_ratio", "w1", "exact_model_std_ratio")

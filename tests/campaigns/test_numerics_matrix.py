@@ -29,7 +29,7 @@ Coverage (hypothesis, ``derandomize=True``, ``database=None``: the same examples
 * CI subset, ``test_numerics_matrix``: ``CI_EXAMPLES`` = 250 cases: 190 sampled to the end (32,634 sampler steps),
   45 refused for an invalid step count, 15 refused for epsilon at SNR 0; ~23 s on the 2-core CI CPU (the whole
   file ~35 s).
-* ``pytest -m slow tests/test_numerics_matrix.py``: ``SLOW_EXAMPLES`` = 5000 cases: 4129 sampled to
+* ``pytest -m slow tests/campaigns/test_numerics_matrix.py``: ``SLOW_EXAMPLES`` = 5000 cases: 4129 sampled to
   the end (818,605 sampler steps), 621 refused for an invalid step count, 244 for epsilon at SNR 0, 6 for
   ``leading`` past ``T-1``; ~9.5 min.
 

@@ -1,4 +1,4 @@
-"""The command line helpers (the demo has tests/test_demo.py)."""
+"""The command line helpers (the demo has tests/campaigns/test_demo.py)."""
 
 import json
 

@@ -30,7 +30,7 @@ import torch
 
 from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")

@@ -12,7 +12,7 @@ import yaml
 from diffusers_ztsnr.training import flow, unet
 from tests.train_utils import RES, tiny_assets
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 # file -> (script module, tiny pipeline kind, the real base model it names)
 EXAMPLES = {
     "sd15_v_ztsnr.yaml": (unet, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),

@@ -314,7 +314,8 @@ def test_saved_scheduler_files(kind, saved_pipelines):
     assert library.split(".")[0] == "diffusers_ztsnr"
     assert getattr(importlib.import_module(library), class_name) is cls
     saved = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    # a config of the diffusers counterpart (tests/test_stock_interop.py), which our class reads back exactly
+    # a config of the diffusers counterpart (tests/integration/test_stock_interop.py), which our class reads back
+    # exactly
     assert saved["_class_name"] == cls.stock_class.__name__
     assert _public_config(cls.from_config(saved).config) == _public_config(scheduler.config)
     if kind == "sd15":
@@ -346,7 +347,7 @@ def test_pipeline_from_pretrained_round_trip(kind, saved_pipelines):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is cls
     assert _public_config(loaded.scheduler.config) == _public_config(scheduler.config)
-    # plain from_pretrained: equal to float32 round-off (unaligned weights, see tests/test_tiny.py)
+    # plain from_pretrained: equal to float32 round-off (unaligned weights, see tests/integration/test_tiny.py)
     np.testing.assert_allclose(_run(loaded), image, rtol=0, atol=1e-5)
     # re-allocated weights: bitwise identical
     np.testing.assert_array_equal(_run(load_tiny_pipeline(kind, path)), image)

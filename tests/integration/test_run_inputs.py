@@ -17,7 +17,7 @@ from diffusers_ztsnr.training import flow, step, unet
 from diffusers_ztsnr.training.inputs import looks_local
 from tests.train_utils import RES, tiny_assets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 

@@ -28,7 +28,7 @@ from diffusers_ztsnr.training.unet import parse_args as unet_args
 from tests.train_utils import tiny_assets, whole_dataset_batch
 
 RES = 32
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
 

@@ -21,7 +21,7 @@ from diffusers_ztsnr.training.unet import main
 from tests.train_utils import tiny_assets, whole_dataset_batch
 
 RES = 32
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")  # diffusers' and transformers' loading chatter

@@ -231,7 +231,7 @@ def test_a_failed_checkpoint_write_stops_every_rank_instead_of_hanging(assets, t
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FULL_DISK_AT_STEP_2)
     out = tmp_path / "ddp"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521",
            str(repo / "train_scripts" / "train_lora_unet.py"),

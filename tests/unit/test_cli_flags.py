@@ -14,7 +14,7 @@ import pytest
 
 from diffusers_ztsnr.training import flow, unet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data"]
 PARSERS = {"unet": unet.build_parser, "flow": flow.build_parser}
 PARSE = {"unet": unet.parse_args, "flow": flow.parse_args}

@@ -1,10 +1,10 @@
 """Every training flag and CLI argument with an invalid value or an impossible combination: a clear error that
 names the flag, the value given and what is allowed (table-driven; parsing only, no model is loaded).
 
-Scheduler constructors and ``set_timesteps`` have their own tables in ``tests/test_schedulers.py``
+Scheduler constructors and ``set_timesteps`` have their own tables in ``tests/unit/test_schedulers.py``
 (``BAD_CONSTRUCTIONS``, config keys a class cannot honour, bad ``set_timesteps`` arguments); model-dependent
 combinations (``--guidance_scale`` on a model without guidance embedding, ``--lora_layers`` naming no module, an
-epsilon target with ZTSNR, a UNet pipeline given to the flow script) are in ``tests/test_train_*.py``.
+epsilon target with ZTSNR, a UNet pipeline given to the flow script) are in ``tests/integration/test_train_*.py``.
 """
 
 import pytest
@@ -143,7 +143,7 @@ CLI = [
 def test_cli_bad_arguments_are_one_line_errors(argv, fragment, capsys, monkeypatch):
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     with pytest.raises(SystemExit) as caught:
         cli_main(argv)
     err = capsys.readouterr().err

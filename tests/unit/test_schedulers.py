@@ -236,7 +236,7 @@ def test_save_and_load_round_trip(cls, tmp_path):
     s = make_scheduler(cls, "v_prediction")
     s.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "scheduler_config.json").read_text())
-    # a config of the diffusers counterpart (tests/test_stock_interop.py); our class reads it back exactly
+    # a config of the diffusers counterpart (tests/integration/test_stock_interop.py); our class reads it back exactly
     assert saved["_class_name"] == cls.stock_class.__name__ and saved[OWN_SETTINGS_KEY]
     if cls.path == "vp":
         assert saved["prediction_type"] == "v_prediction"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tests.interop.support import Deltas, plain_path
+from tests.integration.interop.support import Deltas, plain_path
 
 LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
                  "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",

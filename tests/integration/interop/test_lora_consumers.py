@@ -2,9 +2,9 @@
 is the trained ``lora_B @ lora_A * alpha / rank``, on exactly the trained modules.
 
 Adapters are added directly to the tiny models with seeded random weights and written by the training scripts'
-save functions (tests/interop/test_lora_training_runs.py does the same through the real scripts). Consumers:
+save functions (tests/integration/interop/test_lora_training_runs.py does the same through the real scripts). Consumers:
 diffusers (``load_lora_weights`` + ``fuse_lora``, fused minus base weights), and ComfyUI's and sd-scripts' key
-conventions (tests/interop/conventions.py) on the kohya file.
+conventions (tests/integration/interop/conventions.py) on the kohya file.
 """
 
 
@@ -14,8 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
-from tests.interop.conventions import apply_kohya, comfyui_key_map, expected_native, native_error, sd_scripts_names
-from tests.interop.support import (
+from tests.integration.interop.conventions import (
+    apply_kohya,
+    comfyui_key_map,
+    expected_native,
+    native_error,
+    sd_scripts_names,
+)
+from tests.integration.interop.support import (
     KINDS,
     TOLERANCE,
     TrainedLora,
@@ -92,7 +98,7 @@ def test_flux_kohya_double_blocks_and_text_encoder_load_in_diffusers(tmp_path):
 
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_flux_kohya_single_block_qkv_loads_in_diffusers_at_flux1_width(tmp_path, alpha):
-    from tests.interop.support import wide_flux_single_block_check
+    from tests.integration.interop.support import wide_flux_single_block_check
 
     error, changed, patched = wide_flux_single_block_check(tmp_path, RANK, alpha)
     assert error <= TOLERANCE

@@ -14,8 +14,14 @@ from diffusers_ztsnr.markers import load_lora_weights, scheduler_settings_from_c
 from diffusers_ztsnr.testing.tiny import make_tiny_pipeline
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.unet import main as unet_main
-from tests.interop.conventions import apply_kohya, comfyui_key_map, expected_native, native_error, sd_scripts_names
-from tests.interop.support import KINDS, TOLERANCE, count, diffusers_applied, max_error, script_lora
+from tests.integration.interop.conventions import (
+    apply_kohya,
+    comfyui_key_map,
+    expected_native,
+    native_error,
+    sd_scripts_names,
+)
+from tests.integration.interop.support import KINDS, TOLERANCE, count, diffusers_applied, max_error, script_lora
 from tests.train_utils import RES, tiny_assets
 
 RANK, ALPHA = 8, 4.0
