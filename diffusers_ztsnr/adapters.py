@@ -93,7 +93,7 @@ class PathTransformedModel(torch.nn.Module):
         schedule's cleanest level (``s`` under ``sigma_0 / (alpha_0 + sigma_0)``, ~0.03 for SD) the model is
         evaluated at its timestep 0, the nearest level it was trained at.
         """
-        return PathTransformedModel(model, schedule, FlowPath(), prediction_type, output_type, input_name,
+        return cls(model, schedule, FlowPath(), prediction_type, output_type, input_name,
                                     flow_time_scale)
 
     @classmethod
@@ -109,7 +109,7 @@ class PathTransformedModel(torch.nn.Module):
         (:meth:`flow_as_vp_from_scheduler_config`); ZTSNR lets that sampler start at the flow model's pure-noise
         end ``s = 1``.
         """
-        return PathTransformedModel(model, FlowPath(), schedule, prediction_type, output_type, input_name,
+        return cls(model, FlowPath(), schedule, prediction_type, output_type, input_name,
                                     flow_time_scale)
 
     @classmethod

@@ -15,10 +15,18 @@ import argparse
 import math
 
 from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and errors, where they always were)
+    LAUNCH_EPILOG,
     USAGE,
+    USAGE_EXIT_CODE,
+    DefaultsHelpFormatter,
     InputError,
     TrainingArgumentParser,
     UsageError,
+    closest_option,
+    config_tokens,
+    did_you_mean,
+    is_first_rank,
+    load_config_file,
     make_parser,
     parse_with_config,
     run_script,
@@ -241,10 +249,11 @@ def check_flow_objective_arguments(args: argparse.Namespace) -> list[str]:
     return []
 
 
-def add_timestep_shift_argument(parser: argparse.ArgumentParser, default: float | str) -> None:
-    """``--timestep_shift``, one flag for both scripts (checked and converted by :func:`parse_timestep_shift`)."""
+def add_timestep_shift_argument(parser: argparse.ArgumentParser, default: float | str, flow_model: bool) -> None:
+    """``--timestep_shift``, one flag for both scripts, converted by :func:`parse_timestep_shift` as it is parsed (a
+    value it refuses stays text, for the flag checks to report with the others)."""
     parser.add_argument(
-        "--timestep_shift", type=str, default=default,
+        "--timestep_shift", type=lambda value: parse_timestep_shift(value, flow_model)[0], default=default,
         help="shift of the training times toward noise (SD3's shift k: u -> k u / (1 + (k - 1) u); > 1 noisier, "
              "1 none): a number > 0; 'auto' (what the base scheduler does at sampling: SD3's static shift, Flux's "
              "resolution-dependent mu; 1 for UNets); 'dynamic' (flow transformers: Flux's mu from each batch's "
@@ -278,7 +287,7 @@ def unet_parser(description: str) -> TrainingArgumentParser:
     parser = make_parser(description)
     add_common_arguments(parser)
     add_vp_objective_arguments(parser)
-    add_timestep_shift_argument(parser, 1.0)
+    add_timestep_shift_argument(parser, 1.0, flow_model=False)
     a = parser.add_argument
     a("--objective", type=str, default="diffusion", choices=OBJECTIVES,
       help="diffusion: the VP loss of --prediction_type; flow: rectified-flow matching through the equal-SNR mapping "
@@ -301,7 +310,7 @@ def flow_parser(description: str) -> TrainingArgumentParser:
     parser = make_parser(description)
     add_common_arguments(parser)
     add_flow_objective_arguments(parser)
-    add_timestep_shift_argument(parser, "auto")
+    add_timestep_shift_argument(parser, "auto", flow_model=True)
     a = parser.add_argument
     a("--guidance_scale", type=float, default=None,
       help=f"guidance value fed to a guidance-distilled transformer (Flux dev) while training and validating "

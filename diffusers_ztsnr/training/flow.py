@@ -19,6 +19,7 @@ The model family is :mod:`diffusers_ztsnr.training.families.flow_transformers`, 
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import Any
 
 from . import config
@@ -36,6 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = config.parse_with_config(parser, argv)
     config.check_flow_args(args)
     return args
+
+
+def parse_shift(value: str) -> float | str:
+    """Deprecated: ``--timestep_shift`` is parsed by :func:`diffusers_ztsnr.training.config.parse_timestep_shift`."""
+    warnings.warn("diffusers_ztsnr.training.flow.parse_shift is deprecated; use "
+                  "diffusers_ztsnr.training.config.parse_timestep_shift(value, flow_model=True)", FutureWarning,
+                  stacklevel=2)
+    shift, problem = config.parse_timestep_shift(value, flow_model=True)
+    if problem:
+        raise config.UsageError(f"error: {problem}.")
+    return shift
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,8 +21,11 @@ Objective = DiffusionObjective | FlowMatchingObjective
 #: the pipelines' text-encoder components, in the order the loop freezes and places them
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
+
 class ModelTask:
-    """One model family's side of the shared loop. Subclasses set the attributes below in ``__init__``.
+    """One model family's side of the shared loop. ``__init__`` loads the pipeline and sets ``pipe``,
+    ``pipeline_class``, ``class_name``, ``denoiser``, ``vae``, ``text_encoders`` and ``scheduler_config``; a subclass
+    adds ``trainable_text_encoders`` and ``cond_keys`` and whatever its model needs.
 
     Attributes: ``pipeline_class``, ``pipe`` (the loaded base pipeline), ``denoiser`` (the module LoRA is
     trained on: UNet or transformer), ``denoiser_name`` (its pipeline component name), ``vae``,

@@ -108,14 +108,14 @@ class UNetTask(ModelTask):
         )
 
     def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"guidance_rescale": 0.7 if args.zero_terminal_snr else 0.0}
+        return {"guidance_rescale": 0.7 if self.zero_terminal_snr else 0.0}
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
         alpha, family = args.lora_alpha or args.rank, self.family
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
-                                   args.zero_terminal_snr, lora_alpha=alpha, family=family)
+                                   self.zero_terminal_snr, lora_alpha=alpha, family=family)
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, self.prediction_type,
-                                args.zero_terminal_snr, family=family, denoiser_config=dict(self.denoiser.config),
+                                self.zero_terminal_snr, family=family, denoiser_config=dict(self.denoiser.config),
                                 base_model=args.pretrained_model_name_or_path)
         return {"lora": lora, "kohya": kohya}
 
@@ -123,7 +123,7 @@ class UNetTask(ModelTask):
         run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
         return render_unet_card(
             run, base_prediction_type=self.base_prediction_type, prediction_type=self.prediction_type,
-            zero_terminal_snr=args.zero_terminal_snr, snr_gamma=args.snr_gamma,
+            zero_terminal_snr=self.zero_terminal_snr, snr_gamma=args.snr_gamma,
             flow_weighting=args.weighting_scheme if args.objective == "flow" else None,
             flow_shift=args.timestep_shift, guidance_rescale=self.validation_kwargs(args)["guidance_rescale"],
             family=self.family)
