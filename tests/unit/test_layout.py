@@ -207,3 +207,39 @@ def test_deprecated_module_paths_keep_every_public_name(old):
             assert hasattr(module, name)
     with pytest.raises(AttributeError):
         module.no_such_name  # noqa: B018
+
+
+# --- size limits: a function reads on one screen, a module holds one concern ---------------------------------
+
+MAX_FUNCTION_LINES = 60
+MAX_FILE_LINES = 400
+MAX_DATA_FILE_LINES = 300  # training/data/: one step of the data pipeline a file
+
+
+def oversized(package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """Every function longer than MAX_FUNCTION_LINES and every module longer than its limit, as readable lines."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(package_dir).as_posix()
+        limit = MAX_DATA_FILE_LINES if name.startswith("training/data/") else MAX_FILE_LINES
+        if text.count("\n") > limit:
+            found.append(f"{name}: {text.count(chr(10))} lines (limit {limit})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_the_size_check_sees_long_functions_and_files(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    package = _write(tmp_path, {"pkg/__init__.py": "", "pkg/long.py": f"def long():\n{body}\n",
+                                "pkg/training/data/big.py": "x = 1\n" * (MAX_DATA_FILE_LINES + 1)})
+    assert oversized(package / "pkg") == [f"long.py:1 long: {MAX_FUNCTION_LINES + 1} lines",
+                                  f"training/data/big.py: {MAX_DATA_FILE_LINES + 1} lines (limit 300)"]
+
+
+def test_no_function_or_module_is_over_its_size_limit():
+    assert oversized() == []
