@@ -255,8 +255,7 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
         ema = EMAModel(params, decay=args.ema_decay)
     parts = StepParts(accelerator=accelerator, task=models.task, objective=models.objective, model=model,
                       optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, text_encoder_params=te_params,
-                      ema=ema, weight_dtype=models.weight_dtype,
-                      text_encoders_trained=bool(models.trained_text_encoders))
+                      ema=ema, weight_dtype=models.weight_dtype)
     state = TrainingState(args, accelerator, models, data, parts, updates_per_epoch, max_steps, num_epochs)
     hooks = CheckpointHooks(models.trained, ema, state.counters, state.history)
     accelerator.register_save_state_pre_hook(hooks.save)

@@ -116,8 +116,11 @@ class StepParts:
     text_encoder_params: list[torch.nn.Parameter]
     ema: Any | None
     weight_dtype: torch.dtype
-    #: text-encoder LoRA is trained: uncached prompts are encoded with gradients
-    text_encoders_trained: bool
+
+    @property
+    def text_encoders_trained(self) -> bool:
+        """Text-encoder LoRA is trained: uncached prompts are encoded with gradients."""
+        return bool(self.text_encoder_params)
 
 
 class OptimizerStep:

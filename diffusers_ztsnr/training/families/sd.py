@@ -48,9 +48,7 @@ class UNetTask(ModelTask):
         """``--objective diffusion``: the VP loss of ``prediction_type`` on the (ZTSNR-rescaled) schedule;
         ``--objective flow``: flow matching, times clamped at the schedule's cleanest flow time."""
         if args.objective == "flow":
-            alphas, sigmas = self.schedule.alpha_sigma(torch.arange(self.schedule.num_train_timesteps,
-                                                                    dtype=torch.float64))
-            alpha_0, sigma_0 = float(alphas[0]), float(sigmas[0])  # the cleanest level the VP schedule has
+            alpha_0, sigma_0 = (float(v) for v in self.schedule.alpha_sigma(torch.zeros(1, dtype=torch.float64)))
             return FlowMatchingObjective(
                 args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, shift=args.timestep_shift,
                 min_time=sigma_0 / (alpha_0 + sigma_0), precondition_outputs=bool(args.precondition_outputs),
