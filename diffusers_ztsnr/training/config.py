@@ -75,6 +75,9 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resolution", type=int, default=512, help="training image size in pixels (square side, or bucket area).")
     a("--center_crop", action="store_true", help="center crop (default: random crop).")
     a("--random_flip", action="store_true", help="flip half the images horizontally.")
+    a("--caption_dropout", type=float, default=0.0,
+      help="probability of training a sample on the empty prompt instead of its caption, so classifier-free "
+           "guidance keeps working after the fine-tune (0.1 is usual; 0: off).")
     a("--bucketing", action="store_true", help="aspect-ratio bucketing instead of square crops.")
     a("--cache_latents", action="store_true", help="encode images and captions once, cache them on disk.")
     a("--cache_latents_dir", type=str, default=None,
@@ -175,6 +178,8 @@ def check_common_args(args: argparse.Namespace) -> list[str]:
                         "drop --train_text_encoder or --cache_latents")
     if args.cache_latents and not args.center_crop:  # buckets crop randomly too, unless --center_crop
         problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
+    if not 0 <= args.caption_dropout <= 1:
+        problems.append(f"--caption_dropout is a probability: it must lie in [0, 1] (got {args.caption_dropout})")
     if not 0 < args.ema_decay < 1:
         problems.append(f"--ema_decay must lie in (0, 1) (got {args.ema_decay})")
     if args.overwrite_output_dir and args.resume_from_checkpoint:

@@ -107,6 +107,8 @@ def describe_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[
     old_flags, new_flags = previous.get("flags", {}), current.get("flags", {})
     if old_flags and new_flags:
         for key in sorted(set(old_flags) | set(new_flags)):
+            if (key in old_flags) != (key in new_flags) and not old_flags.get(key, new_flags.get(key)):
+                continue  # a flag one version lacks, left off (None, 0, False) by the other: the same run
             if old_flags.get(key) != new_flags.get(key):
                 changes.append(f"--{key} {old_flags.get(key)!r} -> {new_flags.get(key)!r}")
     if previous.get("base_model") and current.get("base_model") and previous["base_model"] != current["base_model"]:

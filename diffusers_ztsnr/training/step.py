@@ -99,6 +99,22 @@ def batch_inputs(task: ModelTask, batch: dict[str, Any], device: torch.device,
     return latents, cond
 
 
+def drop_captions(cond: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], probability: float,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Caption dropout: each sample's prompt encodings are replaced by the empty prompt's with ``probability``,
+    so the fine-tuned model keeps the unconditional prediction classifier-free guidance subtracts (Ho & Salimans
+    2022). Draws from ``generator`` only when ``probability > 0``."""
+    if probability <= 0:
+        return cond
+    batch = next(iter(cond.values())).shape[0]
+    dropped = torch.rand(batch, generator=generator) < probability
+    out = {}
+    for key, value in cond.items():
+        mask = dropped.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+        out[key] = torch.where(mask, empty[key].to(value.device, value.dtype).expand_as(value), value)
+    return out
+
+
 @dataclass
 class StepParts:
     """What an optimizer step reads and updates."""
@@ -135,6 +151,7 @@ class OptimizerStep:
         # over all micro-steps of one optimizer step: one bad micro-step spoils the accumulated gradient
         self.step_finite, self.bad_loss = True, None
         self.weights_bad = torch.zeros((), dtype=torch.bool, device=parts.accelerator.device)
+        self._empty_prompt: dict[str, torch.Tensor] | None = None
 
     def micro_step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Forward and backward one micro-batch of optimizer step ``step`` (0-based); the optimizer updates on
@@ -147,12 +164,27 @@ class OptimizerStep:
             # (accelerate closes it at the end of the data), so count from 0 again at every update, as a resume does
             self.micro = 0 if accelerator.sync_gradients else self.micro + 1
             latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
+            cond = drop_captions(cond, self.empty_prompt(), self.args.caption_dropout, generator)
             loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
                               parts.weight_dtype)
             all_finite = self._finite_everywhere(loss)
             accelerator.backward(loss if all_finite else loss * 0.0)
             self._update()
         return loss
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's encodings: once for frozen text encoders; every micro-step, with gradients, when
+        text-encoder LoRA trains (a stored copy would go stale)."""
+        parts = self.parts
+        if self.args.caption_dropout <= 0:
+            return {}
+        if self._empty_prompt is not None:
+            return self._empty_prompt
+        with torch.set_grad_enabled(parts.text_encoders_trained):
+            empty = parts.task.encode_prompts([""], parts.accelerator.device)
+        if not parts.text_encoders_trained:
+            self._empty_prompt = {k: v.float() for k, v in empty.items()}
+        return empty
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (a collective: every rank makes the same decision)."""

@@ -114,3 +114,13 @@ def test_a_flow_lora_checks_against_the_scheduler_path(trained_loras):
     pipe.scheduler = ZTSNRDPMSolverMultistepScheduler()
     with pytest.warns(UserWarning, match="trained with flow matching.*ZTSNRFlowMatchScheduler"):
         check_lora_for_pipeline(pipe, trained_loras["flow"])
+
+
+def test_a_flag_added_since_a_run_was_recorded_is_no_change_while_left_off():
+    from diffusers_ztsnr.training.identity import describe_changes
+
+    recorded = {"flags": {"rank": 4, "learning_rate": 1e-4}}  # written before --caption_dropout existed
+    assert describe_changes(recorded, {"flags": {"rank": 4, "learning_rate": 1e-4, "caption_dropout": 0.0}}) == []
+    assert describe_changes(recorded, {"flags": {"rank": 4, "learning_rate": 1e-4, "caption_dropout": 0.1}}) == [
+        "--caption_dropout None -> 0.1"]
+    assert describe_changes(recorded, {"flags": {"rank": 8, "learning_rate": 1e-4}}) == ["--rank 4 -> 8"]

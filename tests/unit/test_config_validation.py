@@ -49,6 +49,8 @@ COMMON = [
      ["--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume"]),
     (["--lora_alpha", "0"], ["--lora_alpha must be > 0 (got 0.0)"]),
     (["--ema_decay", "1.5"], ["--ema_decay must lie in (0, 1) (got 1.5)"]),
+    (["--caption_dropout", "1.5"], ["--caption_dropout is a probability: it must lie in [0, 1] (got 1.5)"]),
+    (["--caption_dropout=-0.1"], ["--caption_dropout is a probability: it must lie in [0, 1] (got -0.1)"]),
     (["--report_to", "wandb"], ["--report_to: invalid choice: 'wandb'", "tensorboard", "none"]),
     (["--cache_latents", "--train_text_encoder", "--center_crop"],
      ["--cache_latents", "cannot train the text encoder"]),
