@@ -110,9 +110,10 @@ def draw_figure(before: Side, after: Side, data_brightness: torch.Tensor, data_t
             ax.scatter(x + jitter, picked, s=12, color=colors[tone], label=tone if x == 0 else None)
         ax.text(x, 1.04, f"spread {spread(values):.3f}", ha="center", fontsize=9)
     ax.set_xticks(range(len(groups)), [g[0] for g in groups])
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(-0.22, 1.1)  # room below 0 for the legend, clear of the points
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("mean brightness of each image (0 black, 1 white)")
-    ax.legend(title="prompt asks for", loc="lower right", fontsize=8)
+    ax.legend(title="prompt asks for", loc="lower center", ncol=3, fontsize=8, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -47,7 +47,11 @@ def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator
 
 
 def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int, progress: Progress) -> AutoencoderKL:
-    """Reconstruction (MSE) with a light KL term; the scaling factor then gives the latents unit variance."""
+    """Reconstruction (MSE) with a light KL term, plus a term on each image's mean colour; the scaling factor then
+    gives the latents unit variance.
+
+    The mean-colour term matters here: on plain MSE a VAE this small reproduces only about 85% of the data's spread
+    of image brightness in a couple of hundred steps, which would cap what any sampler could show."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -58,7 +62,9 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int, prog
         posterior = vae.encode(images[index]).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator)
         decoded = vae.decode(posterior.mean + posterior.std * noise).sample
-        loss = (decoded - images[index]).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        target = images[index]
+        mean_colour = (decoded.mean(dim=(2, 3)) - target.mean(dim=(2, 3))).pow(2).mean()
+        loss = (decoded - target).pow(2).mean() + 10 * mean_colour + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
