@@ -83,7 +83,12 @@ PAIRS = [
         lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
     ),
     Pair(
-        "Flow order 2 vs FlowMatchEuler",
+        "Flow order 1 linspace vs FlowMatchEuler",
+        lambda: diffusers_ztsnr.ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=1, timestep_spacing="linspace"),
+        lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+    ),
+    Pair(
+        "Flow default (order 2) vs FlowMatchEuler",
         lambda: diffusers_ztsnr.ZTSNRFlowMatchScheduler(shift=FLOW_SHIFT, solver_order=2),
         lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
     ),
@@ -93,12 +98,12 @@ PAIRS = [
 class Runner:
     """One scheduler, one dtype: times full sampling loops with a fixed fake model output."""
 
-    def __init__(self, make: Callable[[], object], dtype: torch.dtype, steps: int):
+    def __init__(self, make: Callable[[], object], dtype: torch.dtype, steps: int, device: torch.device):
         self.scheduler = make()
-        self.dtype, self.steps = dtype, steps
+        self.dtype, self.steps, self.device = dtype, steps, device
         g = torch.Generator().manual_seed(0)
-        self.noise = torch.randn(SHAPE, generator=g).to(dtype)
-        self.model_output = (0.5 * torch.randn(SHAPE, generator=g)).to(dtype)
+        self.noise = torch.randn(SHAPE, generator=g).to(device, dtype)
+        self.model_output = (0.5 * torch.randn(SHAPE, generator=g)).to(device, dtype)
         self.scale = getattr(self.scheduler, "scale_model_input", None)
         self.takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         self.step_us: list[float] = []
@@ -118,15 +123,17 @@ class Runner:
         s, out, scale = self.scheduler, self.model_output, self.scale
         kw = dict(generator=torch.Generator().manual_seed(1)) if self.takes_generator else {}
         t0 = time.perf_counter()
-        s.set_timesteps(self.steps)
+        s.set_timesteps(self.steps, device=self.device)
         t1 = time.perf_counter()
         x = self.noise * getattr(s, "init_noise_sigma", 1.0)
         x = x.to(self.dtype)
+        synchronize(self.device)
         t2 = time.perf_counter()
         for t in s.timesteps:
             if scale is not None:
                 scale(x, t)  # the model would see this; its value is not needed here
             x = s.step(out, t, x, **kw).prev_sample
+        synchronize(self.device)  # a GPU runs the steps asynchronously: time them, not their launch
         t3 = time.perf_counter()
         if record:
             self.set_us.append((t1 - t0) * 1e6)
@@ -134,16 +141,22 @@ class Runner:
         self.finite = self.finite and bool(torch.isfinite(x).all())
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 20 steps (< 60 s)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per scheduler and dtype (default 30)")
     p.add_argument("--steps", type=int, default=None, help="steps per sampling run (default 50)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    p.add_argument("--device", default="cpu", help="where the latents and the steps run: cpu (default), cuda, ...")
     p.add_argument("--json", metavar="PATH", default=None, help="also write all numbers to PATH as JSON")
     return p.parse_args(argv)
 
@@ -164,10 +177,11 @@ def pair_result(pair: Pair, dtype_name: str, ours: Runner, theirs: Runner) -> di
     )
 
 
-def time_pairs(dtype_name: str, steps: int, repeats: int) -> list[dict]:
+def time_pairs(dtype_name: str, steps: int, repeats: int, device: torch.device) -> list[dict]:
     """Every pair at one latent dtype: one warm-up each, then ``repeats`` runs, ours and theirs alternating first."""
     dtype = getattr(torch, dtype_name)
-    runners = [(pair, Runner(pair.ours, dtype, steps), Runner(pair.theirs, dtype, steps)) for pair in PAIRS]
+    runners = [(pair, Runner(pair.ours, dtype, steps, device), Runner(pair.theirs, dtype, steps, device))
+               for pair in PAIRS]
     for _, ours, theirs in runners:  # warm-up
         ours.run(record=False)
         theirs.run(record=False)
@@ -215,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"latent {'x'.join(map(str, SHAPE))}, {steps} steps per run, median of {repeats} runs per scheduler "
         "(interleaved ours/theirs, 1 warm-up each), torch.set_num_threads(1); VP: v_prediction, SD schedule, "
-        f"rescale_betas_zero_snr=True, trailing; flow: shift={FLOW_SHIFT}"
+        f"rescale_betas_zero_snr=True, trailing; flow: shift={FLOW_SHIFT}; device {args.device}"
     )
     print()
-    results = [res for dtype_name in args.dtypes for res in time_pairs(dtype_name, steps, repeats)]
+    device = torch.device(args.device)
+    results = [res for dtype_name in args.dtypes for res in time_pairs(dtype_name, steps, repeats, device)]
     print_table(results)
     elapsed = time.perf_counter() - start
     print(f"runtime: {elapsed:.1f} s")

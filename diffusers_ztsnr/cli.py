@@ -1,12 +1,13 @@
 """``diffusers-ztsnr``: the offline demo and the tools around the package.
 
-commands: demo, inspect, lighting, export-checkpoint, checkpoint-settings, make-tiny
+commands: demo, inspect, lighting, grade, export-checkpoint, checkpoint-settings, make-tiny
 (``diffusers-ztsnr <command> --help`` for each)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     light = _subparser(sub, "lighting", "the uniform-lighting curse computed exactly: table and plot")
     light.add_argument("--output_dir", type=Path, default=Path("lighting_output"), help="where lighting.md/png go")
     light.add_argument("--steps", type=_step_list, default="5,10,25,50,100", help="comma-separated step counts")
+    _add_grade(sub)
     export = _subparser(sub, "export-checkpoint", "merge a LoRA into its base: one original-layout checkpoint with "
                         "v_pred/ztsnr markers (SD1.x/2.x/SDXL)")
     export.add_argument("lora_dir", type=Path, help="diffusers-format LoRA folder (pytorch_lora_weights.safetensors)")
@@ -72,11 +74,55 @@ def _subparser(sub, name: str, text: str) -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def _sigma_list(text: str) -> list[float]:
+    """``--sigmas 14.6,9.7,...,0``: comma-separated numbers (``inf`` allowed)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: comma-separated numbers, e.g. inf,14.6,3.2,0")\
+            from None
+
+
+def _add_grade(sub) -> None:
+    from .grade import SAMPLERS, SCHEDULER_NAMES
+
+    grade = _subparser(sub, "grade", "measure a sampling schedule: the per-band error and the brightness it leaves "
+                       "on an exact image-like Gaussian oracle")
+    which = grade.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sigmas", type=_sigma_list, help="noise levels, decreasing: sigma/alpha on the VP path "
+                       "(k-diffusion / ComfyUI sigmas, inf = SNR 0), flow time s in (0, 1] on the flow path")
+    which.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="a ComfyUI scheduler, or ours (logsnr)")
+    grade.add_argument("--steps", type=int, default=20, help="model evaluations, with --scheduler")
+    grade.add_argument("--path", choices=("vp", "flow"), default="vp",
+                       help="vp: SD's schedule, v-prediction; flow: a flow-matching model")
+    grade.add_argument("--no_zero_terminal_snr", action="store_true",
+                       help="VP: SD's schedule as released (terminal SNR 0.0047) instead of its ZTSNR rescale")
+    grade.add_argument("--shift", type=float, default=3.0, help="flow: the shift of --scheduler's levels")
+    grade.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m", help="the sampler that walks the list")
+
+
+def _grade(args: argparse.Namespace) -> None:
+    from .analytic import image_like_band_stds
+    from .grade import grade, named_sigmas
+
+    ztsnr = not args.no_zero_terminal_snr
+    sigmas = args.sigmas or named_sigmas(args.scheduler, args.steps, args.path, ztsnr, args.shift)
+    log_gain = grade(sigmas, args.path, ztsnr, args.sampler)
+    print("sigmas: " + ", ".join(f"{v:.4g}" for v in sigmas))
+    print("band | data std | output std / data std | log gain")
+    for k, (std, g) in enumerate(zip(image_like_band_stds(len(log_gain)).tolist(), log_gain.tolist(), strict=True)):
+        name = " (brightness)" if k == 0 else " (finest detail)" if k == len(log_gain) - 1 else ""
+        print(f"b{k}{name} | {std:.3g} | {math.exp(g):.4f} | {g:+.4f}")
+    worst = int(log_gain.abs().argmax())
+    print(f"worst band: b{worst}, |log gain| {abs(float(log_gain[worst])):.4f}; "
+          f"brightness kept: {math.exp(float(log_gain[0])):.1%}")
+
+
 def _add_demo(sub) -> None:
     from .demo.run import DemoSettings
 
     d = DemoSettings()
-    demo = _subparser(sub, "demo", "offline, about 3 minutes on 2 CPU cores: train a tiny epsilon model on SD's "
+    demo = _subparser(sub, "demo", "offline, under 3 minutes on 2 idle CPU cores: train a tiny epsilon model on SD's "
                       "schedule, convert it to v-prediction + zero terminal SNR with a LoRA, and draw the same "
                       "prompts before and after (before_after.png) with the measured brightness spreads")
     demo.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="where everything is written")
@@ -183,6 +229,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print("generated / data brightness std (1 is right; exact Gaussian oracle, 64x64x4 latent):")
         print(table)
         print(f"table and plot in {args.output_dir}")
+    elif args.command == "grade":
+        _grade(args)
     elif args.command == "export-checkpoint":
         _export_checkpoint(args)
     elif args.command == "checkpoint-settings":

@@ -20,13 +20,18 @@ ends far from clean data and loses fine detail. Our spacings keep the SNR-0 star
   brightness direction at few steps;
 * ``karras``: ``T-1``, then Karras et al. (2022, eq. 5, ``rho = 7``) in ``sigma/alpha`` over the
   same range (only for schedulers that accept fractional timesteps).
+
+The flow path (``x_s = (1 - s) x0 + s eps``, ``s = 1`` pure noise) gets the same ``logsnr`` grid from
+:func:`flow_logsnr_grid`: ``s = 1``, then uniform in log-SNR over the sampling path's trained range.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .schedule import VPSchedule, flow_to_vp, vp_to_flow
+from .schedule import FlowPath, VPSchedule, flow_to_vp, vp_to_flow
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "flow")
 
@@ -138,3 +143,21 @@ def karras_grid(schedule: VPSchedule, n: int, rho: float = 7.0) -> torch.Tensor:
     if schedule.is_zero_terminal_snr:
         return torch.cat([torch.tensor([T - 1.0], dtype=torch.float64), rest])
     return rest
+
+
+def flow_logsnr_grid(path: FlowPath, n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Flow times ``s`` (float64, decreasing): ``1`` (pure noise, SNR 0), then ``n-1`` points uniform in
+    log-SNR, ``2 log((1-s)/s)``, from ``path.sigma(1 - 1/T)`` down to ``path.sigma(1/T)``: the noisiest and the
+    cleanest time of diffusers' training grid after the path's shift (and ``shift_terminal``, which maps the
+    cleanest to itself).
+
+    The first step lands at ``sigma/alpha = s/(1-s)``, about ``3000`` for SD3's shift 3 and ``1000`` unshifted,
+    which keeps the global-brightness direction (variance ``N * s_b**2``, about 1000 for a 64x64x4 latent);
+    diffusers' grid (uniform in the unshifted time) lands at ``sigma/alpha ~ n`` and shrinks it."""
+    if n == 1:
+        return torch.tensor([1.0], dtype=torch.float64)
+    T = num_train_timesteps
+    top, bottom = (float(v) for v in path.sigma(torch.tensor([(T - 1) / T, 1 / T], dtype=torch.float64)))
+    half_logsnr = torch.linspace(math.log((1 - top) / top), math.log((1 - bottom) / bottom), n - 1,
+                                 dtype=torch.float64)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(-half_logsnr)])

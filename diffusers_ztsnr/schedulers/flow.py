@@ -9,18 +9,30 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
 from ..schedule import FlowPath
-from ..solvers import ddim_update, dpmpp_2m_update
+from ..solvers import FINAL_STEPS, ddim_update, dpmpp_2m_update
+from ..spacing import flow_logsnr_grid
 from .base import ZTSNRSchedulerBase
+
+#: ``timestep_spacing`` values of the flow scheduler
+FLOW_SPACINGS = ("logsnr", "linspace")
 
 
 class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
-    """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler`` (same keys, same grids, same shift
-    and ``mu`` handling), sampling models of any parameterization on the flow path.
+    """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler`` (same keys, same shift and ``mu``
+    handling), sampling models of any parameterization on the flow path.
 
     Time convention: diffusers' ``s`` in ``[0, 1]``, ``s = 1`` pure noise (SNR 0, exact), model time
     ``t = num_train_timesteps * s``. ``prediction_type`` defaults to ``flow_prediction``
-    (``eps - x0``); ``solver_order=1`` is Euler (identical to diffusers' sampler), ``2`` is
-    DPM-Solver++(2M) written on the flow path, which needs no extra model evaluations.
+    (``eps - x0``); ``solver_order=1`` is Euler, ``2`` is DPM-Solver++(2M) written on the flow path,
+    which needs no extra model evaluations.
+
+    Grids: ``timestep_spacing="logsnr"`` (default) is ``s = 1`` then uniform in log-SNR over the shifted
+    training range (:func:`diffusers_ztsnr.spacing.flow_logsnr_grid`); ``"linspace"`` is diffusers' grid,
+    uniform in the unshifted time, with which ``solver_order=1`` is diffusers' sampler. Sigmas a pipeline
+    passes (``FluxPipeline`` and others pass ``sigmas=`` of their own) are sampled as given while
+    ``use_pipeline_sigmas=True`` (default: the drop-in rule); with ``False`` only their count is used and
+    the grid is this scheduler's. ``final_step`` as in
+    :class:`~diffusers_ztsnr.schedulers.multistep.ZTSNRDPMSolverMultistepScheduler` (order 2 only).
     """
 
     path = "flow"
@@ -44,11 +56,17 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         prediction_type: str = "flow_prediction",
         solver_order: int = 2,
         epsilon_zero_snr_clamp: float | None = None,
+        timestep_spacing: str = "logsnr",
+        use_pipeline_sigmas: bool = True,
+        final_step: str = "first_order",
         **kwargs: Any,
     ):
         self._check_stock_kwargs(kwargs)
         self._check_prediction_type(prediction_type)
         self._check_choice("solver_order", solver_order, (1, 2))
+        self._check_choice("timestep_spacing", timestep_spacing, FLOW_SPACINGS)
+        self._check_choice("use_pipeline_sigmas", use_pipeline_sigmas, (True, False))
+        self._check_choice("final_step", final_step, FINAL_STEPS)
         self._check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
         if shift <= 0:
             raise ValueError(f"shift={shift} must be > 0.")
@@ -78,22 +96,27 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         mu: float | None = None,
         timesteps: list[float] | None = None,
     ) -> None:
-        """Build the grid like diffusers: ``sigmas`` (unshifted flow times, decreasing in ``(0, 1]``)
-        or ``timesteps`` (model times) or ``num_inference_steps``; then the static shift, or the
+        """Build the grid: ``sigmas`` (unshifted flow times, decreasing in ``(0, 1]``; only their count when
+        ``use_pipeline_sigmas=False``) or ``timesteps`` (model times) as diffusers does, else
+        ``num_inference_steps`` points of ``timestep_spacing``. Times pass through the static shift, or the
         dynamic shift with ``mu`` (which FluxPipeline computes from the image size, see
-        :func:`diffusers_ztsnr.schedule.flow_mu`); then ``shift_terminal``. The last step goes to s = 0."""
+        :func:`diffusers_ztsnr.schedule.flow_mu`), then ``shift_terminal``. The last step goes to s = 0."""
         self._check_custom_grid_args(num_inference_steps, timesteps, sigmas)
         cfg = self.config
         T = cfg.num_train_timesteps
+        if sigmas is not None and not cfg.use_pipeline_sigmas:
+            num_inference_steps, sigmas = len(sigmas), None
+        if sigmas is None and timesteps is None:
+            self._check_num_inference_steps(num_inference_steps)
+            if cfg.timestep_spacing == "logsnr":
+                s = flow_logsnr_grid(self.sampling_path(mu), num_inference_steps, T)
+                self._set_levels((s * T).float(), 1 - s, s, (1.0, 0.0), device)
+                return
         if sigmas is not None:
             u = torch.as_tensor(sigmas, dtype=torch.float64)
         elif timesteps is not None:
             u = torch.as_tensor(timesteps, dtype=torch.float64) / T
         else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-                raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
-            if not 1 <= num_inference_steps <= T:
-                raise ValueError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}].")
             u = torch.linspace(self.sigma_max, self.sigma_min, num_inference_steps, dtype=torch.float64)
         if u.ndim != 1 or len(u) == 0 or bool((u.diff() >= 0).any()) or bool(((u <= 0) | (u > 1)).any()):
             raise ValueError("flow sigmas must be strictly decreasing values in (0, 1] (the final 0 is added).")
@@ -116,6 +139,13 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
             path = FlowPath().shifted(cfg.shift)
         return path.stretched_to_terminal(cfg.shift_terminal) if cfg.shift_terminal else path
 
+    def _check_num_inference_steps(self, num_inference_steps) -> None:
+        T = self.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}].")
+
     @property
     def sigmas(self) -> torch.Tensor:
         """Flow times of the grid, ending with 0 (diffusers' attribute)."""
@@ -133,4 +163,4 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
     def _update_rule(self, level, next_level, previous_level):
         if self.config.solver_order == 1:
             return ddim_update(level, next_level)
-        return dpmpp_2m_update(level, next_level, previous_level)
+        return dpmpp_2m_update(level, next_level, previous_level, final_step=self.config.final_step)

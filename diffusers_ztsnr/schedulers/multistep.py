@@ -8,7 +8,7 @@ from typing import Any
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers import dpmpp_2m_update
+from ..solvers import FINAL_STEPS, dpmpp_2m_update
 from .vp import FractionalVPSchedulerBase
 
 
@@ -18,7 +18,11 @@ class ZTSNRDPMSolverMultistepScheduler(FractionalVPSchedulerBase):
 
     Written with ``e^{-h}`` as a ratio of noise levels, so the first step from SNR 0 and the last to
     clean data are finite and exact (first order there); diffusers' version crashes with Karras sigmas
-    on a ZTSNR schedule at 25-30 steps. ``use_karras_sigmas`` keeps the SNR-0 start.
+    on a ZTSNR schedule at 25-30 steps. ``use_karras_sigmas`` keeps the SNR-0 start. The last step to
+    clean data returns the model's x0 prediction (``final_step="first_order"``, default, as diffusers does);
+    ``"trapezoid"`` takes it second order with ``solver_order=2``
+    (:func:`diffusers_ztsnr.solvers.trapezoid_final_update`): better for detail coarser than the last noise
+    level, worse (residual noise of about half that level) for detail finer than it.
     """
 
     stock_class = DPMSolverMultistepScheduler
@@ -41,10 +45,12 @@ class ZTSNRDPMSolverMultistepScheduler(FractionalVPSchedulerBase):
         use_karras_sigmas: bool = False,
         final_sigmas_type: str = "zero",
         epsilon_zero_snr_clamp: float | None = None,
+        final_step: str = "first_order",
         **kwargs: Any,
     ):
         self._check_stock_kwargs(kwargs)
         self._check_choice("solver_order", solver_order, (1, 2))
+        self._check_choice("final_step", final_step, FINAL_STEPS)
         self._check_choice("algorithm_type", algorithm_type, ("dpmsolver++",))
         self._check_choice("solver_type", solver_type, ("midpoint", "heun"))
         self._setup_fractional()
@@ -52,4 +58,4 @@ class ZTSNRDPMSolverMultistepScheduler(FractionalVPSchedulerBase):
     def _update_rule(self, level, next_level, previous_level):
         if self.config.solver_order == 1:
             previous_level = None
-        return dpmpp_2m_update(level, next_level, previous_level, self.config.solver_type)
+        return dpmpp_2m_update(level, next_level, previous_level, self.config.solver_type, self.config.final_step)

@@ -28,7 +28,7 @@ def test_every_command_and_flag_has_help_and_no_flag_is_abbreviated(capsys):
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"demo", "inspect", "lighting", "export-checkpoint", "checkpoint-settings",
+    assert set(commands.choices) == {"demo", "inspect", "lighting", "grade", "export-checkpoint", "checkpoint-settings",
                                      "make-tiny"}
     assert all(name in parser.description for name in commands.choices)
     for name, sub in commands.choices.items():

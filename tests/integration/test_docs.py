@@ -264,6 +264,8 @@ def test_readme_scheduler_swaps_run_as_written():
         if kind in ("sd15", "sdxl"):
             first = int(pipe.scheduler.timesteps[0])
             assert pipe.scheduler.alphas_cumprod[first] == 0, f"{kind}: the first step is not at SNR 0"
+        if kind == "flux":  # our grid, not the pipeline's sigmas (linspace(1, 0.5) shifted: 0.5 -> about 0.8)
+            assert float(pipe.scheduler.sigmas[0]) == 1.0 and float(pipe.scheduler.sigmas[1]) > 0.99
 
 
 def test_readme_checkpoint_settings_snippet_runs(tmp_path, monkeypatch):

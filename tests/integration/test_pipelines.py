@@ -234,10 +234,13 @@ def test_epsilon_model_at_snr0_with_opt_in_clamp(cls, pipes):
 @pytest.mark.parametrize("solver_order", [1, 2])
 @pytest.mark.parametrize("kind", FLOW_KINDS)
 def test_flow_scheduler_drop_in(kind, solver_order, pipes, flow_references):
+    """On diffusers' grid (``timestep_spacing="linspace"``) the grid is the pipeline scheduler's, and Euler is its
+    sampler."""
     pipe = pipes[kind]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        scheduler = ZTSNRFlowMatchScheduler.from_config(pipe.scheduler.config, solver_order=solver_order)
+        scheduler = ZTSNRFlowMatchScheduler.from_config(pipe.scheduler.config, solver_order=solver_order,
+                                                        timestep_spacing="linspace")
     assert scheduler.config.shift == 3.0
     assert scheduler.config.use_dynamic_shifting == (kind == "flux")
     ref_image, ref_timesteps, ref_sigmas = flow_references[kind]
@@ -251,6 +254,28 @@ def test_flow_scheduler_drop_in(kind, solver_order, pipes, flow_references):
         assert not np.array_equal(_run(pipe, seed=1), image)
     if solver_order == 1:  # Euler: the same sampler as the pipeline's own scheduler
         np.testing.assert_allclose(image, ref_image, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_pipeline_sigmas", [True, False])
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+def test_flow_scheduler_default_grid_in_the_pipeline(kind, use_pipeline_sigmas, pipes, flow_references):
+    """The default ``logsnr`` grid where the pipeline passes only a step count (SD3); FluxPipeline's own sigmas are
+    sampled as given unless ``use_pipeline_sigmas=False``."""
+    pipe = pipes[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        scheduler = ZTSNRFlowMatchScheduler.from_config(pipe.scheduler.config, use_pipeline_sigmas=use_pipeline_sigmas)
+    _, ref_timesteps, ref_sigmas = flow_references[kind]
+    with _swapped(pipe, scheduler):
+        image = _run(pipe)
+        _check_image(image)
+        np.testing.assert_array_equal(_run(pipe), image)
+        sigmas = scheduler.sigmas
+    assert len(sigmas) == len(ref_sigmas) and float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
+    if kind == "flux" and use_pipeline_sigmas:
+        torch.testing.assert_close(sigmas, ref_sigmas, rtol=0, atol=1e-6)  # the drop-in rule
+    else:
+        assert float(sigmas[1]) > 0.99 > float(ref_sigmas[1])  # the first step lands near pure noise
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])

@@ -206,14 +206,19 @@ def test_flow_folder_keeps_what_diffusers_cannot_hold(folders, stock_report):
     saved = _saved(folders["flow"]["own"])
     assert saved["_class_name"] == "FlowMatchEulerDiscreteScheduler" and saved["shift"] == 3.0
     assert saved[OWN_SETTINGS_KEY] == dict(solver_order=1, epsilon_zero_snr_clamp=1e-3,
-                                           prediction_type="flow_prediction")
+                                           prediction_type="flow_prediction", timestep_spacing="logsnr",
+                                           use_pipeline_sigmas=True, final_step="first_order")
     result = stock_report["flow"]["own"]
     assert result["class_name"] == "FlowMatchEulerDiscreteScheduler" and result["warnings"] == []
     assert result["loop_finite"]
     ours = ZTSNRFlowMatchScheduler.from_pretrained(folders["flow"]["own"], subfolder="scheduler")
     assert {k: ours.config[k] for k in FLOW_OWN} == FLOW_OWN
-    ours.set_timesteps(STEPS)
-    np.testing.assert_allclose(result["timesteps"], ours.timesteps.tolist(), rtol=1e-6)  # same grid, same rule
+    assert ours.config.timestep_spacing == "logsnr" and ours.config.use_pipeline_sigmas
+    # diffusers samples the folder on its own grid, which is ours with timestep_spacing="linspace"
+    linspace = ZTSNRFlowMatchScheduler.from_pretrained(folders["flow"]["own"], subfolder="scheduler",
+                                                       timestep_spacing="linspace")
+    linspace.set_timesteps(STEPS)
+    np.testing.assert_allclose(result["timesteps"], linspace.timesteps.tolist(), rtol=1e-6)
     assert result["timesteps"][0] == 1000.0
 
 

@@ -60,8 +60,10 @@ def test_karras_grid_keeps_zero_snr_start_and_converges(cls, prediction_type):
 @pytest.mark.parametrize("prediction_type", MODEL_PREDICTION_TYPES)
 @pytest.mark.parametrize("solver_order", [1, 2])
 @pytest.mark.parametrize("shift", [1.0, 3.0, "dynamic"])
-def test_flow_sampler_converges_to_the_exact_flow(prediction_type, solver_order, shift):
+@pytest.mark.parametrize("spacing", ["logsnr", "linspace"])
+def test_flow_sampler_converges_to_the_exact_flow(prediction_type, solver_order, shift, spacing):
     kw = dict(use_dynamic_shifting=True) if shift == "dynamic" else dict(shift=shift)
+    kw["timestep_spacing"] = spacing
     extra = dict(mu=0.8) if shift == "dynamic" else {}
     errs = [
         deterministic_error(make_scheduler(ZTSNRFlowMatchScheduler, prediction_type, solver_order=solver_order, **kw),

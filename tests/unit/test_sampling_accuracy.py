@@ -1,0 +1,140 @@
+"""Sampling accuracy of the defaults on the image-like Gaussian, measured exactly (no sampling noise).
+
+Every deterministic sampler is linear in its initial noise when it drives the exact model of a Gaussian, so the
+std each band comes out with is a number, not an estimate (:func:`diffusers_ztsnr.analytic.sampler_gain`): these
+bounds hold on every machine. Targets: every band's |log(std ratio)| within 0.15 / 0.05 / 0.03 at 10 / 20 / 30
+model evaluations on the flow path, with SD3's config and with Flux's at 1024 px (``mu`` from the image size);
+on the VP path the last step to clean data no longer shrinks fine detail to a posterior mean.
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
+from diffusers_ztsnr.analytic import (
+    AnalyticModel,
+    GaussianMixture,
+    flow_levels,
+    image_like_band_stds,
+    image_like_gaussian,
+    sampler_gain,
+    vp_levels,
+)
+from diffusers_ztsnr.schedule import flow_mu
+from diffusers_ztsnr.testing.released_schedulers import released_scheduler_config
+
+DATA = image_like_gaussian(num_bands=8, dims=1)
+STDS = image_like_band_stds(8)
+MODEL = AnalyticModel(DATA, flow_levels(), "flow_prediction")
+TARGETS = {10: 0.15, 20: 0.05, 30: 0.03}
+FLUX_MU_1024 = flow_mu((1024 // 16) ** 2)
+
+
+def config(name: str) -> dict:
+    return released_scheduler_config(name.removesuffix(".json"))
+
+
+def worst_log_gain(scheduler, nfe: int, **kwargs) -> float:
+    return float((sampler_gain(scheduler, MODEL, nfe, **kwargs) / STDS).log().abs().max())
+
+
+def flux_pipeline_sigmas(nfe: int) -> np.ndarray:
+    return np.linspace(1.0, 1 / nfe, nfe)  # what FluxPipeline passes
+
+
+@pytest.mark.parametrize("nfe", TARGETS)
+def test_default_grid_meets_the_targets_with_sd3s_config(nfe):
+    scheduler = ZTSNRFlowMatchScheduler.from_config(config("sd3.json"))
+    assert worst_log_gain(scheduler, nfe) <= TARGETS[nfe]
+
+
+@pytest.mark.parametrize("nfe", TARGETS)
+def test_our_grid_meets_the_targets_under_fluxs_pipeline_sigmas_when_chosen(nfe):
+    ours = ZTSNRFlowMatchScheduler.from_config(config("flux.json"), use_pipeline_sigmas=False)
+    ours.set_timesteps(sigmas=flux_pipeline_sigmas(nfe), mu=FLUX_MU_1024)
+    assert len(ours.timesteps) == nfe and float(ours.sigmas[0]) == 1.0
+    gain = sampler_gain(ours, MODEL, None, sigmas=flux_pipeline_sigmas(nfe), mu=FLUX_MU_1024)
+    assert float((gain / STDS).log().abs().max()) <= TARGETS[nfe]
+
+
+def test_pipeline_sigmas_are_honoured_by_default():
+    """The drop-in rule: a grid the pipeline passes is sampled as given (and that grid is far less accurate)."""
+    ours = ZTSNRFlowMatchScheduler.from_config(config("flux.json"), solver_order=1)
+    theirs = FlowMatchEulerDiscreteScheduler.from_config(config("flux.json"))
+    for s in (ours, theirs):
+        s.set_timesteps(sigmas=flux_pipeline_sigmas(20), mu=FLUX_MU_1024)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas.float(), atol=1e-6, rtol=0)
+    given = worst_log_gain(ZTSNRFlowMatchScheduler.from_config(config("flux.json")), None,
+                           sigmas=flux_pipeline_sigmas(20), mu=FLUX_MU_1024)
+    assert given > 3 * TARGETS[20]
+
+
+@pytest.mark.parametrize("nfe", [10, 20, 30])
+def test_default_grid_beats_diffusers_flowmatch_euler_at_every_shift(nfe):
+    for shift in (1.0, 2.0, 3.0):
+        ours = worst_log_gain(ZTSNRFlowMatchScheduler(shift=shift), nfe)
+        theirs = worst_log_gain(FlowMatchEulerDiscreteScheduler(shift=shift), nfe)
+        assert ours < theirs / 4, (shift, ours, theirs)
+
+
+def test_logsnr_grid_starts_at_pure_noise_and_lands_near_it():
+    scheduler = ZTSNRFlowMatchScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    s = scheduler.sigmas.double()
+    assert s[0] == 1.0 and s[-1] == 0.0 and bool((s.diff() < 0).all())
+    assert s[1] / (1 - s[1]) > 1000  # sigma/alpha of the first landing: the brightness direction survives
+    half_logsnr = ((1 - s[1:-1]) / s[1:-1]).log()
+    torch.testing.assert_close(half_logsnr.diff(), half_logsnr.diff()[:1].expand(8), rtol=1e-4, atol=0)
+
+
+def test_bad_grid_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        ZTSNRFlowMatchScheduler(timestep_spacing="karras")
+    with pytest.raises(ValueError, match="use_pipeline_sigmas"):
+        ZTSNRFlowMatchScheduler(use_pipeline_sigmas="no")
+
+
+def vp_log_gains(nfe: int, **kwargs) -> torch.Tensor:
+    scheduler = ZTSNRDPMSolverMultistepScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, **kwargs)
+    model = AnalyticModel(DATA, vp_levels(scheduler.schedule.alphas_cumprod), "v_prediction")
+    return (sampler_gain(scheduler, model, nfe) / STDS).log()
+
+
+def test_vp_trapezoid_last_step_keeps_fine_detail():
+    """SD's smallest noise level is sigma/alpha = 0.029: a last step returning the x0 prediction there keeps only
+    s / sqrt(s^2 + 0.029^2) of a band of std s (0.982 for the finest band, 0.15); the trapezoid step keeps it all."""
+    first_order = vp_log_gains(50)
+    trapezoid = vp_log_gains(50, final_step="trapezoid")
+    assert float(first_order[-1]) < -0.015  # the floor, at any step count
+    assert float(trapezoid.abs().max()) < 0.005  # every band within 0.5% at 50 evaluations
+    assert float(vp_log_gains(30, final_step="trapezoid").abs().max()) < 0.012  # within 1.2% at 30 (measured 0.94%)
+
+
+def test_vp_trapezoid_last_step_leaves_noise_in_detail_finer_than_the_last_noise_level():
+    """Why the trapezoid step is an option: a band of std 0.005 (below sigma/alpha = 0.029) comes out far too
+    wide with it and too narrow with the first-order step; the first-order error is the smaller."""
+    fine = AnalyticModel(GaussianMixture.gaussian(torch.zeros(1), torch.full((1,), 0.005**2)), None, "v_prediction")
+    errors = {}
+    for final_step in ("first_order", "trapezoid"):
+        scheduler = ZTSNRDPMSolverMultistepScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                                     final_step=final_step)
+        fine.levels = vp_levels(scheduler.schedule.alphas_cumprod)
+        errors[final_step] = abs(float(sampler_gain(scheduler, fine, 30)[0]) / 0.005 - 1)
+    assert errors["trapezoid"] > 1.0 and errors["first_order"] < errors["trapezoid"], errors
+
+
+def test_trapezoid_final_step_matches_the_exact_ode_on_one_band():
+    from diffusers_ztsnr.solvers import trapezoid_final_update
+
+    s, tau = 0.15, 0.029
+    alpha = 1 / (1 + tau**2) ** 0.5
+    level = (alpha, alpha * tau)
+    x = alpha * (s**2 + tau**2) ** 0.5  # a unit-noise sample on the exact marginal: z = 1, data mean 0
+    x0 = s**2 / (s**2 + tau**2) * x / alpha  # the exact posterior mean
+    u = trapezoid_final_update(level, (1.0, 0.0))
+    out = u.x * x + u.x0 * x0
+    r = tau / s
+    assert out / s == pytest.approx((1 + r * r / 2) / (1 + r * r) ** 0.5, rel=1e-12)
+    assert abs(out / s - 1) < 3e-4 and abs(x0 / s - 1) > 0.015  # the exact ODE ends at exactly s
