@@ -10,18 +10,41 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 
+def idle_cpus(seconds: float = 0.25) -> float | None:
+    """How many of this machine's CPUs were idle over the last ``seconds`` (from ``/proc/stat``; ``None`` where
+    it cannot be read). Unlike the load average, which trails by a minute, this sees the machine as it is now."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields[3:5]), sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
 def demo_threads(requested: int | None) -> int:
-    """Torch's CPU thread count for the demo: ``requested``, else the CPUs this process may use minus the
-    one-minute load average (at least 1, at most 4). Oversubscribing a loaded machine costs far more than
-    it gains: two threads on two busy cores ran the demo's kind of small convolutions 10x slower than one."""
+    """Torch's CPU thread count for the demo: ``requested``, else the CPUs idle right now (:func:`idle_cpus`, or
+    the CPUs this process may use minus the one-minute load average where ``/proc/stat`` is missing), at least 1,
+    at most 4 and at most the CPUs this process may use. Oversubscribing a busy machine costs far more than it
+    gains: two threads on two busy cores ran the demo's kind of small convolutions 10x slower than one."""
     if requested is not None:
         return requested
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(4, cpus - round(load)))
+    idle = idle_cpus()
+    if idle is None:
+        idle = cpus - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    return max(1, min(4, cpus, round(idle)))
 
 
 def _step_list(text: str) -> tuple[int, ...]:
@@ -128,7 +151,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="where everything is written")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of the data, the training runs and the figure")
     demo.add_argument("--threads", type=int, default=None,
-                      help="torch CPU threads (default: the CPUs available minus the 1-minute load average, 1 to 4)")
+                      help="torch CPU threads (default: the CPUs idle right now, 1 to 4)")
     demo.add_argument("--vae_steps", type=int, default=d.vae_steps, help="training steps of the base model's VAE")
     demo.add_argument("--base_steps", type=int, default=d.unet_steps,
                       help="training steps of the base model's epsilon UNet")

@@ -2,6 +2,7 @@
 thread policy, and -- as a slow campaign -- the brightness claim at the default settings."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +76,29 @@ def test_demo_data_names_each_tone_and_spreads_brightness():
     assert torch.equal(make_shapes(72, 32, seed=3).images, shapes.images)
 
 
-def test_demo_threads_follow_the_load(monkeypatch):
+def test_demo_threads_follow_the_idle_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1}, raising=False)
-    monkeypatch.setattr("os.getloadavg", lambda: (1.6, 1.0, 1.0))
+    monkeypatch.setattr("diffusers_ztsnr.cli.idle_cpus", lambda: 0.9)
     assert demo_threads(None) == 1  # one core busy: one thread, not two fighting over it
-    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.setattr("diffusers_ztsnr.cli.idle_cpus", lambda: 1.7)
     assert demo_threads(None) == 2
-    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr("diffusers_ztsnr.cli.idle_cpus", lambda: 0.05)
     assert demo_threads(None) == 1
+    monkeypatch.setattr("diffusers_ztsnr.cli.idle_cpus", lambda: 15.0)
+    assert demo_threads(None) == 2  # never more than the CPUs this process may use
     assert demo_threads(3) == 3
+    monkeypatch.setattr("diffusers_ztsnr.cli.idle_cpus", lambda: None)  # no /proc/stat: the load average
+    monkeypatch.setattr("os.getloadavg", lambda: (1.6, 1.0, 1.0))
+    assert demo_threads(None) == 1
+
+
+def test_idle_cpus_reads_the_machine_now():
+    from diffusers_ztsnr.cli import idle_cpus
+
+    idle = idle_cpus(0.05)
+    if idle is None:
+        pytest.skip("no /proc/stat on this system (the load-average fallback is tested above)")
+    assert 0.0 <= idle <= (os.cpu_count() or 1) + 1e-9
 
 
 @pytest.mark.slow
