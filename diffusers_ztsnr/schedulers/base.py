@@ -69,6 +69,7 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         self._levels = levels.tolist()
         self._step_index = None
         self._previous: tuple[torch.Tensor, tuple[float, float]] | None = None
+        self._coefficient_cache: dict[tuple[int, Level | None], tuple[float, float, Update]] = {}
 
     def _epsilon_zero_snr_start(self, levels: torch.Tensor) -> torch.Tensor:
         clamp = self.config.epsilon_zero_snr_clamp
@@ -161,13 +162,12 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         i = self._step_index
         if i >= self.num_inference_steps:
             raise IndexError("step called more times than the grid has steps; call set_timesteps again.")
-        level, next_level = tuple(self._levels[i]), tuple(self._levels[i + 1])
         work = torch.promote_types(sample.dtype, torch.float32)
-        x, y = sample.to(work), model_output.to(work)
-        p, q, _, _ = solve_coefficients(self.config.prediction_type, level[0], level[1])  # x0 = p x + q y
+        x = sample if sample.dtype == work else sample.to(work)  # .to is a no-op then, but not a free one
+        y = model_output if model_output.dtype == work else model_output.to(work)
+        previous_x0 = self._previous[0] if self._previous else None
+        p, q, u = self._coefficients(i, rule_parameters)
         x0 = linear_combination((p, x), (q, y))
-        previous_x0, previous_level = self._previous if self._previous else (None, None)
-        u = self._update_rule(level, next_level, previous_level, **rule_parameters)
         terms = [(u.x + u.x0 * p, x), (u.x0 * q, y)]  # x0 folded in: as few kernels as the rule allows
         if u.previous_x0:
             terms.append((u.previous_x0, previous_x0))
@@ -177,12 +177,27 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
             terms.append((u.noise, noise.to(work)))
         prev = linear_combination(*terms)
-        self._previous = (x0, level)
+        self._previous = (x0, tuple(self._levels[i]))
         self._step_index = i + 1
-        prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
+        if prev.dtype != sample.dtype:
+            prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return (prev, x0)
         return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _coefficients(self, i: int, rule_parameters: dict[str, Any]) -> tuple[float, float, Update]:
+        """``x0 = p x + q y`` at grid point ``i`` and the update to point ``i + 1``: pure functions of the grid, so
+        kept for the grid's lifetime (a sampling loop's Python cost), unless the step passes rule parameters."""
+        previous_level = self._previous[1] if self._previous else None
+        key = (i, previous_level)
+        cached = self._coefficient_cache.get(key) if not rule_parameters else None
+        if cached is None:
+            level, next_level = tuple(self._levels[i]), tuple(self._levels[i + 1])
+            p, q, _, _ = solve_coefficients(self.config.prediction_type, level[0], level[1])
+            cached = (p, q, self._update_rule(level, next_level, previous_level, **rule_parameters))
+            if not rule_parameters:
+                self._coefficient_cache[key] = cached
+        return cached
 
     def _update_rule(self, level: Level, next_level: Level, previous_level: Level | None,
                      **rule_parameters: Any) -> Update:
