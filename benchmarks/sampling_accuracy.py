@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/sampling_accuracy.py`` (``--json PATH`` to dump the numbers, ``--nfe`` to choose the
 evaluation counts). CPU, one torch thread; the numbers do not depend on the machine, only the runtime does (about
-20 s).
+10 s).
 
 Data. :func:`diffusers_ztsnr.analytic.image_like_gaussian`: an analytic diagonal Gaussian whose spectrum resembles
 image latents, 8 bands. Band 0 is the global-brightness direction (std 32: the global mean of a 64x64x4 latent with
