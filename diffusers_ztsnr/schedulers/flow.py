@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 
 from ..schedule import FlowPath
 from ..solvers import FINAL_STEPS, ddim_update, dpmpp_2m_update
-from ..spacing import flow_logsnr_grid
+from ..spacing import check_num_inference_steps, flow_logsnr_grid
 from .base import ZTSNRSchedulerBase
 
 #: ``timestep_spacing`` values of the flow scheduler
@@ -107,7 +107,7 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         if sigmas is not None and not cfg.use_pipeline_sigmas:
             num_inference_steps, sigmas = len(sigmas), None
         if sigmas is None and timesteps is None:
-            self._check_num_inference_steps(num_inference_steps)
+            check_num_inference_steps(num_inference_steps, T)
             if cfg.timestep_spacing == "logsnr":
                 s = flow_logsnr_grid(self.sampling_path(mu), num_inference_steps, T)
                 self._set_levels((s * T).float(), 1 - s, s, (1.0, 0.0), device)
@@ -138,13 +138,6 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         else:
             path = FlowPath().shifted(cfg.shift)
         return path.stretched_to_terminal(cfg.shift_terminal) if cfg.shift_terminal else path
-
-    def _check_num_inference_steps(self, num_inference_steps) -> None:
-        T = self.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} must lie in [1, {T}].")
 
     @property
     def sigmas(self) -> torch.Tensor:
