@@ -1,22 +1,28 @@
-"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext and Chroma, random weights, offline.
+"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma and Lumina 2, random weights, offline.
 
 Each is the real diffusers pipeline class around small models of the real architectures: SD3.5's transformer
 adds RMS-normed queries and keys and dual-attention (MMDiT-X) blocks to SD3's; Kontext is FLUX.1's transformer in
 ``FluxKontextPipeline`` (which packs a reference image's latents beside the noisy ones when one is given); Chroma
 is a FLUX.1-style transformer without CLIP and without guidance embedding, conditioned on T5 alone, its
-modulations computed by a small approximator network.
+modulations computed by a small approximator network; Lumina 2 is a single-stream DiT conditioned on a Gemma 2
+decoder's hidden states (a locally made character-level Gemma tokenizer here).
 """
 
 from __future__ import annotations
 
+import string
+
 from diffusers import (
+    AutoencoderKL,
     ChromaPipeline,
     ChromaTransformer2DModel,
     FluxKontextPipeline,
+    Lumina2Pipeline,
+    Lumina2Transformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import T5EncoderModel
+from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer, T5EncoderModel
 
 from .tiny_builders import _build_flux, _build_sd3, _scheduler, _seeded, _t5_config, _text_components, _vae
 from .tokenizers import build_t5_tokenizer
@@ -51,3 +57,31 @@ def build_chroma(seed: int) -> ChromaPipeline:
         approximator_hidden_dim=32, approximator_layers=1))
     vae = _seeded(seed, "vae", lambda: _vae(latent_channels, 0.3611, 0.1159, quant_conv=False))
     return ChromaPipeline(**text, transformer=transformer, vae=vae, scheduler=_scheduler("flux"))
+
+
+def build_gemma_tokenizer(max_length: int = 256) -> GemmaTokenizer:
+    """A character-level :class:`~transformers.GemmaTokenizer` (Gemma's special tokens, the space marker and the
+    printable ASCII characters): no download, no SentencePiece model."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for piece in "\u2581" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(piece, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_lumina2(seed: int) -> Lumina2Pipeline:
+    """Lumina 2: Gemma 2 text states, a VAE of spatial factor 8 (the pipeline assumes 8) with FLUX.1's latent
+    normalisation, and Flux's scheduler config (the pipeline passes sigmas and ``mu`` as FluxPipeline does)."""
+    tokenizer, width = build_gemma_tokenizer(), 32
+    text_encoder = _seeded(seed, "text_encoder", lambda: Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)))
+    transformer = _seeded(seed, "transformer", lambda: Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, hidden_size=64, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(300, 64, 64),
+        cap_feat_dim=width))
+    vae = _seeded(seed, "vae", lambda: AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False))
+    return Lumina2Pipeline(transformer=transformer, scheduler=_scheduler("flux"), vae=vae,
+                           text_encoder=text_encoder, tokenizer=tokenizer)

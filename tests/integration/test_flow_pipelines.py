@@ -1,5 +1,5 @@
 """The flow scheduler in the flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext (with and without a
-reference image) and Chroma, tiny random models of the real architectures, offline."""
+reference image), Chroma and Lumina 2, tiny random models of the real architectures, offline."""
 
 import numpy as np
 import pytest
@@ -7,13 +7,13 @@ import torch
 from PIL import Image
 
 from diffusers_ztsnr import ZTSNRFlowMatchScheduler
-from diffusers_ztsnr.testing.tiny_flow_builders import build_chroma, build_flux_kontext, build_sd35
+from diffusers_ztsnr.testing.tiny_flow_builders import build_chroma, build_flux_kontext, build_lumina2, build_sd35
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 
-BUILDERS = {"sd35": build_sd35, "flux-kontext": build_flux_kontext, "chroma": build_chroma}
+BUILDERS = {"sd35": build_sd35, "flux-kontext": build_flux_kontext, "chroma": build_chroma, "lumina2": build_lumina2}
 #: pipelines that pass sigmas of their own (and mu) to set_timesteps
-PASS_SIGMAS = {"flux-kontext", "chroma"}
+PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2"}
 SIZE, STEPS = 32, 4
 
 
@@ -39,6 +39,8 @@ def run(pipe, seed: int = 0, **kwargs) -> np.ndarray:
 def test_one_line_swap_samples_finite_deterministic_images(kind, use_pipeline_sigmas, pipes):
     pipe = pipes[kind]
     stock = pipe.scheduler
+    run(pipe)  # what the pipeline hands its own scheduler at this size and step count
+    stock_sigmas = stock.sigmas.float().clone()
     try:
         pipe.scheduler = ZTSNRFlowMatchScheduler.from_config(stock.config, use_pipeline_sigmas=use_pipeline_sigmas)
         image = run(pipe)
@@ -46,25 +48,12 @@ def test_one_line_swap_samples_finite_deterministic_images(kind, use_pipeline_si
         np.testing.assert_array_equal(run(pipe), image)
         assert not np.array_equal(run(pipe, seed=1), image)
         ours = pipe.scheduler.sigmas
-        stock.set_timesteps(**stock_grid(kind, stock))
-        if kind in PASS_SIGMAS and use_pipeline_sigmas:  # the pipeline's grid, as given
-            torch.testing.assert_close(ours, stock.sigmas.float(), rtol=0, atol=1e-6)
-        else:  # our grid: the first step lands next to pure noise
-            assert float(ours[0]) == 1.0 and float(ours[1]) > 0.99 > float(stock.sigmas[1])
     finally:
         pipe.scheduler = stock
-
-
-def stock_grid(kind: str, scheduler) -> dict:
-    """What the pipeline hands its scheduler at this size and step count."""
-    if kind not in PASS_SIGMAS:
-        return {"num_inference_steps": STEPS}
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    seq_len = (SIZE // 2 // 2) ** 2  # VAE factor 2, then 2x2 packing
-    cfg = scheduler.config
-    mu = calculate_shift(seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-    return {"sigmas": np.linspace(1.0, 1 / STEPS, STEPS), "mu": mu}
+    if kind in PASS_SIGMAS and use_pipeline_sigmas:  # the pipeline's grid, as given
+        torch.testing.assert_close(ours, stock_sigmas, rtol=0, atol=1e-6)
+    else:  # our grid: the first step lands next to pure noise
+        assert float(ours[0]) == 1.0 and float(ours[1]) > 0.99 > float(stock_sigmas[1])
 
 
 def test_kontext_edits_a_reference_image_with_our_scheduler(pipes):
