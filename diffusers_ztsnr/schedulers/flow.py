@@ -84,6 +84,17 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         self.timesteps = (training_path.sigma(torch.arange(T, 0, -1, dtype=torch.float64) / T) * T).float()
         self.num_inference_steps = None
 
+    @classmethod
+    def _translated_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A VP multistep config that samples a flow model (diffusers' ``use_flow_sigmas=True``, as Sana's
+        DPM-Solver++ ships): its ``flow_shift`` is our ``shift``, and its beta schedule and VP spacing describe
+        nothing a flow grid uses (diffusers ignores them too under ``use_flow_sigmas``)."""
+        if not config.get("use_flow_sigmas"):
+            return config
+        vp_only = {"use_flow_sigmas", "flow_shift", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                   "rescale_betas_zero_snr", "timestep_spacing", "steps_offset"}
+        return {**{k: v for k, v in config.items() if k not in vp_only}, "shift": config.get("flow_shift") or 1.0}
+
     @property
     def shift(self) -> float:
         return self.config.shift

@@ -60,7 +60,7 @@ class StockInterop:
         honour is an error (a value that would change sampling) or a warning (an unknown key),
         never silently dropped; our settings saved under ``_ztsnr_config`` are restored."""
         own = cls._own_keys()
-        config = restore_own_settings(config or {}, own, kwargs)
+        config = restore_own_settings(cls._translated_config(dict(config or {})), own, kwargs)
         merged = {**config, **kwargs}
         foreign = {k: v for k, v in merged.items() if not k.startswith("_") and k not in own}
         unknown = check_foreign_keys(cls, foreign, stock_keywords(cls.stock_class))
@@ -72,6 +72,11 @@ class StockInterop:
         kept = {k: v for k, v in config.items() if k.startswith("_") or k in own}
         kwargs = {k: v for k, v in kwargs.items() if k in own}
         return super().from_config(kept, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _translated_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Another class's config in this class's terms before it is judged (default: as it is)."""
+        return config
 
     def _check_stock_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Accept the keywords of ``stock_class.__init__`` that this class has no parameter for, judged as

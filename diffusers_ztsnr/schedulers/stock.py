@@ -81,10 +81,14 @@ def stock_keywords(stock_class: type) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
+#: the scheduler of this package that honours a key's non-inert value, where there is one
+HONOURED_BY = {"use_flow_sigmas": "ZTSNRFlowMatchScheduler (this config samples a flow-matching model)"}
+
+
 def cannot_honour(owner: type, key: str, value: Any, allowed: Any) -> ValueError:
+    other = HONOURED_BY.get(key, "a scheduler that supports it")
     return ValueError(
-        f"{owner.__name__} cannot honour the config key {key}={value!r}: set {key}={allowed!r} "
-        "or use a scheduler that supports it."
+        f"{owner.__name__} cannot honour the config key {key}={value!r}: set {key}={allowed!r} or use {other}."
     )
 
 

@@ -138,3 +138,22 @@ def test_trapezoid_final_step_matches_the_exact_ode_on_one_band():
     r = tau / s
     assert out / s == pytest.approx((1 + r * r / 2) / (1 + r * r) ** 0.5, rel=1e-12)
     assert abs(out / s - 1) < 3e-4 and abs(x0 / s - 1) > 0.015  # the exact ODE ends at exactly s
+
+
+def test_a_vp_multistep_config_with_flow_sigmas_is_read_as_a_flow():
+    """Sana ships DPM-Solver++ with ``use_flow_sigmas=True``: its ``flow_shift`` is the flow scheduler's ``shift``,
+    its beta keys describe nothing a flow grid uses; a VP scheduler refuses it, naming the flow one."""
+    import warnings
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    sana = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, flow_shift=3.0,
+                                       prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       timestep_spacing="trailing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = ZTSNRFlowMatchScheduler.from_config(sana.config)
+    assert ours.config.shift == 3.0 and ours.config.prediction_type == "flow_prediction"
+    assert worst_log_gain(ours, 10) <= TARGETS[10]
+    with pytest.raises(ValueError, match="use_flow_sigmas=True.*ZTSNRFlowMatchScheduler"):
+        ZTSNRDPMSolverMultistepScheduler.from_config(sana.config)
