@@ -1,11 +1,14 @@
-"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma and Lumina 2, random weights, offline.
+"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2 and Z-Image, random weights,
+offline.
 
 Each is the real diffusers pipeline class around small models of the real architectures: SD3.5's transformer
 adds RMS-normed queries and keys and dual-attention (MMDiT-X) blocks to SD3's; Kontext is FLUX.1's transformer in
 ``FluxKontextPipeline`` (which packs a reference image's latents beside the noisy ones when one is given); Chroma
 is a FLUX.1-style transformer without CLIP and without guidance embedding, conditioned on T5 alone, its
 modulations computed by a small approximator network; Lumina 2 is a single-stream DiT conditioned on a Gemma 2
-decoder's hidden states (a locally made character-level Gemma tokenizer here).
+decoder's hidden states (a locally made character-level Gemma tokenizer here); Z-Image is a single-stream DiT
+conditioned on a Qwen3 decoder's hidden states of the chat-formatted prompt (a character-level Qwen tokenizer with
+a ChatML template here).
 """
 
 from __future__ import annotations
@@ -21,8 +24,18 @@ from diffusers import (
     Lumina2Transformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
-from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer, T5EncoderModel
+from transformers import (
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
+    T5EncoderModel,
+)
 
 from .tiny_builders import _build_flux, _build_sd3, _scheduler, _seeded, _t5_config, _text_components, _vae
 from .tokenizers import build_t5_tokenizer
@@ -85,3 +98,35 @@ def build_lumina2(seed: int) -> Lumina2Pipeline:
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False))
     return Lumina2Pipeline(transformer=transformer, scheduler=_scheduler("flux"), vae=vae,
                            text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+#: ChatML, the chat format of Qwen's instruction-tuned models
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A character-level :class:`~transformers.Qwen2Tokenizer` with Qwen's special tokens and a ChatML template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for piece in " \n\u0120" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(piece, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_z_image(seed: int) -> ZImagePipeline:
+    """Z-Image: Qwen3 text states of the chat-formatted prompt; Flux's VAE normalisation and scheduler config (the
+    pipeline passes sigmas and ``mu``)."""
+    tokenizer, width = build_qwen_tokenizer(), 32
+    text_encoder = _seeded(seed, "text_encoder", lambda: Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16)))
+    transformer = _seeded(seed, "transformer", lambda: ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=width, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64]))
+    vae = _seeded(seed, "vae", lambda: _vae(16, 0.3611, 0.1159, quant_conv=False))
+    return ZImagePipeline(scheduler=_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
