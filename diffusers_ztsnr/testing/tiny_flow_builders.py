@@ -1,5 +1,5 @@
-"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2 and Z-Image, random weights,
-offline.
+"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2, Z-Image and FLUX.2 Klein,
+random weights, offline.
 
 Each is the real diffusers pipeline class around small models of the real architectures: SD3.5's transformer
 adds RMS-normed queries and keys and dual-attention (MMDiT-X) blocks to SD3's; Kontext is FLUX.1's transformer in
@@ -8,7 +8,8 @@ is a FLUX.1-style transformer without CLIP and without guidance embedding, condi
 modulations computed by a small approximator network; Lumina 2 is a single-stream DiT conditioned on a Gemma 2
 decoder's hidden states (a locally made character-level Gemma tokenizer here); Z-Image is a single-stream DiT
 conditioned on a Qwen3 decoder's hidden states of the chat-formatted prompt (a character-level Qwen tokenizer with
-a ChatML template here).
+a ChatML template here); FLUX.2 Klein conditions FLUX.2's transformer on three hidden layers of a Qwen3 decoder,
+stacked, and decodes with FLUX.2's batch-normalised VAE.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import string
 
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxKontextPipeline,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
@@ -33,6 +37,7 @@ from transformers import (
     GemmaTokenizer,
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5EncoderModel,
 )
@@ -130,3 +135,27 @@ def build_z_image(seed: int) -> ZImagePipeline:
     vae = _seeded(seed, "vae", lambda: _vae(16, 0.3611, 0.1159, quant_conv=False))
     return ZImagePipeline(scheduler=_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
+
+
+#: the Qwen3 layers FLUX.2 Klein stacks (the pipeline's ``text_encoder_out_layers``; its default is (9, 18, 27))
+FLUX2_KLEIN_TEXT_LAYERS = (1, 2, 3)
+
+
+def build_flux2_klein(seed: int) -> Flux2KleinPipeline:
+    """FLUX.2 Klein: a 3-layer Qwen3 (call the pipeline with ``text_encoder_out_layers=FLUX2_KLEIN_TEXT_LAYERS``),
+    FLUX.2's transformer without guidance embedding (the undistilled base), FLUX.2's VAE with 8 latent channels
+    (32 after its 2x2 patching), and Flux's scheduler config (the pipeline passes sigmas and ``mu``)."""
+    tokenizer, width = build_qwen_tokenizer(), 16
+    text_encoder = _seeded(seed, "text_encoder", lambda: Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=len(FLUX2_KLEIN_TEXT_LAYERS), num_attention_heads=2, num_key_value_heads=1, head_dim=8)))
+    transformer = _seeded(seed, "transformer", lambda: Flux2Transformer2DModel(
+        patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=len(FLUX2_KLEIN_TEXT_LAYERS) * width, timestep_guidance_channels=16,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False))
+    vae = _seeded(seed, "vae", lambda: AutoencoderKLFlux2(
+        block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8, norm_num_groups=8,
+        use_quant_conv=False, use_post_quant_conv=False))
+    return Flux2KleinPipeline(scheduler=_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)

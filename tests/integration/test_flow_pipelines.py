@@ -1,5 +1,5 @@
 """The flow scheduler in the flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext (with and without a
-reference image), Chroma, Lumina 2 and Z-Image, tiny random models of the real architectures, offline."""
+reference image), Chroma, Lumina 2, Z-Image and FLUX.2 Klein, tiny random models of the real architectures, offline."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,9 @@ from PIL import Image
 
 from diffusers_ztsnr import ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.testing.tiny_flow_builders import (
+    FLUX2_KLEIN_TEXT_LAYERS,
     build_chroma,
+    build_flux2_klein,
     build_flux_kontext,
     build_lumina2,
     build_sd35,
@@ -18,9 +20,9 @@ from diffusers_ztsnr.testing.tiny_flow_builders import (
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 
 BUILDERS = {"sd35": build_sd35, "flux-kontext": build_flux_kontext, "chroma": build_chroma, "lumina2": build_lumina2,
-            "z-image": build_z_image}
+            "z-image": build_z_image, "flux2-klein": build_flux2_klein}
 #: pipelines that pass sigmas of their own (and mu) to set_timesteps
-PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image"}
+PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image", "flux2-klein"}
 SIZE, STEPS = 32, 4
 
 
@@ -37,8 +39,10 @@ def pipes():
 def run(pipe, seed: int = 0, **kwargs) -> np.ndarray:
     if "image" in kwargs or type(pipe).__name__ == "FluxKontextPipeline":
         kwargs = {"max_area": SIZE * SIZE, "_auto_resize": False, **kwargs}
-    if type(pipe).__name__ == "ZImagePipeline":
-        kwargs = {"max_sequence_length": 64, **kwargs}  # its default, 512, only costs time here
+    if type(pipe).__name__ in ("ZImagePipeline", "Flux2KleinPipeline"):
+        kwargs = {"max_sequence_length": 64, **kwargs}  # their default, 512, only costs time here
+    if type(pipe).__name__ == "Flux2KleinPipeline":
+        kwargs = {"text_encoder_out_layers": FLUX2_KLEIN_TEXT_LAYERS, **kwargs}
     return pipe(prompt="a red disc on a dark background", num_inference_steps=STEPS, height=SIZE, width=SIZE,
                 output_type="np", generator=torch.Generator().manual_seed(seed), **kwargs).images
 
