@@ -1,5 +1,5 @@
-"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2, Z-Image and FLUX.2 Klein,
-random weights, offline.
+"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2, Z-Image, FLUX.2 Klein and
+Qwen-Image, random weights, offline.
 
 Each is the real diffusers pipeline class around small models of the real architectures: SD3.5's transformer
 adds RMS-normed queries and keys and dual-attention (MMDiT-X) blocks to SD3's; Kontext is FLUX.1's transformer in
@@ -9,7 +9,9 @@ modulations computed by a small approximator network; Lumina 2 is a single-strea
 decoder's hidden states (a locally made character-level Gemma tokenizer here); Z-Image is a single-stream DiT
 conditioned on a Qwen3 decoder's hidden states of the chat-formatted prompt (a character-level Qwen tokenizer with
 a ChatML template here); FLUX.2 Klein conditions FLUX.2's transformer on three hidden layers of a Qwen3 decoder,
-stacked, and decodes with FLUX.2's batch-normalised VAE.
+stacked, and decodes with FLUX.2's batch-normalised VAE; Qwen-Image conditions its MMDiT on the last hidden layer
+of Qwen2.5-VL (its language half; the vision tower is built but not used for text-to-image) and decodes with a
+causal 3D VAE.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import string
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     ChromaPipeline,
     ChromaTransformer2DModel,
     Flux2KleinPipeline,
@@ -26,6 +29,8 @@ from diffusers import (
     FluxKontextPipeline,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     ZImagePipeline,
@@ -35,6 +40,8 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -159,3 +166,26 @@ def build_flux2_klein(seed: int) -> Flux2KleinPipeline:
         use_quant_conv=False, use_post_quant_conv=False))
     return Flux2KleinPipeline(scheduler=_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
+
+
+def build_qwen_image(seed: int) -> QwenImagePipeline:
+    """Qwen-Image: a 2-layer Qwen2.5-VL (1-block vision tower), a causal 3D VAE of spatial factor 2, and Flux's
+    scheduler config (the pipeline passes sigmas and ``mu``)."""
+    tokenizer, width = build_qwen_tokenizer(), 32
+    special = len(tokenizer)  # the vision token ids: past the vocabulary, never produced by this tokenizer
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=special + 4, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width),
+        image_token_id=special, video_token_id=special + 1, vision_start_token_id=special + 2,
+        vision_end_token_id=special + 3)
+    text_encoder = _seeded(seed, "text_encoder", lambda: Qwen2_5_VLForConditionalGeneration(config))
+    transformer = _seeded(seed, "transformer", lambda: QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=width, axes_dims_rope=(4, 6, 6)))
+    vae = _seeded(seed, "vae", lambda: AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]))
+    return QwenImagePipeline(scheduler=_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)

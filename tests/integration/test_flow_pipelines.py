@@ -1,5 +1,6 @@
 """The flow scheduler in the flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext (with and without a
-reference image), Chroma, Lumina 2, Z-Image and FLUX.2 Klein, tiny random models of the real architectures, offline."""
+reference image), Chroma, Lumina 2, Z-Image, FLUX.2 Klein and Qwen-Image; tiny random models of the real
+architectures, offline."""
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from diffusers_ztsnr.testing.tiny_flow_builders import (
     build_flux2_klein,
     build_flux_kontext,
     build_lumina2,
+    build_qwen_image,
     build_sd35,
     build_z_image,
 )
@@ -20,9 +22,9 @@ from diffusers_ztsnr.testing.tiny_flow_builders import (
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 
 BUILDERS = {"sd35": build_sd35, "flux-kontext": build_flux_kontext, "chroma": build_chroma, "lumina2": build_lumina2,
-            "z-image": build_z_image, "flux2-klein": build_flux2_klein}
+            "z-image": build_z_image, "flux2-klein": build_flux2_klein, "qwen-image": build_qwen_image}
 #: pipelines that pass sigmas of their own (and mu) to set_timesteps
-PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image", "flux2-klein"}
+PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image", "flux2-klein", "qwen-image"}
 SIZE, STEPS = 32, 4
 
 
