@@ -1,5 +1,5 @@
-"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2, Z-Image, FLUX.2 Klein and
-Qwen-Image, random weights, offline.
+"""Tiny flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext, Chroma, Lumina 2, Z-Image, FLUX.2 Klein,
+Qwen-Image and Sana, random weights, offline.
 
 Each is the real diffusers pipeline class around small models of the real architectures: SD3.5's transformer
 adds RMS-normed queries and keys and dual-attention (MMDiT-X) blocks to SD3's; Kontext is FLUX.1's transformer in
@@ -11,7 +11,8 @@ conditioned on a Qwen3 decoder's hidden states of the chat-formatted prompt (a c
 a ChatML template here); FLUX.2 Klein conditions FLUX.2's transformer on three hidden layers of a Qwen3 decoder,
 stacked, and decodes with FLUX.2's batch-normalised VAE; Qwen-Image conditions its MMDiT on the last hidden layer
 of Qwen2.5-VL (its language half; the vision tower is built but not used for text-to-image) and decodes with a
-causal 3D VAE.
+causal 3D VAE; Sana is a linear-attention DiT on Gemma 2 states and a deep-compression autoencoder, sampled by
+DPM-Solver++ with flow sigmas.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 import string
 
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    DPMSolverMultistepScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
     FluxKontextPipeline,
@@ -31,6 +34,8 @@ from diffusers import (
     Lumina2Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     ZImagePipeline,
@@ -93,13 +98,17 @@ def build_gemma_tokenizer(max_length: int = 256) -> GemmaTokenizer:
     return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def _gemma2(seed: int, tokenizer: GemmaTokenizer, width: int) -> Gemma2Model:
+    return _seeded(seed, "text_encoder", lambda: Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)))
+
+
 def build_lumina2(seed: int) -> Lumina2Pipeline:
     """Lumina 2: Gemma 2 text states, a VAE of spatial factor 8 (the pipeline assumes 8) with FLUX.1's latent
     normalisation, and Flux's scheduler config (the pipeline passes sigmas and ``mu`` as FluxPipeline does)."""
     tokenizer, width = build_gemma_tokenizer(), 32
-    text_encoder = _seeded(seed, "text_encoder", lambda: Gemma2Model(Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)))
+    text_encoder = _gemma2(seed, tokenizer, width)
     transformer = _seeded(seed, "transformer", lambda: Lumina2Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, hidden_size=64, num_layers=1, num_refiner_layers=1,
         num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(300, 64, 64),
@@ -189,3 +198,24 @@ def build_qwen_image(seed: int) -> QwenImagePipeline:
         base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]))
     return QwenImagePipeline(scheduler=_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
+
+
+def build_sana(seed: int) -> SanaPipeline:
+    """Sana: Gemma 2 states, a 2-stage deep-compression autoencoder (spatial factor 2 here), and DPM-Solver++
+    with ``use_flow_sigmas=True`` and ``flow_shift=3``, the kind of scheduler config Sana ships."""
+    tokenizer, width = build_gemma_tokenizer(300), 32
+    text_encoder = _gemma2(seed, tokenizer, width)
+    vae = _seeded(seed, "vae", lambda: AutoencoderDC(
+        latent_channels=8, attention_head_dim=8, encoder_block_types=("ResBlock",) * 2,
+        decoder_block_types=("ResBlock",) * 2, encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()), decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407))
+    transformer = _seeded(seed, "transformer", lambda: SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=width,
+        sample_size=16))
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, flow_shift=3.0,
+                                            prediction_type="flow_prediction", use_flow_sigmas=True)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)

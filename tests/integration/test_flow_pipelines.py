@@ -1,6 +1,6 @@
 """The flow scheduler in the flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext (with and without a
-reference image), Chroma, Lumina 2, Z-Image, FLUX.2 Klein and Qwen-Image; tiny random models of the real
-architectures, offline."""
+reference image), Chroma, Lumina 2, Z-Image, FLUX.2 Klein, Qwen-Image and Sana (whose own scheduler is DPM-Solver++
+with flow sigmas); tiny random models of the real architectures, offline."""
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from diffusers_ztsnr.testing.tiny_flow_builders import (
     build_flux_kontext,
     build_lumina2,
     build_qwen_image,
+    build_sana,
     build_sd35,
     build_z_image,
 )
@@ -22,7 +23,8 @@ from diffusers_ztsnr.testing.tiny_flow_builders import (
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 
 BUILDERS = {"sd35": build_sd35, "flux-kontext": build_flux_kontext, "chroma": build_chroma, "lumina2": build_lumina2,
-            "z-image": build_z_image, "flux2-klein": build_flux2_klein, "qwen-image": build_qwen_image}
+            "z-image": build_z_image, "flux2-klein": build_flux2_klein, "qwen-image": build_qwen_image,
+            "sana": build_sana}
 #: pipelines that pass sigmas of their own (and mu) to set_timesteps
 PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image", "flux2-klein", "qwen-image"}
 SIZE, STEPS = 32, 4
@@ -43,6 +45,9 @@ def run(pipe, seed: int = 0, **kwargs) -> np.ndarray:
         kwargs = {"max_area": SIZE * SIZE, "_auto_resize": False, **kwargs}
     if type(pipe).__name__ in ("ZImagePipeline", "Flux2KleinPipeline"):
         kwargs = {"max_sequence_length": 64, **kwargs}  # their default, 512, only costs time here
+    if type(pipe).__name__ == "SanaPipeline":  # no system-prompt prefix, no snapping to its trained sizes
+        kwargs = {"max_sequence_length": 64, "complex_human_instruction": None, "use_resolution_binning": False,
+                  **kwargs}
     if type(pipe).__name__ == "Flux2KleinPipeline":
         kwargs = {"text_encoder_out_layers": FLUX2_KLEIN_TEXT_LAYERS, **kwargs}
     return pipe(prompt="a red disc on a dark background", num_inference_steps=STEPS, height=SIZE, width=SIZE,
