@@ -144,20 +144,21 @@ def run_epochs(state: TrainingState) -> None:
             if accelerator.sync_gradients:
                 loss_value = stepper.end_step(loss, state.global_step)
                 state.global_step += 1
-                after_step(state, progress, loss_value)
+                after_step(state, progress, loss_value, stepper.loss_by_noise.flush())
         state.skip_batches = 0
         if state.global_step >= state.max_steps:
             break
     progress.close()
 
 
-def after_step(state: TrainingState, progress: tqdm, loss_value: float) -> None:
-    """Record and log the step's loss; write a checkpoint every ``--checkpointing_steps`` (and at the last step)
-    and validation images every ``--validation_steps``."""
+def after_step(state: TrainingState, progress: tqdm, loss_value: float, loss_by_noise: dict[str, float]) -> None:
+    """Record and log the step's loss (and, per tenth of the noise range, :mod:`.loss_bins`); write a checkpoint
+    every ``--checkpointing_steps`` (and at the last step) and validation images every ``--validation_steps``."""
     args, accelerator, step = state.args, state.accelerator, state.global_step
     progress.update(1)
     state.history.append(loss_value)
-    accelerator.log({"loss": loss_value, "lr": state.parts.lr_scheduler.get_last_lr()[0]}, step=step)
+    lr = state.parts.lr_scheduler.get_last_lr()[0]
+    accelerator.log({"loss": loss_value, "lr": lr, **loss_by_noise}, step=step)
     progress.set_postfix(loss=f"{loss_value:.4f}")
     if step % args.checkpointing_steps == 0 or step == state.max_steps:
         write_checkpoint(accelerator, state.output_dir, step, args.checkpoints_total_limit)

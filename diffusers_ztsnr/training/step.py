@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointing import intact_checkpoints
+from .loss_bins import LossByNoise, noise_fraction
 from .output import NonFiniteWeightsError, nonfinite_weights
 from .task import ModelTask, Objective
 
@@ -75,13 +76,16 @@ def read_step_health(accelerator: Accelerator, loss: torch.Tensor, weights_bad: 
 
 def batch_loss(task: ModelTask, objective: Objective, model: torch.nn.Module, latents: torch.Tensor,
                cond: dict[str, torch.Tensor], batch: dict[str, Any], generator: torch.Generator,
-               weight_dtype: torch.dtype) -> torch.Tensor:
+               weight_dtype: torch.dtype, by_noise: LossByNoise | None = None) -> torch.Tensor:
     """One micro-batch's scalar loss, the mean of the objective's per-sample losses: the noise is the first draw on
     the step's generator, the objective draws the rest; ``predict`` is the task's model call on the objective's
-    path. Every loss the loop trains on is computed here."""
+    path. Every loss the loop trains on is computed here; ``by_noise`` collects its per-sample losses by noise
+    level."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     predict = task.predictor(model, batch, weight_dtype, objective.path)
-    per_sample, _times = objective(predict, latents, cond, noise, generator)
+    per_sample, times = objective(predict, latents, cond, noise, generator)
+    if by_noise is not None:
+        by_noise.add(per_sample, noise_fraction(objective, times))
     return per_sample.mean()
 
 
@@ -152,6 +156,8 @@ class OptimizerStep:
         self.step_finite, self.bad_loss = True, None
         self.weights_bad = torch.zeros((), dtype=torch.bool, device=parts.accelerator.device)
         self._empty_prompt: dict[str, torch.Tensor] | None = None
+        #: the per-sample losses of the current optimizer step by noise level (logged by the loop)
+        self.loss_by_noise = LossByNoise()
 
     def micro_step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Forward and backward one micro-batch of optimizer step ``step`` (0-based); the optimizer updates on
@@ -166,7 +172,7 @@ class OptimizerStep:
             latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
             cond = drop_captions(cond, self.empty_prompt(), self.args.caption_dropout, generator)
             loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
-                              parts.weight_dtype)
+                              parts.weight_dtype, self.loss_by_noise)
             all_finite = self._finite_everywhere(loss)
             accelerator.backward(loss if all_finite else loss * 0.0)
             self._update()

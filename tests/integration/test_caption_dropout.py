@@ -71,3 +71,4 @@ def test_no_dropout_draws_nothing_from_the_step_generator():
     cond = {"embeds": torch.randn(2, 3)}
     assert drop_captions(cond, {}, 0.0, generator) is cond
     assert torch.equal(generator.get_state(), state)  # runs without dropout draw the noise they always drew
+
