@@ -67,8 +67,8 @@ def nan_on(monkeypatch):
         pairs = [s if isinstance(s, tuple) else (s, 0) for s in steps]
         bad = {step_generator(SEED, number - 1, micro, 0).initial_seed() for number, micro in pairs}
 
-        def loss(task, objective, model, latents, cond, batch, generator, weight_dtype):
-            value = original(task, objective, model, latents, cond, batch, generator, weight_dtype)
+        def loss(task, objective, model, latents, cond, batch, generator, *rest):
+            value = original(task, objective, model, latents, cond, batch, generator, *rest)
             return value * float("nan") if generator.initial_seed() in bad else value
 
         monkeypatch.setattr(step, "batch_loss", loss)
