@@ -140,29 +140,35 @@ def run_epochs(state: TrainingState) -> None:
         for batch in active:
             if state.global_step >= state.max_steps:
                 break
-            loss = stepper.micro_step(batch, state.global_step)
+            stepper.micro_step(batch, state.global_step)
             if accelerator.sync_gradients:
-                loss_value = stepper.end_step(loss, state.global_step)
+                loss_value, loss_by_noise = stepper.end_step(state.global_step)
                 state.global_step += 1
-                after_step(state, progress, loss_value, stepper.loss_by_noise.flush())
+                after_step(state, stepper, progress, loss_value, loss_by_noise)
         state.skip_batches = 0
         if state.global_step >= state.max_steps:
             break
     progress.close()
 
 
-def after_step(state: TrainingState, progress: tqdm, loss_value: float, loss_by_noise: dict[str, float]) -> None:
+def after_step(state: TrainingState, stepper: OptimizerStep, progress: tqdm, loss_value: float,
+               loss_by_noise: dict[str, float]) -> None:
     """Record and log the step's loss (and, per tenth of the noise range, :mod:`.loss_bins`); write a checkpoint
-    every ``--checkpointing_steps`` (and at the last step) and validation images every ``--validation_steps``."""
+    every ``--checkpointing_steps`` (and at the last step) and validation images every ``--validation_steps``, each
+    after checking that the step's update left finite weights."""
     args, accelerator, step = state.args, state.accelerator, state.global_step
     progress.update(1)
     state.history.append(loss_value)
     lr = state.parts.lr_scheduler.get_last_lr()[0]
     accelerator.log({"loss": loss_value, "lr": lr, **loss_by_noise}, step=step)
     progress.set_postfix(loss=f"{loss_value:.4f}")
-    if step % args.checkpointing_steps == 0 or step == state.max_steps:
+    checkpoint = step % args.checkpointing_steps == 0 or step == state.max_steps
+    validation = bool(args.validation_prompt) and step % args.validation_steps == 0 and step < state.max_steps
+    if checkpoint or validation:
+        stepper.check_weights(step - 1)
+    if checkpoint:
         write_checkpoint(accelerator, state.output_dir, step, args.checkpoints_total_limit)
-    if args.validation_prompt and step % args.validation_steps == 0 and step < state.max_steps:
+    if validation:
         validate(args, accelerator, state.models.task, step)
 
 

@@ -7,7 +7,13 @@ uninterrupted one would have) and computes its loss through :func:`batch_loss`.
 A NaN/Inf loss on any rank skips the whole update on every rank (the same decision everywhere, so DDP ranks never
 diverge) and is counted; ``--max_consecutive_bad_losses`` skipped steps in a row raise :class:`NonFiniteLossError`.
 Trainable weights that become NaN/Inf after a finite loss raise :class:`NonFiniteWeightsError` before anything is
-checkpointed.
+checkpointed, validated or exported.
+
+Host syncs: one per optimizer step, after the last backward and before the update (:func:`read_step_health`: the
+loss, whether every micro-step was finite on every rank, whether the previous update left non-finite weights, and
+the loss by noise level, in one transfer). Nothing else reads a device value per step, so on a GPU the host queues
+the forward and backward of a step without waiting; the weights of the last update are also checked (one more sync)
+before a checkpoint, validation images or the export.
 """
 
 from __future__ import annotations
@@ -66,12 +72,36 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(mixed % (2**63))
 
 
-def read_step_health(accelerator: Accelerator, loss: torch.Tensor, weights_bad: torch.Tensor) -> tuple[float, bool]:
-    """One host sync per optimizer step: the loss averaged over processes, and whether any process holds
-    non-finite trainable weights."""
-    health = torch.stack([loss.detach().float().reshape(()), weights_bad.float().reshape(())])[None]
-    gathered = accelerator.gather(health).cpu()
-    return float(gathered[:, 0].mean()), bool(gathered[:, 1].max() > 0)
+@dataclass
+class StepHealth:
+    """What the host learns once per optimizer step (every value pooled over processes)."""
+
+    #: the last micro-step's loss averaged over processes (NaN/Inf for a skipped step)
+    loss: float
+    #: every micro-step's loss was finite on every process: the update may be applied
+    finite: bool
+    #: the previous update left NaN/Inf trainable weights on some process
+    earlier_weights_bad: bool
+    #: the loss by noise level, summed over micro-steps and processes (:meth:`LossByNoise.tags` input)
+    loss_by_noise: list[float]
+
+
+def read_step_health(accelerator: Accelerator, loss: torch.Tensor, finite: torch.Tensor, weights_bad: torch.Tensor,
+                     loss_by_noise: torch.Tensor) -> StepHealth:
+    """The optimizer step's one host sync: one gather across processes, one device-to-host copy."""
+    device = loss.device
+    packed = torch.cat([loss.detach().double().reshape(1), (~finite).double().reshape(1).to(device),
+                        weights_bad.double().reshape(1).to(device), loss_by_noise.to(device)])
+    gathered = accelerator.gather(packed[None]).cpu()
+    return StepHealth(loss=float(gathered[:, 0].mean()), finite=bool(gathered[:, 1].max() == 0),
+                      earlier_weights_bad=bool(gathered[:, 2].max() > 0),
+                      loss_by_noise=gathered[:, 3:].sum(0).tolist())
+
+
+def any_weights_bad(accelerator: Accelerator, weights_bad: torch.Tensor) -> bool:
+    """Whether some process holds non-finite trainable weights (a host sync)."""
+    gathered = accelerator.gather(weights_bad.float().reshape(1)).cpu()
+    return bool(gathered.max() > 0)
 
 
 def batch_loss(task: ModelTask, objective: Objective, model: torch.nn.Module, latents: torch.Tensor,
@@ -152,16 +182,20 @@ class OptimizerStep:
         self.args = args
         self.counters = counters
         self.micro = 0
+        device = parts.accelerator.device
         # over all micro-steps of one optimizer step: one bad micro-step spoils the accumulated gradient
-        self.step_finite, self.bad_loss = True, None
-        self.weights_bad = torch.zeros((), dtype=torch.bool, device=parts.accelerator.device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        #: set on the device by each update, read at the next step's sync (or by :meth:`check_weights`)
+        self.weights_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.health: StepHealth | None = None
         self._empty_prompt: dict[str, torch.Tensor] | None = None
         #: the per-sample losses of the current optimizer step by noise level (logged by the loop)
         self.loss_by_noise = LossByNoise()
 
     def micro_step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
-        """Forward and backward one micro-batch of optimizer step ``step`` (0-based); the optimizer updates on
-        the last micro-step unless a loss of this step was non-finite on some rank. Returns the loss."""
+        """Forward and backward one micro-batch of optimizer step ``step`` (0-based); on the last micro-step, the
+        step's one host sync and the update (unless a loss of this step was non-finite on some rank). Returns
+        the loss."""
         parts = self.parts
         accelerator = parts.accelerator
         with accelerator.accumulate(parts.model):
@@ -173,9 +207,12 @@ class OptimizerStep:
             cond = drop_captions(cond, self.empty_prompt(), self.args.caption_dropout, generator)
             loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
                               parts.weight_dtype, self.loss_by_noise)
-            all_finite = self._finite_everywhere(loss)
-            accelerator.backward(loss if all_finite else loss * 0.0)
-            self._update()
+            self.finite = self.finite & torch.isfinite(loss.detach())
+            # a non-finite loss still runs its backward (DDP ranks must all reach the gradient all-reduce); the
+            # update that its NaN gradients would spoil is skipped below on every rank
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                self._close(loss, step)
         return loss
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:
@@ -192,52 +229,46 @@ class OptimizerStep:
             self._empty_prompt = {k: v.float() for k, v in empty.items()}
         return empty
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (a collective: every rank makes the same decision)."""
-        accelerator = self.parts.accelerator
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        all_finite = bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
-        if not all_finite and self.step_finite:
-            self.step_finite, self.bad_loss = False, loss.item()
-        return all_finite
-
-    def _update(self) -> None:
-        """Average text-encoder gradients, clip, and step the optimizer and LR schedule (skipped for a bad step;
-        the gradient is zeroed either way)."""
+    def _close(self, loss: torch.Tensor, step: int) -> None:
+        """The step's host sync, then (all finite) average text-encoder gradients, clip, and step the optimizer
+        and LR schedule; the gradient is zeroed either way."""
         parts = self.parts
         accelerator = parts.accelerator
-        if accelerator.sync_gradients and self.step_finite:
+        health = read_step_health(accelerator, loss, self.finite, self.weights_bad, self.loss_by_noise.take())
+        self.health, self.finite = health, torch.ones_like(self.finite)
+        if health.earlier_weights_bad:  # left by the previous update, optimizer step ``step`` (1-based)
+            raise non_finite_weights_error(step, Path(self.args.output_dir))
+        if health.finite:
             if parts.text_encoder_params and accelerator.num_processes > 1:
                 for p in parts.text_encoder_params:
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
                         p.grad /= accelerator.num_processes
             accelerator.clip_grad_norm_(parts.params, self.args.max_grad_norm)
-        if self.step_finite:
             parts.optimizer.step()
             parts.lr_scheduler.step()
-            if accelerator.sync_gradients:  # a flag on the device, read with the loss in end_step
-                self.weights_bad = nonfinite_weights(parts.params)
+            self.weights_bad = nonfinite_weights(parts.params)  # on the device: read at the next sync
         parts.optimizer.zero_grad()
 
-    def end_step(self, loss: torch.Tensor, step: int) -> float:
-        """Close optimizer step ``step`` (0-based) after its last micro-step: raise on non-finite weights, count a
-        skipped update (raising after too many in a row), else step the EMA. Returns the loss averaged over ranks."""
-        parts = self.parts
-        output_dir = Path(self.args.output_dir)
-        loss_value, weights_bad_anywhere = read_step_health(parts.accelerator, loss, self.weights_bad)
-        if weights_bad_anywhere:
-            raise non_finite_weights_error(step + 1, output_dir)
-        if not self.step_finite:
-            self.step_finite = True
+    def check_weights(self, step: int) -> None:
+        """Raise :class:`NonFiniteWeightsError` if the last update, of optimizer step ``step`` (0-based), left
+        non-finite weights on some process (a host sync: before checkpoints, validation and the export)."""
+        if any_weights_bad(self.parts.accelerator, self.weights_bad):
+            raise non_finite_weights_error(step + 1, Path(self.args.output_dir))
+
+    def end_step(self, step: int) -> tuple[float, dict[str, float]]:
+        """Close optimizer step ``step`` (0-based) after its last micro-step: count a skipped update (raising after
+        too many in a row), else step the EMA. Returns the loss averaged over ranks and the loss by noise level."""
+        parts, health = self.parts, self.health
+        if not health.finite:
             self.counters["skipped_steps"] += 1
             self.counters["consecutive_bad"] += 1
-            parts.accelerator.print(f"step {step + 1}: non-finite loss ({self.bad_loss}), update skipped "
+            parts.accelerator.print(f"step {step + 1}: non-finite loss ({health.loss}), update skipped "
                                     f"({self.counters['consecutive_bad']} in a row)")
             if self.counters["consecutive_bad"] >= self.args.max_consecutive_bad_losses:
-                raise non_finite_loss_error(self.counters["consecutive_bad"], step + 1, output_dir)
+                raise non_finite_loss_error(self.counters["consecutive_bad"], step + 1, Path(self.args.output_dir))
         else:
             self.counters["consecutive_bad"] = 0
             if parts.ema is not None:
                 parts.ema.step(parts.params)
-        return loss_value
+        return health.loss, self.loss_by_noise.tags(health.loss_by_noise)
