@@ -46,7 +46,7 @@ RESUME_INSENSITIVE = frozenset({
     "checkpointing_steps", "validation_steps", "push_to_hub", "hub_public", "hub_model_id", "overwrite_output_dir",
     "config", "report_to", "logging_dir", "dataloader_num_workers", "checkpoints_total_limit",
     "num_validation_images", "validation_prompt", "validation_inference_steps", "max_consecutive_bad_losses",
-    "cache_dir", "cache_latents_dir", "license", "export_checkpoint", "export_dtype",
+    "cache_dir", "cache_latents_dir", "license", "export_checkpoint", "export_dtype", "torch_compile",
 }) | SECRET_FLAGS
 PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir")
 _TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges

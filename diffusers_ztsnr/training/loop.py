@@ -169,7 +169,8 @@ def after_step(state: TrainingState, stepper: OptimizerStep, progress: tqdm, los
     if checkpoint:
         write_checkpoint(accelerator, state.output_dir, step, args.checkpoints_total_limit)
     if validation:
-        validate(args, accelerator, state.models.task, step)
+        with state.data.parking.on_device():
+            validate(args, accelerator, state.models.task, step)
 
 
 def finish_run(state: TrainingState) -> dict[str, Any]:
@@ -192,7 +193,8 @@ def finish_run(state: TrainingState) -> dict[str, Any]:
         task = state.models.task
         states = {task.denoiser_name: lora_state_dict(accelerator.unwrap_model(state.models.denoiser))}
         states.update({name: lora_state_dict(te) for name, te in state.models.trained_text_encoders.items()})
-        result.update(finish(state.args, accelerator, task, state.global_step, states))
+        with state.data.parking.on_device():
+            result.update(finish(state.args, accelerator, task, state.global_step, states))
         if counters["skipped_steps"]:
             logger.warning("%d optimizer steps were skipped for a NaN/Inf loss", counters["skipped_steps"])
     accelerator.wait_for_everyone()  # no rank leaves (and tears down the process group) while rank 0 writes

@@ -32,6 +32,7 @@ from .identity import lock_folder, model_fingerprint, record_run, recorded_args,
 from .log_filters import install_long_message_filter
 from .lora import add_lora, load_lora_state_dict, lora_state_dict
 from .output import check_finite_states
+from .speed import EncoderParking, compile_denoiser, dataloader_options, optimizer_options
 from .step import StepParts
 from .task import ModelTask, Objective
 
@@ -89,6 +90,10 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     cast_training_params(models.trained, dtype=torch.float32)  # LoRA weights in fp32 whatever the base dtype
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    compiled = compile_denoiser(denoiser, args.torch_compile)
+    if compiled:
+        accelerator.print(f"--torch_compile {args.torch_compile}: {compiled} module(s) of {type(denoiser).__name__} "
+                          "compile on their first call")
     return models
 
 
@@ -137,6 +142,8 @@ class TrainingData:
     sampler: BucketBatchSampler | None
     #: the encodings cache's ``hits``/``misses`` under ``--cache_latents``, else ``None``
     cache_stats: dict[str, int] | None
+    #: the frozen encoders, parked off the GPU once a cached run has encoded what it needs (the empty prompt)
+    parking: EncoderParking
 
 
 @torch.no_grad()
@@ -154,19 +161,20 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
     from .data import BucketBatchSampler, collate_fn
 
     train_set, cache_stats = image_set, None
+    parking = EncoderParking([models.task.vae, *models.task.text_encoders], accelerator.device)
     if args.cache_latents:
         train_set, cache_stats = cached_encodings(args, accelerator, models, image_set, base_model)
+        parking.park()  # every batch now carries its encodings
     sampler = None
+    loader_options = dataloader_options(args, accelerator.device)
     if args.bucketing:
         sampler = BucketBatchSampler(train_set.sizes, train_set.buckets, args.train_batch_size, seed=args.seed)
         dataloader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                                 num_workers=args.dataloader_num_workers)
+                                                 **loader_options)
     else:
-        dataloader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
-            num_workers=args.dataloader_num_workers, drop_last=False,
-        )
-    return TrainingData(image_set, dataloader, sampler, cache_stats)
+        dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True,
+                                                 collate_fn=collate_fn, drop_last=False, **loader_options)
+    return TrainingData(image_set, dataloader, sampler, cache_stats, parking)
 
 
 def cached_encodings(args: argparse.Namespace, accelerator: Accelerator, models: Models,
@@ -191,16 +199,16 @@ def cached_encodings(args: argparse.Namespace, accelerator: Accelerator, models:
 
 
 def build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (bitsandbytes' 8-bit AdamW under ``--use_8bit_adam``)."""
-    optimizer_class = torch.optim.AdamW
+    """AdamW over the trainable parameters, fused on a GPU (bitsandbytes' 8-bit AdamW under ``--use_8bit_adam``)."""
+    optimizer_class, options = torch.optim.AdamW, optimizer_options(params)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as error:
             raise ImportError("--use_8bit_adam needs bitsandbytes: pip install 'diffusers-ztsnr[8bit]'") from error
-        optimizer_class = bnb.optim.AdamW8bit
+        optimizer_class, options = bnb.optim.AdamW8bit, {}
     return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **options)
 
 
 @dataclass
@@ -255,7 +263,7 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
         ema = EMAModel(params, decay=args.ema_decay)
     parts = StepParts(accelerator=accelerator, task=models.task, objective=models.objective, model=model,
                       optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, text_encoder_params=te_params,
-                      ema=ema, weight_dtype=models.weight_dtype)
+                      ema=ema, weight_dtype=models.weight_dtype, parking=data.parking)
     state = TrainingState(args, accelerator, models, data, parts, updates_per_epoch, max_steps, num_epochs)
     hooks = CheckpointHooks(models.trained, ema, state.counters, state.history)
     accelerator.register_save_state_pre_hook(hooks.save)

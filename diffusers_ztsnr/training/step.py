@@ -19,6 +19,7 @@ before a checkpoint, validation images or the export.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import torch
 from .checkpointing import intact_checkpoints
 from .loss_bins import LossByNoise, noise_fraction
 from .output import NonFiniteWeightsError, nonfinite_weights
+from .speed import EncoderParking
 from .task import ModelTask, Objective
 
 if TYPE_CHECKING:
@@ -166,6 +168,8 @@ class StepParts:
     text_encoder_params: list[torch.nn.Parameter]
     ema: Any | None
     weight_dtype: torch.dtype
+    #: the frozen encoders; parked off the GPU after the first step of a cached run (:mod:`.speed`)
+    parking: EncoderParking | None = None
 
     @property
     def text_encoders_trained(self) -> bool:
@@ -203,7 +207,8 @@ class OptimizerStep:
             # the micro-step's index within its optimizer step; an epoch's last step may hold fewer micro-steps
             # (accelerate closes it at the end of the data), so count from 0 again at every update, as a resume does
             self.micro = 0 if accelerator.sync_gradients else self.micro + 1
-            latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
+            with self._encoders_on_device(needed="latents" not in batch):
+                latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
             cond = drop_captions(cond, self.empty_prompt(), self.args.caption_dropout, generator)
             loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
                               parts.weight_dtype, self.loss_by_noise)
@@ -223,11 +228,15 @@ class OptimizerStep:
             return {}
         if self._empty_prompt is not None:
             return self._empty_prompt
-        with torch.set_grad_enabled(parts.text_encoders_trained):
+        with torch.set_grad_enabled(parts.text_encoders_trained), self._encoders_on_device():
             empty = parts.task.encode_prompts([""], parts.accelerator.device)
         if not parts.text_encoders_trained:
             self._empty_prompt = {k: v.float() for k, v in empty.items()}
         return empty
+
+    def _encoders_on_device(self, needed: bool = True) -> contextlib.AbstractContextManager:
+        parking = self.parts.parking
+        return parking.on_device() if needed and parking is not None else contextlib.nullcontext()
 
     def _close(self, loss: torch.Tensor, step: int) -> None:
         """The step's host sync, then (all finite) average text-encoder gradients, clip, and step the optimizer
