@@ -31,6 +31,7 @@ from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and er
     parse_with_config,
     run_script,
 )
+from .quantization import QUANTIZATIONS
 from .speed import COMPILE_MODES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -113,6 +114,9 @@ def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay.")
     a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     a("--max_grad_norm", type=float, default=1.0, help="gradient norm clipping threshold.")
+    a("--base_quantization", type=str, default="none", choices=QUANTIZATIONS,
+      help="store the frozen denoiser's linear weights in int8 or fp8 (torchao) or nf4 (bitsandbytes, GPU); the "
+           "LoRA trains in fp32 on top and loads on the unquantized model.")
     a("--torch_compile", type=str, nargs="?", const="regional", default="none", choices=COMPILE_MODES,
       help="torch.compile the denoiser: regional (the flag alone) compiles its repeated blocks (short compile), "
            "full the whole model; the first steps then include the compile.")

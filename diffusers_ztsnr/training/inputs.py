@@ -30,12 +30,19 @@ def looks_local(name: str) -> bool:
 
 
 def check_device_precision(args: argparse.Namespace) -> None:
-    """Before the accelerator exists (it would fall back silently): fp16 needs a GPU."""
+    """Before the accelerator exists (it would fall back silently): fp16 needs a GPU; a ``--base_quantization``
+    needs its backend (and nf4 a GPU)."""
     from accelerate import PartialState
 
-    if args.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+    from .quantization import quantization_problem
+
+    device = PartialState().device
+    if args.mixed_precision == "fp16" and device.type == "cpu":
         raise UsageError("error: --mixed_precision fp16 needs a GPU: on the CPU torch has no fp16 autocast or "
                          "gradient scaler. Use --mixed_precision bf16 (or no) on the CPU.")
+    problem = quantization_problem(getattr(args, "base_quantization", "none"), device)
+    if problem:
+        raise UsageError(f"error: {problem}")
 
 
 def check_input_paths(args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ from .identity import lock_folder, model_fingerprint, record_run, recorded_args,
 from .log_filters import install_long_message_filter
 from .lora import add_lora, load_lora_state_dict, lora_state_dict
 from .output import check_finite_states
+from .quantization import quantize_base
 from .speed import EncoderParking, compile_denoiser, dataloader_options, optimizer_options
 from .step import StepParts
 from .task import ModelTask, Objective
@@ -78,6 +79,11 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     vae.requires_grad_(False)
     for te in text_encoders:
         te.requires_grad_(False)
+    if args.base_quantization != "none":  # quantized in place on the device, before peft wraps the layers
+        denoiser.to(accelerator.device, dtype=weight_dtype)
+        count = quantize_base(denoiser, args.base_quantization, weight_dtype)
+        accelerator.print(f"--base_quantization {args.base_quantization}: {count} linear layers of "
+                          f"{type(denoiser).__name__} quantized")
     task.add_adapters(args)
     trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
     for te in trained_tes.values():
