@@ -179,6 +179,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resolution of the small models (default 64)")
     p.add_argument("--no_small", action="store_true", help="tiny models only (implied by --quick)")
     p.add_argument("--workdir", default=None, help="keep models, data, caches and outputs here (default: a temp dir)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the tiny/small rows above; cuda: the GPU rows of throughput/gpu.py (real SD1.5 and "
+                        "SD3-medium architectures, random weights, 512 px bf16)")
+    p.add_argument("--gpu_scale", choices=("real", "tiny"), default="real",
+                   help="with --device cuda: tiny runs the same rows on tiny models (a smoke test, also on a CPU)")
+    p.add_argument("--budget", type=float, default=480, help="with --device cuda: seconds; rows that would end "
+                   "later are skipped (default 480)")
+    p.add_argument("--out", default="gpu-throughput", help="with --device cuda: folder for the table, JSON and "
+                   "the SD3 profile (default ./gpu-throughput)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 2
@@ -198,8 +207,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def main_gpu(args: argparse.Namespace) -> None:
+    """The GPU rows (:mod:`throughput.gpu`); the table is printed and written to ``--out``."""
+    from throughput.gpu import run_gpu_rows
+
+    began = time.perf_counter()
+    real = args.gpu_scale == "real"
+    if real and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU (--gpu_scale tiny smoke-tests the rows on the CPU)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = {"scale": args.gpu_scale, "device": device, "resolution": 512 if real else 32,
+                "batch_size": args.batch_size, "rank": args.rank, "steps": 40 if real else 14,
+                "skip": 10 if real else 4, "num_images": 64 if real else 8, "budget": args.budget,
+                "precision": "bf16", "out": args.out,
+                "device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU"}
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu-throughput-"))
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
+
+    def log(message: str) -> None:
+        print(f"  {time.perf_counter() - began:6.1f} s  {message}", file=sys.stderr, flush=True)
+
+    try:
+        run_gpu_rows(settings, work, began, log)
+        print((Path(args.out) / "gpu_throughput.md").read_text())
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.device == "cuda":
+        return main_gpu(args)
     if sys.platform != "linux":
         raise SystemExit("this benchmark forks one child per run and reads /proc: Linux only")
     began = time.perf_counter()
