@@ -186,6 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --device cuda: tiny runs the same rows on tiny models (a smoke test, also on a CPU)")
     p.add_argument("--budget", type=float, default=480, help="with --device cuda: seconds; rows that would end "
                    "later are skipped (default 480)")
+    p.add_argument("--rows", nargs="+", default=None, help="with --device cuda: only these rows, in this order "
+                   "(names as in throughput/gpu.py ORDER, plus full-sd3)")
     p.add_argument("--out", default="gpu-throughput", help="with --device cuda: folder for the table, JSON and "
                    "the SD3 profile (default ./gpu-throughput)")
     args = p.parse_args(argv)
@@ -219,7 +221,7 @@ def main_gpu(args: argparse.Namespace) -> None:
     settings = {"scale": args.gpu_scale, "device": device, "resolution": 512 if real else 32,
                 "batch_size": args.batch_size, "rank": args.rank, "steps": 40 if real else 14,
                 "skip": 10 if real else 4, "num_images": 64 if real else 8, "budget": args.budget,
-                "precision": "bf16", "out": args.out,
+                "precision": "bf16", "out": args.out, "rows": args.rows,
                 "device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU"}
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu-throughput-"))
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")

@@ -16,6 +16,7 @@ nf4       4-bit NormalFloat, blocks of 64 (QLoRA)         bitsandbytes         G
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -47,19 +48,47 @@ def quantizable(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def quantize_base(model: torch.nn.Module, choice: str, compute_dtype: torch.dtype) -> int:
-    """Quantize ``model``'s eligible linear layers in place, on the device they are on (call before the LoRA
-    adapters are added). Returns how many linear layers now hold quantized weights."""
+def quantize_base(model: torch.nn.Module, choice: str, compute_dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> int:
+    """Quantize ``model``'s eligible linear layers in place (call before the LoRA adapters are added), each on
+    ``device`` (default: where it is): one layer at a time reaches the device unquantized, so the peak memory is
+    the quantized model plus one layer. Returns how many linear layers now hold quantized weights."""
     if choice == "none":
         return 0
+    layers = [m for m in model.modules() if quantizable(m)]
     if choice == "nf4":
-        _to_nf4(model, compute_dtype)
+        _to_nf4(model, compute_dtype, device)
     else:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
         config = Int8WeightOnlyConfig() if choice == "int8" else Float8WeightOnlyConfig()
-        quantize_(model, config, filter_fn=lambda module, _name: quantizable(module))
+        for layer in layers:
+            if device is not None:
+                layer.to(device)
+            quantize_(layer, config)
+            layer.forward = functools.partial(_frozen_quantized_linear, layer)
     return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and is_quantized(m.weight))
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """``x @ W.T + b`` for a frozen quantized ``W`` that keeps only ``W`` (quantized) for the backward pass and
+    dequantizes it there, one layer at a time. Without it autograd records torchao's dequantization and saves
+    every layer's dequantized weight until the backward pass: a full-precision copy of the model (measured on an
+    H200 with SD3-medium: peak 11.6 GiB int8 vs 9.6 GiB unquantized bf16)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.dequantize().to(grad.dtype), None, None
+
+
+def _frozen_quantized_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenQuantizedMatmul.apply(x, layer.weight, layer.bias)
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -67,12 +96,12 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
-def _to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+def _to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device | str | None) -> None:
     """Swap each eligible ``nn.Linear`` for a bitsandbytes ``Linear4bit`` holding its weights; bitsandbytes
     quantizes them when they reach the GPU."""
     import bitsandbytes as bnb
 
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not quantizable(child):

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +80,14 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     vae.requires_grad_(False)
     for te in text_encoders:
         te.requires_grad_(False)
-    if args.base_quantization != "none":  # quantized in place on the device, before peft wraps the layers
-        denoiser.to(accelerator.device, dtype=weight_dtype)
-        count = quantize_base(denoiser, args.base_quantization, weight_dtype)
+    if args.base_quantization != "none":  # layer by layer onto the device, before peft wraps the layers
+        denoiser.to(dtype=weight_dtype)
+        count = quantize_base(denoiser, args.base_quantization, weight_dtype, accelerator.device)
         accelerator.print(f"--base_quantization {args.base_quantization}: {count} linear layers of "
                           f"{type(denoiser).__name__} quantized")
-    task.add_adapters(args)
+    with warnings.catch_warnings():  # peft: merging a LoRA into a torchao base is unsupported; training never merges
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        task.add_adapters(args)
     trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
     for te in trained_tes.values():
         add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets)
