@@ -46,6 +46,8 @@ class RunFacts:
     validation_prompt: str | None = None
     grid_name: str | None = None
     license: str | None = None
+    #: ``--adapter``: ``lora`` or ``dora``
+    adapter: str = "lora"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, script: str, pipeline: str, steps: int,
@@ -56,7 +58,8 @@ class RunFacts:
                    rank=args.rank, steps=steps, train_batch_size=args.train_batch_size,
                    gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
                    resolution=args.resolution, seed=args.seed, validation_prompt=args.validation_prompt,
-                   grid_name=grid_name, license=getattr(args, "license", None))
+                   grid_name=grid_name, license=getattr(args, "license", None),
+                   adapter=getattr(args, "adapter", "lora"))
 
 
 def front_matter(metadata: Mapping[str, Any]) -> str:
@@ -111,11 +114,15 @@ def markdown_image(alt: str, target: str) -> str:
     return f"![{markdown_text(alt)}]({quote(target)})"
 
 
-def kohya_note(prediction_type: str, zero_terminal_snr: bool, family: str) -> str:
+def kohya_note(prediction_type: str, zero_terminal_snr: bool, family: str, adapter: str = "lora") -> str:
     """What the card says of ``lora_kohya.safetensors``: its naming and the sampling metadata it carries
     (:func:`~diffusers_ztsnr.markers.marker_metadata`, the keys and values the file really holds), and for a
     v-prediction / zero-terminal-SNR SD 1.x / 2.x LoRA the ComfyUI node settings (ComfyUI reads such markers only from
     full SDXL checkpoints: ``diffusers-ztsnr export-checkpoint`` writes one)."""
+    if adapter == "dora":
+        return ("This is a DoRA: diffusers loads it (`pipe.load_lora_weights`) as trained. No kohya copy is written: "
+                "for a magnitude per output row, ComfyUI divides by the norm of the base weight, not of the adapted "
+                "weight as peft trains it, so the same weights would apply differently there.\n")
     metadata = marker_metadata(prediction_type, zero_terminal_snr, family)
     items = ", ".join(f"{inline_code(key)} = {inline_code(value)}" for key, value in metadata.items())
     text = (f"`lora_kohya.safetensors` is the same LoRA in sd-scripts' key format (ComfyUI, A1111 / Forge), with "
@@ -238,7 +245,7 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
         "sample it with the scheduler config shipped in `scheduler/`, which sets that up.\n\n"
         f"{sampling_snippet(run, 'ZTSNRDPMSolverMultistepScheduler', call_kwargs)}"
         f"{flow_note}\n"
-        f"{kohya_note(prediction_type, zero_terminal_snr, family)}"
+        f"{kohya_note(prediction_type, zero_terminal_snr, family, run.adapter)}"
     )
 
 
@@ -265,5 +272,5 @@ def render_flow_card(run: RunFacts, *, weighting_scheme: str, timestep_shift: fl
         f"{grid_line(run)}"
         "## Sampling\n\n"
         f"{sampling_snippet(run, 'ZTSNRFlowMatchScheduler', call_kwargs)}\n"
-        f"{kohya_note('flow_prediction', False, family)}"
+        f"{kohya_note('flow_prediction', False, family, run.adapter)}"
     )

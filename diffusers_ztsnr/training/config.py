@@ -39,6 +39,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # AdamW moves every weight by up to the learning rate per step: above 1 a LoRA diverges within steps
 MAX_LEARNING_RATE = 1.0
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+#: ``--adapter``: plain LoRA, or DoRA (peft's ``use_dora``)
+ADAPTERS = ("lora", "dora")
 REPORT_TO = ("tensorboard", "none")
 OBJECTIVES = ("diffusion", "flow")
 FLOW_OBJECTIVE_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
@@ -123,6 +125,9 @@ def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION,
       help="autocast dtype (default: accelerate's configuration, else no); fp16 needs a GPU.")
     a("--rank", type=int, default=4, help="LoRA rank.")
+    a("--adapter", type=str, default="lora", choices=ADAPTERS,
+      help="lora, or dora (weight-decomposed LoRA: a trained magnitude per output; diffusers loads it, no kohya "
+           "file is written).")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     a("--train_text_encoder", action="store_true", help="also train LoRA on the text encoder(s).")
     a("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights; save it.")
@@ -182,6 +187,10 @@ def check_common_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
     if args.resolution % 8:
         problems.append(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
+    if getattr(args, "adapter", "lora") == "dora" and args.train_text_encoder:
+        # measured with diffusers 0.42 / transformers 5: the text encoders' magnitudes are not loaded (left at ||W||)
+        problems.append("--adapter dora with --train_text_encoder: diffusers' loader drops a text encoder's DoRA "
+                        "magnitudes, so it would not load as trained; use --adapter lora to train the text encoder")
     if args.cache_latents and args.train_text_encoder:
         problems.append("--cache_latents caches the text embeddings too, so it cannot train the text encoder: "
                         "drop --train_text_encoder or --cache_latents")

@@ -48,6 +48,8 @@ RESUME_INSENSITIVE = frozenset({
     "num_validation_images", "validation_prompt", "validation_inference_steps", "max_consecutive_bad_losses",
     "cache_dir", "cache_latents_dir", "license", "export_checkpoint", "export_dtype", "torch_compile",
 }) | SECRET_FLAGS
+#: flags added after runs were first recorded whose default is a string: the value that means "as before"
+OFF_VALUES = {"adapter": "lora", "base_quantization": "none"}
 PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir")
 _TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges
 # outputs of a previous run that --overwrite_output_dir removes before the new run writes anything
@@ -107,8 +109,9 @@ def describe_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[
     old_flags, new_flags = previous.get("flags", {}), current.get("flags", {})
     if old_flags and new_flags:
         for key in sorted(set(old_flags) | set(new_flags)):
-            if (key in old_flags) != (key in new_flags) and not old_flags.get(key, new_flags.get(key)):
-                continue  # a flag one version lacks, left off (None, 0, False) by the other: the same run
+            value = old_flags.get(key, new_flags.get(key))
+            if (key in old_flags) != (key in new_flags) and (not value or value == OFF_VALUES.get(key)):
+                continue  # a flag one version lacks, left off (None, 0, False, "none") by the other: the same run
             if old_flags.get(key) != new_flags.get(key):
                 changes.append(f"--{key} {old_flags.get(key)!r} -> {new_flags.get(key)!r}")
     if previous.get("base_model") and current.get("base_model") and previous["base_model"] != current["base_model"]:

@@ -30,13 +30,17 @@ ADAPTER_NAME = "default"
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
-             target_modules: tuple[str, ...] = DEFAULT_UNET_TARGETS) -> LoraConfig:
-    """Freeze ``model`` and add a LoRA adapter (Gaussian init of A, zero B: the model is unchanged at step 0)."""
+             target_modules: tuple[str, ...] = DEFAULT_UNET_TARGETS, use_dora: bool = False) -> LoraConfig:
+    """Freeze ``model`` and add a LoRA adapter (Gaussian init of A, zero B: the model is unchanged at step 0).
+
+    ``use_dora``: DoRA (Liu et al. 2024), peft's form: each adapted weight is ``m * (W + s B A) / ||W + s B A||``
+    with the norm per output row and a trained magnitude ``m`` per output (``lora_magnitude_vector``, initialised
+    to ``||W||``, so the model is also unchanged at step 0)."""
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}.")
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                        target_modules=list(target_modules))
+                        target_modules=list(target_modules), use_dora=use_dora)
     from diffusers import ModelMixin
 
     if isinstance(model, ModelMixin):
@@ -82,9 +86,15 @@ def adapter_metadata(state: dict[str, torch.Tensor], lora_alpha: float, text_enc
     modules = sorted({k.rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k})
     if text_encoder:
         modules = [m.removeprefix("text_model.") for m in modules]
-    config = LoraConfig(r=lora_rank({"": state}), lora_alpha=lora_alpha, target_modules=modules)
+    config = LoraConfig(r=lora_rank({"": state}), lora_alpha=lora_alpha, target_modules=modules,
+                        use_dora=is_dora({"": state}))
     return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": modules,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+
+
+def is_dora(states: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """Whether peft ``states`` (``{component: state}``) hold DoRA magnitudes."""
+    return any(".lora_magnitude_vector" in k for state in states.values() for k in state)
 
 
 def _canonical_text_encoder_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -124,3 +124,13 @@ def test_a_flag_added_since_a_run_was_recorded_is_no_change_while_left_off():
     assert describe_changes(recorded, {"flags": {"rank": 4, "learning_rate": 1e-4, "caption_dropout": 0.1}}) == [
         "--caption_dropout None -> 0.1"]
     assert describe_changes(recorded, {"flags": {"rank": 8, "learning_rate": 1e-4}}) == ["--rank 4 -> 8"]
+
+
+def test_string_flags_added_since_a_run_was_recorded_are_no_change_at_their_default():
+    from diffusers_ztsnr.training.identity import describe_changes
+
+    recorded = {"flags": {"rank": 4}}  # written before --adapter and --base_quantization existed
+    defaults = {"rank": 4, "adapter": "lora", "base_quantization": "none"}
+    assert describe_changes(recorded, {"flags": defaults}) == []
+    assert describe_changes(recorded, {"flags": {**defaults, "adapter": "dora", "base_quantization": "int8"}}) == [
+        "--adapter None -> 'dora'", "--base_quantization None -> 'int8'"]

@@ -16,7 +16,7 @@ import torch
 
 from ..card import RunFacts, render_flow_card
 from ..config import DEFAULT_FLUX_GUIDANCE, InputError
-from ..lora import add_lora, save_diffusers_lora, save_kohya_lora
+from ..lora import add_lora, is_dora, save_diffusers_lora, save_kohya_lora
 from ..objectives import FlowMatchingObjective, Predict, resolve_flow_shift
 from ..task import ModelTask
 
@@ -67,7 +67,7 @@ class FlowTask(ModelTask):
 
     def add_adapters(self, args: argparse.Namespace) -> None:
         try:
-            add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers)
+            add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers, use_dora=args.adapter == "dora")
         except ValueError as error:
             raise InputError(f"--lora_layers {','.join(self.lora_layers)}: {error} Name modules of the "
                              f"{type(self.denoiser).__name__} (e.g. attn.to_q,attn.to_k).") from error
@@ -126,6 +126,8 @@ class FlowTask(ModelTask):
         alpha, family = args.lora_alpha or args.rank, self.family
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False,
                                    lora_alpha=alpha, family=family)
+        if is_dora(states):
+            return {"lora": lora}  # no kohya copy: see card.kohya_note
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, "flow_prediction", False,
                                 family=family, denoiser_config=dict(self.denoiser.config),
                                 base_model=args.pretrained_model_name_or_path)

@@ -18,7 +18,7 @@ from ...adapters import PathTransformedModel
 from ...schedule import VPSchedule
 from ..card import RunFacts, render_unet_card
 from ..config import InputError
-from ..lora import DEFAULT_UNET_TARGETS, add_lora, save_diffusers_lora, save_kohya_lora
+from ..lora import DEFAULT_UNET_TARGETS, add_lora, is_dora, save_diffusers_lora, save_kohya_lora
 from ..objectives import DiffusionObjective, FlowMatchingObjective, Predict, check_objective_config
 from ..task import TEXT_ENCODER_NAMES, ModelTask
 
@@ -60,7 +60,7 @@ class UNetTask(ModelTask):
     def add_adapters(self, args: argparse.Namespace) -> None:
         targets = tuple(x.strip() for x in (args.lora_layers or "").split(",") if x.strip()) or DEFAULT_UNET_TARGETS
         try:
-            add_lora(self.denoiser, args.rank, args.lora_alpha, targets)
+            add_lora(self.denoiser, args.rank, args.lora_alpha, targets, use_dora=args.adapter == "dora")
         except ValueError as error:
             raise InputError(f"--lora_layers {','.join(targets)}: {error} Name modules of the UNet (e.g. "
                              "to_q,to_k,to_v,to_out.0 or conv1,conv2).") from error
@@ -112,6 +112,8 @@ class UNetTask(ModelTask):
         alpha, family = args.lora_alpha or args.rank, self.family
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
                                    self.zero_terminal_snr, lora_alpha=alpha, family=family)
+        if is_dora(states):
+            return {"lora": lora}  # no kohya copy: see card.kohya_note
         kohya = save_kohya_lora(output_dir / "lora_kohya.safetensors", states, alpha, self.prediction_type,
                                 self.zero_terminal_snr, family=family, denoiser_config=dict(self.denoiser.config),
                                 base_model=args.pretrained_model_name_or_path)
