@@ -115,8 +115,10 @@ single-stream block, 2 heads of 16, guidance embedding) at 64 px: 256 packed ima
 the uncached step (Flux's 512 vs SD3's 77 T5 tokens enlarges what the cache removes). No small Flux model is
 benchmarked; tiny-flux also runs with ``--quick``.
 
-The SD3-medium-sized number (a 24-block, width-1536 transformer at 512 px in bf16) needs a GPU and is not
-measured by this script.
+``--device cuda`` runs the GPU rows instead (:mod:`throughput.gpu`): SD1.5 and SD3-medium architectures with
+random weights at 512 px in bf16, diffusers' example loops beside ours cached, compiled and on quantized bases, in
+one process; about 8 minutes on an H200, within ``--budget``; ``--gpu_scale tiny`` smoke-tests those rows on a
+CPU.
 
 Reading the result: caching removes the VAE encode and the text encoders from every step and nothing else
 (SD3: VAE + both CLIPs + T5; Flux: VAE + CLIP + T5), so what it can give is capped by their share of a step, which is
