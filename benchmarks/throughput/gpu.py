@@ -174,6 +174,27 @@ def report(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines + ["", *builds])
 
 
+def _run_or_skip(key: str, settings: dict, work: Path, state: dict, began: float, log) -> dict:
+    """The row's record: run, or skipped (its model not built, or past the budget), or the error it raised."""
+    what, family = key.split("-")
+    elapsed = time.perf_counter() - began
+    estimate = ESTIMATE_S[key] if settings["scale"] == "real" else 0
+    record = {"row": key, "model": family, "label": LABELS.get(what, what)} if what != "build" else {"row": key}
+    if family not in state and what != "build":
+        return {**record, "skipped": "not run: its model was not built"}
+    if elapsed + estimate > settings["budget"]:
+        log(f"{key}: skipped (budget)")
+        return {**record, "skipped": f"not run: {elapsed:.0f} s + ~{estimate} s > --budget"}
+    reset_between_rows()
+    log(f"{key} ...")
+    try:
+        result = _row(key, settings, work, state)
+    except (Exception, SystemExit) as error:  # one failing row (or refused flag) must not lose the others
+        result = {**record, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+    log(f"{key}: {result}")
+    return result
+
+
 def run_gpu_rows(settings: dict, work: Path, began: float, log) -> list[dict]:
     """Every row of ``settings["rows"]`` (default :data:`ORDER`) that fits the budget, the table rewritten to
     ``settings["out"]`` after each."""
@@ -185,24 +206,7 @@ def run_gpu_rows(settings: dict, work: Path, began: float, log) -> list[dict]:
                                            size=settings["resolution"]))}
     rows: list[dict] = []
     for key in settings.get("rows") or ORDER:
-        what, family = key.split("-")
-        elapsed = time.perf_counter() - began
-        estimate = ESTIMATE_S[key] if settings["scale"] == "real" else 0
-        record = {"row": key, "model": family, "label": LABELS.get(what, what)} if what != "build" else {"row": key}
-        if family not in state and what != "build":
-            rows.append({**record, "skipped": "not run: its model was not built"})
-            continue
-        if elapsed + estimate > settings["budget"]:
-            rows.append({**record, "skipped": f"not run: {elapsed:.0f} s + ~{estimate} s > --budget"})
-            log(f"{key}: skipped (budget)")
-            continue
-        reset_between_rows()
-        log(f"{key} ...")
-        try:
-            rows.append(_row(key, settings, work, state))
-        except (Exception, SystemExit) as error:  # one failing row (or refused flag) must not lose the others
-            rows.append({**record, "error": f"{type(error).__name__}: {str(error)[:300]}"})
-        log(f"{key}: {rows[-1]}")
+        rows.append(_run_or_skip(key, settings, work, state, began, log))
         (out / "gpu_throughput.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
         (out / "gpu_throughput.md").write_text(report(rows, settings))
     return rows
