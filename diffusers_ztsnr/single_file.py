@@ -184,8 +184,34 @@ def export_single_file(lora_dir: str | os.PathLike, out_path: str | os.PathLike,
     settings = lora_sampling_settings(lora_dir)
     base = base or base_model_of(lora_dir)
     pipe = load_fused_pipeline(base, lora_dir)
+    return {**_write_checkpoint(pipe, out_path, settings, dtype, text_encoder_layout), "base": base}
+
+
+def export_pipeline_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: str = "fp16",
+                                text_encoder_layout: str | None = None) -> dict[str, object]:
+    """A whole pipeline folder (a full fine-tune) as one original-layout checkpoint, with the markers of the
+    prediction type and ZTSNR its ``scheduler/`` config says. Returns what :func:`export_single_file` returns."""
+    from diffusers import DiffusionPipeline
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"{out_path}: the checkpoint is written as safetensors; name it *.safetensors")
+    config = json.loads((Path(pipeline_dir) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    settings = {"prediction_type": config.get("prediction_type", "epsilon"),
+                "rescale_betas_zero_snr": bool(config.get("rescale_betas_zero_snr", False))}
+    class_name = DiffusionPipeline.load_config(str(pipeline_dir)).get("_class_name")
+    if class_name not in _PIPELINES:
+        raise ValueError(f"{pipeline_dir} is a {class_name}; single-file export covers {', '.join(_PIPELINES)}")
+    extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == _PIPELINES[0] else {}
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), dtype=torch.float32, **extra)
+    return {**_write_checkpoint(pipe, out_path, settings, dtype, text_encoder_layout), "base": str(pipeline_dir)}
+
+
+def _write_checkpoint(pipe, out_path: Path, settings: dict, dtype: str, text_encoder_layout: str | None) -> dict:
+    """``pipe`` in the original layout with the sampling markers, written atomically to ``out_path``."""
     state, family, counts = ldm_state_dict(pipe, text_encoder_layout)
-    del pipe
     v, zsnr = settings["prediction_type"], bool(settings["rescale_betas_zero_snr"])
     state = _cast(with_markers(state, v, zsnr), DTYPES[dtype])
     from safetensors.torch import save_file
@@ -194,6 +220,6 @@ def export_single_file(lora_dir: str | os.PathLike, out_path: str | os.PathLike,
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_path)
-    return {"path": out_path, "base": base, "family": family, "prediction_type": v, "rescale_betas_zero_snr": zsnr,
+    return {"path": out_path, "family": family, "prediction_type": v, "rescale_betas_zero_snr": zsnr,
             "markers": [k for k in (V_PRED_KEY, ZTSNR_KEY) if k in state], "dtype": dtype, "keys": counts,
             "instructions": sampling_instructions(family, v, zsnr, out_path)}

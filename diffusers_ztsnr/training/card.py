@@ -46,8 +46,13 @@ class RunFacts:
     validation_prompt: str | None = None
     grid_name: str | None = None
     license: str | None = None
-    #: ``--adapter``: ``lora`` or ``dora``
+    #: ``--adapter``: ``lora`` or ``dora``; ``full`` for ``--full_finetune``
     adapter: str = "lora"
+
+    @property
+    def noun(self) -> str:
+        """What the run produced, as the card names it."""
+        return "fine-tune" if self.adapter == "full" else "LoRA"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, script: str, pipeline: str, steps: int,
@@ -59,7 +64,7 @@ class RunFacts:
                    gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
                    resolution=args.resolution, seed=args.seed, validation_prompt=args.validation_prompt,
                    grid_name=grid_name, license=getattr(args, "license", None),
-                   adapter=getattr(args, "adapter", "lora"))
+                   adapter="full" if getattr(args, "full_finetune", False) else getattr(args, "adapter", "lora"))
 
 
 def front_matter(metadata: Mapping[str, Any]) -> str:
@@ -119,6 +124,9 @@ def kohya_note(prediction_type: str, zero_terminal_snr: bool, family: str, adapt
     (:func:`~diffusers_ztsnr.markers.marker_metadata`, the keys and values the file really holds), and for a
     v-prediction / zero-terminal-SNR SD 1.x / 2.x LoRA the ComfyUI node settings (ComfyUI reads such markers only from
     full SDXL checkpoints: ``diffusers-ztsnr export-checkpoint`` writes one)."""
+    if adapter == "full":
+        return ("This folder is the whole pipeline with the fine-tuned weights; `--export_checkpoint` writes it as "
+                "one single-file checkpoint with the sampling markers (ComfyUI, A1111 / Forge).\n")
     if adapter == "dora":
         return ("This is a DoRA: diffusers loads it (`pipe.load_lora_weights`) as trained. No kohya copy is written: "
                 "for a magnitude per output row, ComfyUI divides by the norm of the base weight, not of the adapted "
@@ -168,7 +176,7 @@ def card_metadata(run: RunFacts, tags: Sequence[str]) -> dict[str, Any]:
         metadata.update({"license": "other", "license_name": "base-model-license"})
         if "base_model" in metadata:
             metadata["license_link"] = f"https://huggingface.co/{run.base_model}"
-    metadata["tags"] = list(tags)
+    metadata["tags"] = [t for t in tags if t != "lora"] if run.adapter == "full" else list(tags)
     return metadata
 
 
@@ -178,8 +186,9 @@ def card_header(run: RunFacts, tags: Sequence[str]) -> str:
         license_line = f"License: {inline_code(run.license)}."
     else:
         license_line = (f"License: the base model's ({markdown_text(run.base_model)}); its terms apply to this "
-                        "LoRA.")
-    return f"{front_matter(card_metadata(run, tags))}\n# LoRA for {markdown_text(run.base_model)}\n\n{license_line}\n"
+                        f"{run.noun}.")
+    title = "Fine-tune of" if run.adapter == "full" else "LoRA for"
+    return f"{front_matter(card_metadata(run, tags))}\n# {title} {markdown_text(run.base_model)}\n\n{license_line}\n"
 
 
 def sampling_snippet(run: RunFacts, scheduler: str, call_kwargs: Mapping[str, Any]) -> str:
@@ -188,6 +197,15 @@ def sampling_snippet(run: RunFacts, scheduler: str, call_kwargs: Mapping[str, An
     arguments = ", ".join([python_literal(run.validation_prompt or DEFAULT_PROMPT),
                            *(f"{name}={python_literal(value)}" for name, value in call_kwargs.items())])
     location = python_literal(LORA_LOCATION)
+    if run.adapter == "full":  # the folder is the pipeline; its scheduler config read back as our class
+        return fenced_code("\n".join([
+            f"from diffusers import {run.pipeline}",
+            f"from diffusers_ztsnr import {scheduler}",
+            "",
+            f"pipe = {run.pipeline}.from_pretrained({location})",
+            f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config)",
+            f"image = pipe({arguments}).images[0]",
+        ]), "python")
     return fenced_code("\n".join([
         f"from diffusers import {run.pipeline}",
         f"from diffusers_ztsnr import {scheduler}",
@@ -241,7 +259,7 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
         f"{hyperparameter_lines(run)}"
         f"{grid_line(run)}"
         "## Sampling\n\n"
-        f"This LoRA was trained for **{markdown_text(prediction_type)}**{schedule}:\n"
+        f"This {run.noun} was trained for **{markdown_text(prediction_type)}**{schedule}:\n"
         "sample it with the scheduler config shipped in `scheduler/`, which sets that up.\n\n"
         f"{sampling_snippet(run, 'ZTSNRDPMSolverMultistepScheduler', call_kwargs)}"
         f"{flow_note}\n"
@@ -252,7 +270,8 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
 def hyperparameter_lines(run: RunFacts, lora_layers: Sequence[str] | None = None) -> str:
     """Rank (and the LoRA's target modules), optimizer steps, batch, learning rate, resolution and seed."""
     targets = f" on {inline_code(','.join(lora_layers))}" if lora_layers else ""
-    return (f"Rank {run.rank}{targets}, {run.steps} optimizer steps, batch {run.train_batch_size} x "
+    trained = "Every weight of the denoiser" if run.adapter == "full" else f"Rank {run.rank}{targets}"
+    return (f"{trained}, {run.steps} optimizer steps, batch {run.train_batch_size} x "
             f"{run.gradient_accumulation_steps}\naccumulation, learning rate {run.learning_rate}, "
             f"resolution {run.resolution}, seed {run.seed}.\n")
 

@@ -31,6 +31,7 @@ from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and er
     parse_with_config,
     run_script,
 )
+from .full import full_finetune_problems
 from .quantization import QUANTIZATIONS
 from .speed import COMPILE_MODES
 
@@ -125,6 +126,9 @@ def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION,
       help="autocast dtype (default: accelerate's configuration, else no); fp16 needs a GPU.")
     a("--rank", type=int, default=4, help="LoRA rank.")
+    a("--full_finetune", action="store_true",
+      help="train every weight of the denoiser instead of an adapter; --output_dir becomes a pipeline folder "
+           "(from_pretrained loads it) and --export_checkpoint writes it as one file.")
     a("--adapter", type=str, default="lora", choices=ADAPTERS,
       help="lora, or dora (weight-decomposed LoRA: a trained magnitude per output; diffusers loads it, no kohya "
            "file is written).")
@@ -187,6 +191,7 @@ def check_common_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
     if args.resolution % 8:
         problems.append(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
+    problems += full_finetune_problems(args)
     if getattr(args, "adapter", "lora") == "dora" and args.train_text_encoder:
         # measured with diffusers 0.42 / transformers 5: the text encoders' magnitudes are not loaded (left at ||W||)
         problems.append("--adapter dora with --train_text_encoder: diffusers' loader drops a text encoder's DoRA "

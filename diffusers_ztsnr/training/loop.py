@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointing import CheckpointWriteError, save_checkpoint
+from .full import trained_state
 from .history import write_summary
 from .identity import lock_folder, prepare_output_dir
 from .inputs import check_device_precision, check_inputs
-from .lora import lora_state_dict
 from .output import finish, validate
 from .stages import (
     WEIGHT_DTYPES,
@@ -191,8 +191,9 @@ def finish_run(state: TrainingState) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_summary(state.output_dir, state.history, result, state.data.image_set.report)
         task = state.models.task
-        states = {task.denoiser_name: lora_state_dict(accelerator.unwrap_model(state.models.denoiser))}
-        states.update({name: lora_state_dict(te) for name, te in state.models.trained_text_encoders.items()})
+        full = state.args.full_finetune
+        states = {task.denoiser_name: trained_state(accelerator.unwrap_model(state.models.denoiser), full)}
+        states.update({name: trained_state(te, full) for name, te in state.models.trained_text_encoders.items()})
         with state.data.parking.on_device():
             result.update(finish(state.args, accelerator, task, state.global_step, states))
         if counters["skipped_steps"]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..imaging import image_grid
+from .full import export_pipeline_checkpoint, save_pipeline
 
 if TYPE_CHECKING:
     from .task import ModelTask
@@ -76,11 +77,15 @@ def validate(args, accelerator, task: ModelTask, step: int) -> Path | None:
 
 def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict[str, torch.Tensor]]) -> dict:
     """Write the output folder: LoRA (diffusers + kohya), scheduler config, model card, samples (+ upload)."""
-    check_finite_states(states, "export of the trained LoRA")
+    full = getattr(args, "full_finetune", False)
+    check_finite_states(states, "export of the fine-tuned model" if full else "export of the trained LoRA")
     output_dir = Path(args.output_dir)
-    paths: dict[str, Any] = task.save_lora(output_dir, states, args)
-    task.sampling_scheduler().save_pretrained(output_dir / "scheduler")
-    paths["scheduler"] = output_dir / "scheduler"
+    if full:  # the whole pipeline, its scheduler the trained configuration as the stock class
+        paths: dict[str, Any] = save_pipeline(args, task, task.denoiser, output_dir)
+    else:
+        paths = task.save_lora(output_dir, states, args)
+        task.sampling_scheduler().save_pretrained(output_dir / "scheduler")
+        paths["scheduler"] = output_dir / "scheduler"
     grid = None
     if args.validation_prompt:
         grid = validate(args, accelerator, task, step)
@@ -91,7 +96,8 @@ def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict
     (output_dir / "README.md").write_text(task.model_card(args, step, grid.name if grid else None), encoding="utf-8")
     paths["card"] = output_dir / "README.md"
     if getattr(args, "export_checkpoint", None):
-        paths["checkpoint"] = export_merged_checkpoint(args, output_dir)
+        export = export_pipeline_checkpoint if full else export_merged_checkpoint
+        paths["checkpoint"] = export(args, output_dir)
     if args.push_to_hub:
         paths["hub_url"] = push_to_hub(args, output_dir, upload_list(output_dir, paths))
     return paths

@@ -28,10 +28,11 @@ from .checkpointing import (
     save_ema_state,
     save_tensor_state,
 )
+from .full import checkpoint_file, load_trained_state, trained_state
 from .history import LossHistory
 from .identity import lock_folder, model_fingerprint, record_run, recorded_args, training_flags
 from .log_filters import install_long_message_filter
-from .lora import add_lora, load_lora_state_dict, lora_state_dict
+from .lora import add_lora
 from .output import check_finite_states
 from .quantization import quantize_base
 from .speed import EncoderParking, compile_denoiser, dataloader_options, optimizer_options
@@ -85,9 +86,12 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
         count = quantize_base(denoiser, args.base_quantization, weight_dtype, accelerator.device)
         accelerator.print(f"--base_quantization {args.base_quantization}: {count} linear layers of "
                           f"{type(denoiser).__name__} quantized")
-    with warnings.catch_warnings():  # peft: merging a LoRA into a torchao base is unsupported; training never merges
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
-        task.add_adapters(args)
+    if args.full_finetune:
+        denoiser.requires_grad_(True)
+    else:
+        with warnings.catch_warnings():  # peft: merging LoRA into a torchao base is unsupported; training never merges
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            task.add_adapters(args)
     trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
     for te in trained_tes.values():
         add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets, use_dora=args.adapter == "dora")
@@ -96,7 +100,7 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     for te in text_encoders:
         te.to(accelerator.device, dtype=weight_dtype)
     models = Models(task, objective, denoiser, weight_dtype, trained_tes)
-    cast_training_params(models.trained, dtype=torch.float32)  # LoRA weights in fp32 whatever the base dtype
+    cast_training_params(models.trained, dtype=torch.float32)  # trained weights in fp32 whatever the base dtype
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     compiled = compile_denoiser(denoiser, args.torch_compile)
@@ -274,7 +278,7 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
                       optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, text_encoder_params=te_params,
                       ema=ema, weight_dtype=models.weight_dtype, parking=data.parking)
     state = TrainingState(args, accelerator, models, data, parts, updates_per_epoch, max_steps, num_epochs)
-    hooks = CheckpointHooks(models.trained, ema, state.counters, state.history)
+    hooks = CheckpointHooks(models.trained, ema, state.counters, state.history, full=args.full_finetune)
     accelerator.register_save_state_pre_hook(hooks.save)
     accelerator.register_load_state_pre_hook(hooks.load)
     return state
@@ -285,8 +289,9 @@ class CheckpointHooks:
     and their EMA, the skip counters and the loss history -- not a copy of the frozen base model."""
 
     def __init__(self, trained: list[torch.nn.Module], ema: Any | None, counters: dict[str, int],
-                 history: LossHistory) -> None:
+                 history: LossHistory, full: bool = False) -> None:
         self.trained = trained
+        self.full = full  # --full_finetune: the denoiser's whole state (model_0), not LoRA states (lora_i)
         self.ema = ema
         self.counters = counters  # updated in place on load: the loop holds the same dict
         self.history = history
@@ -294,7 +299,7 @@ class CheckpointHooks:
     def save(self, models: list, weights: list, folder: str) -> None:
         """Write this run's state into ``folder``; ``weights`` is emptied so accelerate writes no full model."""
         for i, module in enumerate(self.trained):
-            save_tensor_state(Path(folder) / f"lora_{i}.safetensors", lora_state_dict(module))
+            save_tensor_state(Path(folder) / checkpoint_file(i, self.full), trained_state(module, self.full))
         if self.ema is not None:
             save_ema_state(Path(folder) / "ema.safetensors", self.ema.state_dict())
         (Path(folder) / "counters.json").write_text(json.dumps(self.counters))
@@ -304,11 +309,11 @@ class CheckpointHooks:
     def load(self, models: list, folder: str) -> None:
         """Restore the state :meth:`save` wrote (refusing non-finite weights); ``models`` is emptied so accelerate
         loads no full model."""
-        states = {f"lora_{i}": load_tensor_state(Path(folder) / f"lora_{i}.safetensors")[0]
+        states = {f"{i}": load_tensor_state(Path(folder) / checkpoint_file(i, self.full))[0]
                   for i in range(len(self.trained))}
         check_finite_states(states, f"resume from {folder}")
         for i, module in enumerate(self.trained):
-            load_lora_state_dict(module, states[f"lora_{i}"])
+            load_trained_state(module, states[f"{i}"], self.full)
         if self.ema is not None:
             self.ema.load_state_dict(load_ema_state(Path(folder) / "ema.safetensors"))
         if (Path(folder) / "counters.json").is_file():
