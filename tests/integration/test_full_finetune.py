@@ -92,3 +92,20 @@ def test_flags_a_full_fine_tune_cannot_honour_are_refused(trained, tmp_path, fla
                        rf"{' '.join(flag)}"):
         run(trained[0], tmp_path / "refused", *flag)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_flow_transformer_full_fine_tune_is_a_stock_sd3_pipeline(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from diffusers_ztsnr.training.flow import main as flow_main
+
+    assets = tiny_assets(tmp_path, "sd3", num_images=2)
+    out = tmp_path / "out"
+    flow_main(["--pretrained_model_name_or_path", str(assets["sd3"]), "--train_data_dir", str(assets["data"]),
+               "--resolution", str(RES), "--center_crop", "--max_train_steps", "2", "--checkpointing_steps", "1",
+               "--learning_rate", "1e-3", "--report_to", "none", "--full_finetune", "--output_dir", str(out)])
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    checkpoint = load_file(out / "checkpoint-2" / "model_0.safetensors")
+    state = pipe.transformer.state_dict()
+    assert state.keys() == checkpoint.keys() and all(torch.equal(state[k], checkpoint[k]) for k in state)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
