@@ -124,6 +124,11 @@ def kohya_note(prediction_type: str, zero_terminal_snr: bool, family: str, adapt
     (:func:`~diffusers_ztsnr.markers.marker_metadata`, the keys and values the file really holds), and for a
     v-prediction / zero-terminal-SNR SD 1.x / 2.x LoRA the ComfyUI node settings (ComfyUI reads such markers only from
     full SDXL checkpoints: ``diffusers-ztsnr export-checkpoint`` writes one)."""
+    if adapter in ("lokr", "loha"):
+        return (f"This is a LyCORIS {'LoKr' if adapter == 'lokr' else 'LoHa'}: `lycoris.safetensors` holds it in "
+                "LyCORIS' key names, which ComfyUI's LoRA loader and A1111 / Forge read. diffusers' "
+                "`load_lora_weights` reads neither LoKr nor LoHa, so the snippet above samples the base model with "
+                "the trained scheduler settings only.\n")
     if adapter == "full":
         return ("This folder is the whole pipeline with the fine-tuned weights; `--export_checkpoint` writes it as "
                 "one single-file checkpoint with the sampling markers (ComfyUI, A1111 / Forge).\n")
@@ -197,6 +202,14 @@ def sampling_snippet(run: RunFacts, scheduler: str, call_kwargs: Mapping[str, An
     arguments = ", ".join([python_literal(run.validation_prompt or DEFAULT_PROMPT),
                            *(f"{name}={python_literal(value)}" for name, value in call_kwargs.items())])
     location = python_literal(LORA_LOCATION)
+    if run.adapter in ("lokr", "loha"):  # no diffusers loader for LyCORIS adapters: the scheduler part only
+        return fenced_code("\n".join([
+            f"from diffusers import {run.pipeline}",
+            f"from diffusers_ztsnr import {scheduler}",
+            "",
+            f"pipe = {run.pipeline}.from_pretrained({python_literal(run.base_model)})",
+            f"pipe.scheduler = {scheduler}.from_pretrained({location}, subfolder={python_literal('scheduler')})",
+        ]), "python")
     if run.adapter == "full":  # the folder is the pipeline; its scheduler config read back as our class
         return fenced_code("\n".join([
             f"from diffusers import {run.pipeline}",

@@ -32,6 +32,7 @@ from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and er
     run_script,
 )
 from .full import full_finetune_problems
+from .lycoris import lycoris_problems
 from .quantization import QUANTIZATIONS
 from .speed import COMPILE_MODES
 
@@ -40,8 +41,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # AdamW moves every weight by up to the learning rate per step: above 1 a LoRA diverges within steps
 MAX_LEARNING_RATE = 1.0
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-#: ``--adapter``: plain LoRA, or DoRA (peft's ``use_dora``)
-ADAPTERS = ("lora", "dora")
+#: ``--adapter``: plain LoRA, DoRA (peft's ``use_dora``), LyCORIS' LoKr and LoHa (:mod:`.lycoris`)
+ADAPTERS = ("lora", "dora", "lokr", "loha")
 REPORT_TO = ("tensorboard", "none")
 OBJECTIVES = ("diffusion", "flow")
 FLOW_OBJECTIVE_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
@@ -130,8 +131,9 @@ def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
       help="train every weight of the denoiser instead of an adapter; --output_dir becomes a pipeline folder "
            "(from_pretrained loads it) and --export_checkpoint writes it as one file.")
     a("--adapter", type=str, default="lora", choices=ADAPTERS,
-      help="lora, or dora (weight-decomposed LoRA: a trained magnitude per output; diffusers loads it, no kohya "
-           "file is written).")
+      help="lora; dora (weight-decomposed LoRA: diffusers loads it, no kohya file); lokr / loha (LyCORIS' "
+           "Kronecker / Hadamard adapters, SD-style UNets: written as lycoris.safetensors for ComfyUI and A1111 / "
+           "Forge; diffusers cannot load them).")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     a("--train_text_encoder", action="store_true", help="also train LoRA on the text encoder(s).")
     a("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights; save it.")
@@ -381,7 +383,7 @@ def check_flow_args(args: argparse.Namespace) -> None:
     if args.resolution % 16:
         problems.append(f"--resolution must be a multiple of 16 for flow transformers (VAE factor 8 x patch 2), got "
                         f"{args.resolution}")
-    problems += check_flow_objective_arguments(args)
+    problems += check_flow_objective_arguments(args) + lycoris_problems(args, flow=True)
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         problems.append(f"--max_sequence_length must be >= 1 (got {args.max_sequence_length})")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:

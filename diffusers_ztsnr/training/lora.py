@@ -30,17 +30,22 @@ ADAPTER_NAME = "default"
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
-             target_modules: tuple[str, ...] = DEFAULT_UNET_TARGETS, use_dora: bool = False) -> LoraConfig:
-    """Freeze ``model`` and add a LoRA adapter (Gaussian init of A, zero B: the model is unchanged at step 0).
+             target_modules: tuple[str, ...] = DEFAULT_UNET_TARGETS, adapter: str = "lora"):
+    """Freeze ``model`` and add an adapter (the model is unchanged at step 0); returns its peft config.
 
-    ``use_dora``: DoRA (Liu et al. 2024), peft's form: each adapted weight is ``m * (W + s B A) / ||W + s B A||``
-    with the norm per output row and a trained magnitude ``m`` per output (``lora_magnitude_vector``, initialised
-    to ``||W||``, so the model is also unchanged at step 0)."""
+    ``adapter``: ``lora`` (Gaussian A, zero B); ``dora`` (Liu et al. 2024), peft's form: each adapted weight is
+    ``m * (W + s B A) / ||W + s B A||`` with the norm per output row and a trained magnitude ``m`` per output
+    (``lora_magnitude_vector``, initialised to ``||W||``); ``lokr`` / ``loha``: :mod:`.lycoris`."""
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}.")
     model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                        target_modules=list(target_modules), use_dora=use_dora)
+    if adapter in ("lokr", "loha"):
+        from .lycoris import lycoris_config
+
+        config = lycoris_config(adapter, rank, alpha, list(target_modules))
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                            target_modules=list(target_modules), use_dora=adapter == "dora")
     from diffusers import ModelMixin
 
     if isinstance(model, ModelMixin):

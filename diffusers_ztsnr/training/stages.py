@@ -94,7 +94,7 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
             task.add_adapters(args)
     trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
     for te in trained_tes.values():
-        add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets, use_dora=args.adapter == "dora")
+        add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets, adapter=args.adapter)
     denoiser.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     for te in text_encoders:

@@ -67,7 +67,7 @@ class FlowTask(ModelTask):
 
     def add_adapters(self, args: argparse.Namespace) -> None:
         try:
-            add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers, use_dora=args.adapter == "dora")
+            add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers, adapter=args.adapter)
         except ValueError as error:
             raise InputError(f"--lora_layers {','.join(self.lora_layers)}: {error} Name modules of the "
                              f"{type(self.denoiser).__name__} (e.g. attn.to_q,attn.to_k).") from error

@@ -9,6 +9,7 @@ sampler drive it afterwards); the UNet keeps its VP timestep conditioning.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from ...schedule import VPSchedule
 from ..card import RunFacts, render_unet_card
 from ..config import InputError
 from ..lora import DEFAULT_UNET_TARGETS, add_lora, is_dora, save_diffusers_lora, save_kohya_lora
+from ..lycoris import ALGORITHMS, LYCORIS_FILE, save_lycoris
 from ..objectives import DiffusionObjective, FlowMatchingObjective, Predict, check_objective_config
 from ..task import TEXT_ENCODER_NAMES, ModelTask
+
+logger = logging.getLogger(__name__)
 
 
 class UNetTask(ModelTask):
@@ -60,7 +64,10 @@ class UNetTask(ModelTask):
     def add_adapters(self, args: argparse.Namespace) -> None:
         targets = tuple(x.strip() for x in (args.lora_layers or "").split(",") if x.strip()) or DEFAULT_UNET_TARGETS
         try:
-            add_lora(self.denoiser, args.rank, args.lora_alpha, targets, use_dora=args.adapter == "dora")
+            add_lora(self.denoiser, args.rank, args.lora_alpha, targets, adapter=args.adapter)
+            if args.adapter in ALGORITHMS:
+                logger.warning("--adapter %s: diffusers' load_lora_weights cannot load it; the run writes %s for "
+                               "ComfyUI and A1111 / Forge", args.adapter, LYCORIS_FILE)
         except ValueError as error:
             raise InputError(f"--lora_layers {','.join(targets)}: {error} Name modules of the UNet (e.g. "
                              "to_q,to_k,to_v,to_out.0 or conv1,conv2).") from error
@@ -110,6 +117,11 @@ class UNetTask(ModelTask):
 
     def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
         alpha, family = args.lora_alpha or args.rank, self.family
+        if args.adapter in ALGORITHMS:  # diffusers reads no LoKr / LoHa: LyCORIS' format only
+            return {"lycoris": save_lycoris(output_dir / LYCORIS_FILE, states, args.adapter, alpha, args.rank,
+                                            self.prediction_type, self.zero_terminal_snr, family=family,
+                                            denoiser_config=dict(self.denoiser.config),
+                                            base_model=args.pretrained_model_name_or_path)}
         lora = save_diffusers_lora(self.pipeline_class, output_dir, states, self.prediction_type,
                                    self.zero_terminal_snr, lora_alpha=alpha, family=family)
         if is_dora(states):
