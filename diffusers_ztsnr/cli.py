@@ -1,6 +1,6 @@
 """``diffusers-ztsnr``: the offline demo and the tools around the package.
 
-commands: demo, inspect, lighting, grade, export-checkpoint, checkpoint-settings, make-tiny
+commands: demo, inspect, lighting, grade, audit-weights, export-checkpoint, checkpoint-settings, make-tiny
 (``diffusers-ztsnr <command> --help`` for each)."""
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path, help="output .safetensors file")
     export.add_argument("--base", default=None, help="base pipeline (default: the LoRA's training_args.json)")
     export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="weight dtype of the file")
+    audit = _subparser(sub, "audit-weights", "the effective loss weight in x0 space per log-SNR of a run's training "
+                       "flags (target x weighting x time density x shift), with warnings")
+    audit.add_argument("--plot", type=Path, default=None, help="also write a bar chart to this PNG")
+    audit.add_argument("flags", nargs=argparse.REMAINDER, help="the training script's flags, after --")
     marks = _subparser(sub, "checkpoint-settings", "scheduler settings from a checkpoint's v_pred/ztsnr markers")
     marks.add_argument("checkpoint", type=Path, help="a .safetensors LoRA or checkpoint")
     tiny = _subparser(sub, "make-tiny", "save a tiny random-weight pipeline, for tests and experiments")
@@ -218,6 +222,19 @@ def _export_checkpoint(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _audit_weights(args: argparse.Namespace) -> None:
+    from .training.objectives.audit import audit_plot
+    from .training.weight_audit import audit_for_flags
+
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    audit, _, script = audit_for_flags(flags)
+    print(f"{script}: effective loss weight in x0 space per log-SNR bin")
+    print(audit.table())
+    if args.plot:
+        audit_plot(audit, args.plot)
+        print(f"plot: {args.plot}")
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
         _demo(parser, args)
@@ -254,6 +271,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"table and plot in {args.output_dir}")
     elif args.command == "grade":
         _grade(args)
+    elif args.command == "audit-weights":
+        _audit_weights(args)
     elif args.command == "export-checkpoint":
         _export_checkpoint(args)
     elif args.command == "checkpoint-settings":

@@ -53,6 +53,7 @@ from .step import (
     step_generator,
 )
 from .task import ModelTask
+from .weight_audit import report_weight_audit
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -93,6 +94,8 @@ def train(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], Mo
         accelerator.wait_for_everyone()
         set_seed(args.seed)
         models = prepare_models(args, make_task, accelerator)
+        if accelerator.is_main_process:
+            report_weight_audit(models.objective, args, accelerator.print)
         image_set = load_training_set(args)
         base_model, resume_path = record_identity(args, accelerator, image_set)
         data = build_data(args, accelerator, models, image_set, base_model)

@@ -29,7 +29,7 @@ def test_every_command_and_flag_has_help_and_no_flag_is_abbreviated(capsys):
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(commands.choices) == {"demo", "inspect", "lighting", "grade", "export-checkpoint", "checkpoint-settings",
-                                     "make-tiny"}
+                                     "make-tiny", "audit-weights"}
     assert all(name in parser.description for name in commands.choices)
     for name, sub in commands.choices.items():
         assert sub.allow_abbrev is False and sub.description, name
@@ -38,3 +38,17 @@ def test_every_command_and_flag_has_help_and_no_flag_is_abbreviated(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--train_step", "3"])
     assert "unrecognized arguments: --train_step" in capsys.readouterr().err
+
+
+def test_audit_weights_flags_min_snr_with_a_v_target_and_draws_the_plot(tmp_path, capsys):
+    assert main(["make-tiny", "sd15", str(tmp_path / "sd15")]) == 0
+    capsys.readouterr()
+    flags = ["--pretrained_model_name_or_path", str(tmp_path / "sd15"), "--prediction_type", "v_prediction",
+             "--zero_terminal_snr"]
+    assert main(["audit-weights", "--plot", str(tmp_path / "w.png"), "--", *flags, "--snr_gamma", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train_lora_unet.py: effective loss weight in x0 space per log-SNR bin")
+    assert "SNR 0 (pure noise)" in out and "warning: the effective x0 weight at SNR 0 is zero" in out
+    assert (tmp_path / "w.png").stat().st_size > 1000
+    assert main(["audit-weights", "--", *flags, "--debiased_estimation"]) == 0
+    assert "SNR 0 is zero" not in capsys.readouterr().out

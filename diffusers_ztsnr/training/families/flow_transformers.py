@@ -31,6 +31,14 @@ DEFAULT_LORA_LAYERS = {
 }
 
 
+def flow_objective(args: argparse.Namespace, scheduler_config: dict[str, Any]) -> FlowMatchingObjective:
+    """Flow matching with ``--weighting_scheme``'s time density or weight, shifted as ``--timestep_shift`` says
+    (``auto``: as the model's scheduler, ``scheduler_config``, shifts at sampling time)."""
+    return FlowMatchingObjective(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
+                                 shift=resolve_flow_shift(args.timestep_shift, scheduler_config),
+                                 precondition_outputs=bool(args.precondition_outputs))
+
+
 class FlowTask(ModelTask):
     """SD3 / Flux: the transformer trained with LoRA on the flow-matching objective."""
 
@@ -59,11 +67,7 @@ class FlowTask(ModelTask):
                             else DEFAULT_LORA_LAYERS[class_name])
 
     def build_objective(self, args: argparse.Namespace) -> FlowMatchingObjective:
-        """Flow matching with ``--weighting_scheme``'s time density or weight, shifted as ``--timestep_shift``
-        says (``auto``: as this model's scheduler shifts at sampling time)."""
-        return FlowMatchingObjective(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
-                                     shift=resolve_flow_shift(args.timestep_shift, self.scheduler_config),
-                                     precondition_outputs=bool(args.precondition_outputs))
+        return flow_objective(args, self.scheduler_config)
 
     def add_adapters(self, args: argparse.Namespace) -> None:
         try:

@@ -27,6 +27,34 @@ from ..task import TEXT_ENCODER_NAMES, ModelTask
 logger = logging.getLogger(__name__)
 
 
+def trained_prediction_type(args: argparse.Namespace, scheduler_config: dict[str, Any]) -> str:
+    """``--prediction_type``, else the base scheduler's (``v_prediction`` under ``--objective flow``), checked
+    against the other objective flags."""
+    default = "v_prediction" if args.objective == "flow" else scheduler_config.get("prediction_type", "epsilon")
+    prediction_type = args.prediction_type or default
+    check_objective_config(prediction_type, args.zero_terminal_snr, args.noise_offset, args.input_perturbation,
+                           args.snr_gamma)
+    return prediction_type
+
+
+def unet_objective(args: argparse.Namespace, scheduler_config: dict[str, Any]
+                   ) -> DiffusionObjective | FlowMatchingObjective:
+    """``--objective diffusion``: the VP loss of the trained prediction type on the base schedule (its ZTSNR
+    rescale under ``--zero_terminal_snr``); ``--objective flow``: flow matching, times clamped at the schedule's
+    cleanest flow time."""
+    schedule = VPSchedule.from_scheduler_config(scheduler_config, args.zero_terminal_snr)
+    prediction_type = trained_prediction_type(args, scheduler_config)
+    if args.objective == "flow":
+        alpha_0, sigma_0 = (float(v) for v in schedule.alpha_sigma(torch.zeros(1, dtype=torch.float64)))
+        return FlowMatchingObjective(
+            args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, shift=args.timestep_shift,
+            min_time=sigma_0 / (alpha_0 + sigma_0), precondition_outputs=bool(args.precondition_outputs),
+            noise_offset=args.noise_offset, input_perturbation=args.input_perturbation)
+    return DiffusionObjective(schedule, prediction_type, timestep_shift=args.timestep_shift,
+                              noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
+                              snr_gamma=args.snr_gamma, debiased_estimation=args.debiased_estimation)
+
+
 class UNetTask(ModelTask):
     """SD 1.x / 2.x / SDXL: the UNet trained with LoRA, on the VP objective or as a rectified flow."""
 
@@ -41,25 +69,12 @@ class UNetTask(ModelTask):
         self.trainable_text_encoders = dict(zip(TEXT_ENCODER_NAMES, self.text_encoders, strict=False))
         self.cond_keys = ("encoder_hidden_states", "text_embeds") if self.is_sdxl else ("encoder_hidden_states",)
         self.base_prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        default = "v_prediction" if args.objective == "flow" else self.base_prediction_type
-        self.prediction_type = args.prediction_type or default
+        self.prediction_type = trained_prediction_type(args, self.scheduler_config)
         self.zero_terminal_snr = bool(args.zero_terminal_snr)
-        check_objective_config(self.prediction_type, args.zero_terminal_snr, args.noise_offset,
-                               args.input_perturbation, args.snr_gamma)
         self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config, args.zero_terminal_snr)
 
     def build_objective(self, args: argparse.Namespace) -> DiffusionObjective | FlowMatchingObjective:
-        """``--objective diffusion``: the VP loss of ``prediction_type`` on the (ZTSNR-rescaled) schedule;
-        ``--objective flow``: flow matching, times clamped at the schedule's cleanest flow time."""
-        if args.objective == "flow":
-            alpha_0, sigma_0 = (float(v) for v in self.schedule.alpha_sigma(torch.zeros(1, dtype=torch.float64)))
-            return FlowMatchingObjective(
-                args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, shift=args.timestep_shift,
-                min_time=sigma_0 / (alpha_0 + sigma_0), precondition_outputs=bool(args.precondition_outputs),
-                noise_offset=args.noise_offset, input_perturbation=args.input_perturbation)
-        return DiffusionObjective(self.schedule, self.prediction_type, timestep_shift=args.timestep_shift,
-                                  noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
-                                  snr_gamma=args.snr_gamma, debiased_estimation=args.debiased_estimation)
+        return unet_objective(args, self.scheduler_config)
 
     def add_adapters(self, args: argparse.Namespace) -> None:
         targets = tuple(x.strip() for x in (args.lora_layers or "").split(",") if x.strip()) or DEFAULT_UNET_TARGETS

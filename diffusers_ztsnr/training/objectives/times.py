@@ -62,17 +62,22 @@ def sample_timesteps(
         raise ValueError(f"logit_normal needs a finite logit_mean and logit_std > 0, got {logit_mean}, {logit_std}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    T = schedule.num_train_timesteps
     draw_device = generator.device if generator is not None else "cpu"
-    if scheme == "uniform":
-        u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-    else:
-        n = torch.randn(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-        u = torch.sigmoid(logit_mean + logit_std * n)
+    draw = torch.rand if scheme == "uniform" else torch.randn
+    draws = draw(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+    t = timesteps_from_draws(draws, schedule, scheme, timestep_shift, logit_mean, logit_std)
+    return t if device is None else t.to(device)
+
+
+def timesteps_from_draws(draws: torch.Tensor, schedule: VPSchedule, scheme: str = "uniform",
+                         timestep_shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """:func:`sample_timesteps`' map from its draws (uniform in ``[0, 1)`` for ``"uniform"``, standard normal for
+    ``"logit_normal"``) to timesteps: given quantiles instead of random draws it integrates the density exactly."""
+    u = draws if scheme == "uniform" else torch.sigmoid(logit_mean + logit_std * draws)
     if timestep_shift != 1:
         u = shift_flow_sigmas(u, float(timestep_shift))
-    t = (u * T).floor().long().clamp(0, T - 1)
-    return t if device is None else t.to(device)
+    T = schedule.num_train_timesteps
+    return (u * T).floor().long().clamp(0, T - 1)
 
 
 def check_flow_weighting(weighting_scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
@@ -121,16 +126,26 @@ def sample_flow_sigmas(
     if mu is not None and not math.isfinite(mu):
         raise ValueError(f"mu must be finite, got {mu!r}.")
     draw_device = generator.device if generator is not None else "cpu"
+    draw = torch.randn if weighting_scheme == "logit_normal" else torch.rand
+    draws = draw(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+    s = flow_sigmas_from_draws(draws, weighting_scheme, logit_mean, logit_std, mode_scale, shift, mu)
+    return s if device is None else s.to(device)
+
+
+def flow_sigmas_from_draws(draws: torch.Tensor, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0,
+                           logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0,
+                           mu: float | None = None) -> torch.Tensor:
+    """:func:`sample_flow_sigmas`' map from its draws (standard normal for ``"logit_normal"``, uniform in
+    ``[0, 1)`` otherwise) to flow times: given quantiles instead of random draws it integrates the density
+    exactly."""
     if weighting_scheme == "logit_normal":
-        n = torch.randn(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-        u = torch.sigmoid(logit_mean + logit_std * n)
+        u = torch.sigmoid(logit_mean + logit_std * draws)
     else:
-        u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+        u = draws
         if weighting_scheme == "mode":
             u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if mu is not None:
         u = dynamic_shift_flow_sigmas(u, mu)
     elif shift != 1:
         u = shift_flow_sigmas(u, float(shift))
-    s = u.clamp(FLOW_SIGMA_MIN, 1.0)
-    return s if device is None else s.to(device)
+    return u.clamp(FLOW_SIGMA_MIN, 1.0)
