@@ -15,12 +15,11 @@ the fine-tuned denoiser, and the trained sampling configuration as the stock dif
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from .lora import load_lora_state_dict, lora_state_dict
 
 #: the folders and files of a pipeline folder (what a Hub upload of a full fine-tune sends)
 PIPELINE_INDEX = "model_index.json"
@@ -35,6 +34,8 @@ def trained_state(module: torch.nn.Module, full: bool) -> dict[str, torch.Tensor
     """The trained weights of ``module``, detached, contiguous, on the CPU: its whole state dict under a full
     fine-tune, else its LoRA adapter."""
     if not full:
+        from .lora import lora_state_dict
+
         return lora_state_dict(module)
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
@@ -44,15 +45,17 @@ def load_trained_state(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     if full:
         module.load_state_dict(state, strict=True)
     else:
+        from .lora import load_lora_state_dict
+
         load_lora_state_dict(module, state)
 
 
-def save_pipeline(args: argparse.Namespace, task, denoiser: torch.nn.Module, output_dir: Path) -> dict[str, Path]:
-    """Write ``output_dir`` as a pipeline folder (see the module docstring); returns ``{component or file: path}``
-    of what was written (the upload list)."""
-    from .inputs import load_base_pipeline
-
-    base = load_base_pipeline(args, task.pipeline_class.__name__)
+def save_pipeline(args: argparse.Namespace, task, denoiser: torch.nn.Module, output_dir: Path,
+                  load_base: Callable[[argparse.Namespace, str], Any]) -> dict[str, Path]:
+    """Write ``output_dir`` as a pipeline folder (see the module docstring), the other components from
+    ``load_base(args, pipeline class name)``; returns ``{component or file: path}`` of what was written (the upload
+    list)."""
+    base = load_base(args, task.pipeline_class.__name__)
     base.scheduler = task.sampling_scheduler().to_stock()
     setattr(base, task.denoiser_name, denoiser)
     base.register_modules(**{task.denoiser_name: denoiser})

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import InputError, UsageError
 
 _MAX_DETAIL = 200  # characters of a library's error message quoted in ours
@@ -36,11 +38,13 @@ def check_device_precision(args: argparse.Namespace) -> None:
 
     from .quantization import quantization_problem
 
-    device = PartialState().device
-    if args.mixed_precision == "fp16" and device.type == "cpu":
+    if args.mixed_precision == "fp16" and PartialState().device.type == "cpu":
         raise UsageError("error: --mixed_precision fp16 needs a GPU: on the CPU torch has no fp16 autocast or "
                          "gradient scaler. Use --mixed_precision bf16 (or no) on the CPU.")
-    problem = quantization_problem(getattr(args, "base_quantization", "none"), device)
+    # no PartialState here: created before the launcher's process group it would make every process rank 0
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    problem = quantization_problem(getattr(args, "base_quantization", "none"),
+                                   torch.device("cuda" if on_gpu else "cpu"))
     if problem:
         raise UsageError(f"error: {problem}")
 

@@ -22,7 +22,18 @@ import logging
 
 LIBRARY_LOGGERS = ("diffusers", "transformers")
 
-__all__ = ["LIBRARY_LOGGERS", "LongMessageFilter", "install_long_message_filter", "shorten"]
+__all__ = ["LIBRARY_LOGGERS", "OPTIONAL_KERNEL_NOTICES", "LongMessageFilter", "install_long_message_filter",
+           "install_optional_kernel_filter", "shorten"]
+
+#: ``{logger: message prefixes}`` of import-time notices about optional compiled kernels that the training scripts
+#: never use: torchao's C++/CUDA extensions built for other Python / torch / CUDA versions (torchao falls back to its
+#: Python kernels), diffusers' note that it could not import them, and torch's deprecation note on the enums
+#: torchao registers. They would otherwise push a script's one-line error off the end of stderr.
+OPTIONAL_KERNEL_NOTICES = {
+    "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+    "torch.utils._pytree": ("<enum ",),
+}
 
 
 def shorten(text: str, max_chars: int) -> str:
@@ -91,3 +102,24 @@ def install_long_message_filter(
             if child_name.startswith(name + ".") and isinstance(child, logging.Logger):
                 child.addFilter(_FILTER)
     return _FILTER
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not record.getMessage().startswith(self.prefixes)
+        except Exception:  # a malformed record is left for the handler to report
+            return True
+
+
+def install_optional_kernel_filter() -> None:
+    """Drop the records of :data:`OPTIONAL_KERNEL_NOTICES` (idempotent; install before the libraries import
+    torchao, whose notices come at import time)."""
+    for name, prefixes in OPTIONAL_KERNEL_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))

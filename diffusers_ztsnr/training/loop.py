@@ -30,6 +30,7 @@ from .full import trained_state
 from .history import write_summary
 from .identity import lock_folder, prepare_output_dir
 from .inputs import check_device_precision, check_inputs
+from .objectives.audit import report_weight_audit
 from .output import finish, validate
 from .stages import (
     WEIGHT_DTYPES,
@@ -53,7 +54,6 @@ from .step import (
     step_generator,
 )
 from .task import ModelTask
-from .weight_audit import report_weight_audit
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

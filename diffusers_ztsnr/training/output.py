@@ -18,6 +18,7 @@ import torch
 
 from ..imaging import image_grid
 from .full import export_pipeline_checkpoint, save_pipeline
+from .inputs import load_base_pipeline
 
 if TYPE_CHECKING:
     from .task import ModelTask
@@ -81,7 +82,7 @@ def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict
     check_finite_states(states, "export of the fine-tuned model" if full else "export of the trained LoRA")
     output_dir = Path(args.output_dir)
     if full:  # the whole pipeline, its scheduler the trained configuration as the stock class
-        paths: dict[str, Any] = save_pipeline(args, task, task.denoiser, output_dir)
+        paths: dict[str, Any] = save_pipeline(args, task, task.denoiser, output_dir, load_base_pipeline)
     else:
         paths = task.save_lora(output_dir, states, args)
         task.sampling_scheduler().save_pretrained(output_dir / "scheduler")

@@ -1,5 +1,5 @@
-"""The effective-weight audit of a run's flags (:mod:`.objectives.audit`): ``diffusers-ztsnr audit-weights`` before
-training, and the same table at the start of every run.
+"""``diffusers-ztsnr audit-weights``: the effective-weight audit (:mod:`.objectives.audit`) of a run's flags, before
+training (every run prints the same table at its start: :func:`.objectives.audit.report_weight_audit`).
 
 Only the base model's scheduler config is read (no weights): the audit of a Hub model costs one small download.
 """
@@ -7,14 +7,9 @@ Only the base model's scheduler config is read (no weights): the audit of a Hub 
 from __future__ import annotations
 
 import argparse
-import logging
-from collections.abc import Callable
 
-from .objectives.audit import WeightAudit, audit_objective
+from .objectives.audit import VAE_FACTOR, WeightAudit, audit_objective
 
-logger = logging.getLogger(__name__)
-#: the latent side a resolution-dependent shift is evaluated at: ``--resolution`` over the VAE factor
-VAE_FACTOR = 8
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
 
@@ -52,13 +47,3 @@ def audit_for_flags(argv: list[str]) -> tuple[WeightAudit, argparse.Namespace, s
         args = parse_args(argv)
         objective, script = unet_objective(args, scheduler_config), "train_lora_unet.py"
     return audit_objective(objective, resolution_latents=args.resolution // VAE_FACTOR), args, script
-
-
-def report_weight_audit(objective, args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> WeightAudit:
-    """Print the audit of the run's objective (its warnings also go to the log)."""
-    audit = audit_objective(objective, resolution_latents=args.resolution // VAE_FACTOR)
-    print_fn("effective loss weight in x0 space per log-SNR bin (diffusers-ztsnr audit-weights):\n"
-             + audit.table(warnings=False))
-    for warning in audit.warnings:
-        logger.warning("loss weighting: %s", warning)
-    return audit

@@ -17,7 +17,9 @@ target puts it on the cleanest ones).
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +29,10 @@ from .flow_matching import FlowMatchingObjective, ResolutionShift
 from .times import flow_sigmas_from_draws, timesteps_from_draws
 from .weights import flow_loss_weights, loss_weights
 
+logger = logging.getLogger(__name__)
 QUADRATURE_POINTS = 200_000
+#: the latent side a resolution-dependent shift is evaluated at: ``--resolution`` over the VAE factor
+VAE_FACTOR = 8
 #: "most weight on a few timesteps": this share of the weight in this share of the time range
 CONCENTRATION = (0.5, 0.05)
 
@@ -138,3 +143,13 @@ def audit_plot(audit: WeightAudit, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report_weight_audit(objective, args, print_fn: Callable[[str], None] = print) -> WeightAudit:
+    """Print the audit of the run's objective (its warnings also go to the log)."""
+    audit = audit_objective(objective, resolution_latents=args.resolution // VAE_FACTOR)
+    print_fn("effective loss weight in x0 space per log-SNR bin (diffusers-ztsnr audit-weights):\n"
+             + audit.table(warnings=False))
+    for warning in audit.warnings:
+        logger.warning("loss weighting: %s", warning)
+    return audit
