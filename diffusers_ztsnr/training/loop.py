@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointing import CheckpointWriteError, save_checkpoint
+from .distributed import check_supported
 from .full import trained_state
 from .history import write_summary
 from .identity import lock_folder, prepare_output_dir
@@ -87,6 +88,7 @@ def train(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], Mo
     check_device_precision(args)
     check_inputs(args, make_task)  # before the lock: a run refused here leaves nothing in --output_dir
     accelerator = build_accelerator(args)
+    check_supported(accelerator)  # FSDP / DeepSpeed: one line now, not a hang at the first checkpoint
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(lock_folder(Path(args.output_dir)))

@@ -6,7 +6,8 @@ Each process writes what it reports as ``<tag>-<rank>.json`` into the folder ``A
 ``probe``: build an ``Accelerator`` as the training scripts do and report (``probe``) the distributed type accelerate
 chose and the FSDP settings the launcher handed over.
 
-``fsdp2 ARGS...``: the UNet training script's ``main(ARGS)`` with accelerate's FSDP2 path forced on the CPU.
+``fsdp2 ARGS...``: the UNet training script's ``main(ARGS)`` with accelerate's FSDP2 path forced on the CPU
+(``fsdp2-unguarded``: with the loop's refusal of sharded runs switched off).
 accelerate 1.15 never selects FSDP on a CPU (``ACCELERATE_USE_CPU`` makes it DDP over gloo whatever the config says);
 here the accelerator state is switched to FSDP after accelerate set up the gloo process group, so ``prepare`` runs
 torch's ``fully_shard`` on the denoiser exactly as it would on GPUs. Each process reports ``sharded`` after the
@@ -116,10 +117,15 @@ def main(argv: list[str]) -> int:
     if argv[0] == "probe":
         probe()
         return 0
-    if argv[0] == "fsdp2":
+    if argv[0] in ("fsdp2", "fsdp2-unguarded"):
         force_fsdp()
         report_sharding()
         from diffusers_ztsnr.training.unet import main as train
+
+        if argv[0] == "fsdp2-unguarded":  # past the loop's refusal, to see what a sharded run would do
+            import diffusers_ztsnr.training.loop as loop
+
+            loop.check_supported = lambda accelerator: None
 
         try:
             train(argv[1:])
@@ -127,7 +133,7 @@ def main(argv: list[str]) -> int:
             report("traceback", int(os.environ["RANK"]), {"traceback": traceback.format_exc()})
             raise
         return 0
-    raise SystemExit(f"unknown mode {argv[0]!r}: probe or fsdp2")
+    raise SystemExit(f"unknown mode {argv[0]!r}: probe, fsdp2 or fsdp2-unguarded")
 
 
 if __name__ == "__main__":

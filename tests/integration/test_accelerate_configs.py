@@ -211,7 +211,7 @@ def test_unet_script_under_fsdp2_trains_sharded_then_deadlocks_at_the_first_chec
     one_process = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
     out = tmp_path / "fsdp2"
     reports = tmp_path / "reports"
-    done = cpu_launch("fsdp2_lora.yaml", reports, "fsdp2", *common, "--max_train_steps", "2", "--output_dir",
+    done = cpu_launch("fsdp2_lora.yaml", reports, "fsdp2-unguarded", *common, "--max_train_steps", "2", "--output_dir",
                       str(out), ACCELERATE_TEST_PG_TIMEOUT=str(COLLECTIVE_TIMEOUT))
     sharded = reported(reports, "sharded")
     assert [s["rank"] for s in sharded] == [0, 1] and all(s["is_fsdp2"] for s in sharded)
@@ -230,6 +230,21 @@ def test_unet_script_under_fsdp2_trains_sharded_then_deadlocks_at_the_first_chec
     assert "in write_checkpoint" in rank1 and "in reduce" in rank1 and "in all_reduce" in rank1
     assert "Timed out waiting" in rank0 + rank1  # whichever rank's wait ended first; the other lost its peer
     assert not (out / "pytorch_lora_weights.safetensors").exists() and not list(out.glob("checkpoint-*[0-9]"))
+
+
+def test_the_scripts_refuse_fsdp2_on_every_rank_before_training(assets, tmp_path):
+    """With the loop's guard (what users run): both ranks stop with the one-line reason before anything is sharded,
+    trained or written."""
+    out, reports = tmp_path / "fsdp2", tmp_path / "reports"
+    done = cpu_launch("fsdp2_lora.yaml", reports, "fsdp2", "--pretrained_model_name_or_path", str(assets["sd15"]),
+                      "--train_data_dir", str(assets["data"]), "--resolution", str(RES), "--center_crop",
+                      "--max_train_steps", "2", "--report_to", "none", "--output_dir", str(out))
+    assert done.returncode != 0
+    tracebacks = [r["traceback"] for r in reported(reports, "traceback")]
+    assert len(tracebacks) == 2
+    assert all("error: fsdp2 is not supported by the training scripts yet" in t and "ddp_multi_gpu.yaml" in t
+               for t in tracebacks)
+    assert reported(reports, "sharded") == [] and reported(reports, "steps") == [] and not out.exists()
 
 
 def fake_accelerator(kind: DistributedType, **plugins) -> SimpleNamespace:
