@@ -355,7 +355,7 @@ def flow_parser(description: str) -> TrainingArgumentParser:
 def check_unet_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Every check of ``train_lora_unet.py``'s flags; converts ``--timestep_shift``. Raises :class:`UsageError`
     listing all problems."""
-    problems = check_common_args(args)
+    problems = check_common_args(args) + lycoris_problems(args, flow=False)
     args.timestep_shift, problem = parse_timestep_shift(args.timestep_shift, flow_model=False)
     problems += [problem] if problem else []
     if args.objective == "flow":

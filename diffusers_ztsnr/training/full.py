@@ -85,8 +85,9 @@ def full_finetune_problems(args: argparse.Namespace) -> list[str]:
     """Flags a full fine-tune cannot honour, each a one-line error naming both."""
     if not getattr(args, "full_finetune", False):
         return []
+    adapter = getattr(args, "adapter", "lora")
     refused: dict[str, Any] = {
-        "--adapter dora": getattr(args, "adapter", "lora") == "dora",
+        f"--adapter {adapter}": adapter != "lora",
         "--train_text_encoder": args.train_text_encoder,
         f"--base_quantization {getattr(args, 'base_quantization', 'none')}":
             getattr(args, "base_quantization", "none") != "none",

@@ -46,10 +46,16 @@ def lycoris_problems(args, flow: bool) -> list[str]:
     """Where ``--adapter lokr|loha`` cannot be exported as trained: the flow transformers (their kohya names fuse
     projections, which a Kronecker or Hadamard product cannot be split across)."""
     adapter = getattr(args, "adapter", "lora")
-    if adapter in ALGORITHMS and flow:
-        return [f"--adapter {adapter}: its LyCORIS export covers SD 1.x / 2.x / SDXL UNets; for SD3 / Flux use "
-                "--adapter lora or dora"]
-    return []
+    if adapter not in ALGORITHMS:
+        return []
+    problems = []
+    if flow:
+        problems.append(f"--adapter {adapter}: its LyCORIS export covers SD 1.x / 2.x / SDXL UNets; for SD3 / Flux "
+                        "use --adapter lora or dora")
+    if getattr(args, "export_checkpoint", None):
+        problems.append(f"--adapter {adapter} with --export_checkpoint: the merged export reads a diffusers-format "
+                        "LoRA, which a LyCORIS adapter does not write; use --adapter lora or dora")
+    return problems
 
 
 def _modules(state: dict[str, torch.Tensor], algorithm: str) -> list[str]:

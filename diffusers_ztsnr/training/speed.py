@@ -65,10 +65,9 @@ def dataloader_options(args: argparse.Namespace, device: torch.device) -> dict[s
     on_gpu = device.type == "cuda"
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()) - 1)) if on_gpu else 0
-    options: dict[str, object] = {"num_workers": workers, "pin_memory": on_gpu}
-    if workers > 0:
-        options["persistent_workers"] = True  # no worker restart (and dataset copy) every epoch
-    return options
+    # not persistent_workers: a worker's copy of the dataset would keep the epoch it started with, and the data
+    # order, crops, flips and caption choices of every later epoch (and of a resumed run) would be wrong
+    return {"num_workers": workers, "pin_memory": on_gpu}
 
 
 class EncoderParking:

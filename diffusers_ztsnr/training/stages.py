@@ -95,7 +95,8 @@ def prepare_models(args: argparse.Namespace, make_task: Callable[[argparse.Names
     trained_tes = dict(task.trainable_text_encoders) if args.train_text_encoder else {}
     for te in trained_tes.values():
         add_lora(te, args.rank, args.lora_alpha, task.text_encoder_targets, adapter=args.adapter)
-    denoiser.to(accelerator.device, dtype=weight_dtype)
+    # a full fine-tune trains every weight in fp32: never round the base through the autocast dtype first
+    denoiser.to(accelerator.device, dtype=torch.float32 if args.full_finetune else weight_dtype)
     vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     for te in text_encoders:
         te.to(accelerator.device, dtype=weight_dtype)

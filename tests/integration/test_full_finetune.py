@@ -86,7 +86,8 @@ def test_resume_is_exact(trained, tmp_path):
     assert same(a, b)
 
 
-@pytest.mark.parametrize("flag", [("--adapter", "dora"), ("--train_text_encoder",), ("--base_quantization", "int8")])
+@pytest.mark.parametrize("flag", [("--adapter", "dora"), ("--adapter", "lokr"), ("--train_text_encoder",),
+                                  ("--base_quantization", "int8")])
 def test_flags_a_full_fine_tune_cannot_honour_are_refused(trained, tmp_path, flag):
     with pytest.raises(UsageError, match=rf"--full_finetune trains the whole denoiser without an adapter: drop "
                        rf"{' '.join(flag)}"):
@@ -109,3 +110,21 @@ def test_a_flow_transformer_full_fine_tune_is_a_stock_sd3_pipeline(tmp_path):
     state = pipe.transformer.state_dict()
     assert state.keys() == checkpoint.keys() and all(torch.equal(state[k], checkpoint[k]) for k in state)
     assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+
+
+def test_under_bf16_the_trained_weights_start_from_the_exact_base(trained, tmp_path):
+    """The UNet is trained in fp32 whatever --mixed_precision says: at a learning rate of 1e-30 the exported UNet is
+    the base to 1e-20 (only weights at exactly 0 can move, by about the learning rate); rounded through bf16 first,
+    about 0.4% of every weight would differ."""
+    from accelerate.state import AcceleratorState
+
+    assets = trained[0]
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs fixed mixed_precision="no"
+    try:
+        run(assets, tmp_path / "bf16", "--mixed_precision", "bf16", "--learning_rate", "1e-30", steps=1)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    base = UNet2DConditionModel.from_pretrained(assets["sd15"] / "unet").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(tmp_path / "bf16" / "unet").state_dict()
+    assert trained.keys() == base.keys() and all(trained[k].dtype == torch.float32 for k in trained)
+    assert max(float((trained[k] - base[k]).abs().max()) for k in base) < 1e-20

@@ -153,6 +153,17 @@ def test_non_finite_weights_are_never_checkpointed_or_exported(assets, tmp_path,
     assert not (out / "pytorch_lora_weights.safetensors").exists() and not (out / "lora_kohya.safetensors").exists()
 
 
+def test_non_finite_weights_between_checkpoints_stop_the_run_at_the_next_step(assets, tmp_path, nan_weights_after):
+    """Step 2's update goes bad with no checkpoint due: step 3's one host sync reads the flag and stops the run
+    naming step 2, before step 3 updates and before anything is written."""
+    out = tmp_path / "out"
+    nan_weights_after(2)
+    with pytest.raises(NonFiniteWeightsError, match=r"step 2: the trainable weights became NaN/Inf after a finite "
+                       r"loss.*no checkpoint was written yet"):
+        run(assets, out, "--checkpointing_steps", "3", steps=4)
+    assert checkpoint_folders(out) == [] and not (out / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_stale_encodings_are_not_reused_after_the_model_changed_at_the_same_path(assets, tmp_path):
     model = save_tiny_pipeline("sd15", tmp_path / "model", seed=0)
     cache = ["--cache_latents", "--cache_latents_dir", str(tmp_path / "cache")]

@@ -69,3 +69,11 @@ def test_sd3s_logit_normal_flow_is_spread_and_unflagged():
     audit = audit_objective(FlowMatchingObjective("logit_normal", shift=3.0))
     assert audit.warnings == [] and max(audit.weight_share) < 0.3
     assert audit.edges[0][0] > -math.inf  # s = 1 is never drawn
+
+
+def test_preconditioned_flow_outputs_are_a_loss_on_x0():
+    """``--precondition_outputs`` regresses x0 itself: the x0 weight is the time density alone."""
+    audit = audit_objective(FlowMatchingObjective("logit_normal", shift=3.0, precondition_outputs=True))
+    assert audit.weight_share == pytest.approx(audit.sample_share, abs=1e-9)
+    plain = audit_objective(FlowMatchingObjective("logit_normal", shift=3.0))
+    assert plain.weight_share != pytest.approx(plain.sample_share, abs=1e-3)

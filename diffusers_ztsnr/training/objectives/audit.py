@@ -83,7 +83,8 @@ def _points(objective, resolution_latents: int | None) -> tuple[torch.Tensor, to
     if objective.min_time is not None:
         s = s.clamp(min=objective.min_time)
     snr = ((1 - s) / s) ** 2
-    weight = flow_loss_weights(s, objective.weighting_scheme) * target_factor("flow_prediction", snr)
+    target = "sample" if objective.precondition_outputs else "flow_prediction"  # preconditioned: a loss on x0
+    weight = flow_loss_weights(s, objective.weighting_scheme) * target_factor(target, snr)
     return snr, weight, (s * 1000).floor().long().clamp(0, 999), 1000
 
 

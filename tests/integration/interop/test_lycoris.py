@@ -127,3 +127,13 @@ def test_flow_transformers_refuse_lycoris_adapters(runs, tmp_path, algorithm):
         flow_main(["--pretrained_model_name_or_path", str(assets["sd3"]), "--train_data_dir", str(assets["data"]),
                    "--resolution", str(RES), "--adapter", algorithm, "--output_dir", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_merged_export_of_a_lycoris_adapter_is_refused_up_front(runs, tmp_path, algorithm):
+    assets = runs["assets"]
+    with pytest.raises(UsageError, match=rf"--adapter {algorithm} with --export_checkpoint: the merged export reads"):
+        unet_main(["--pretrained_model_name_or_path", str(assets["sd15"]), "--train_data_dir", str(assets["data"]),
+                   "--resolution", str(RES), "--adapter", algorithm, "--export_checkpoint", "m.safetensors",
+                   "--output_dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
