@@ -1,6 +1,7 @@
 """``diffusers-ztsnr``: the offline demo and the tools around the package.
 
-commands: demo, inspect, lighting, grade, audit-weights, export-checkpoint, checkpoint-settings, make-tiny
+commands: demo, inspect, lighting, grade, audit-weights, probe-conversion, export-checkpoint, checkpoint-settings,
+make-tiny
 (``diffusers-ztsnr <command> --help`` for each)."""
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "flags (target x weighting x time density x shift), with warnings")
     audit.add_argument("--plot", type=Path, default=None, help="also write a bar chart to this PNG")
     audit.add_argument("flags", nargs=argparse.REMAINDER, help="the training script's flags, after --")
+    _add_probe(sub)
     marks = _subparser(sub, "checkpoint-settings", "scheduler settings from a checkpoint's v_pred/ztsnr markers")
     marks.add_argument("checkpoint", type=Path, help="a .safetensors LoRA or checkpoint")
     tiny = _subparser(sub, "make-tiny", "save a tiny random-weight pipeline, for tests and experiments")
@@ -99,6 +101,44 @@ def _parser(**kwargs) -> argparse.ArgumentParser:
 def _subparser(sub, name: str, text: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=text, description=text, allow_abbrev=False,
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _add_probe(sub) -> None:
+    probe = _subparser(sub, "probe-conversion", "did an epsilon -> v + ZTSNR conversion take? x0 at the first step "
+                       "and the brightness range, base against base + LoRA (SD 1.x / 2.x)")
+    probe.add_argument("base", help="the base pipeline (folder or Hub id)")
+    probe.add_argument("lora", type=Path, help="the LoRA output folder (pytorch_lora_weights.safetensors, scheduler/)")
+    probe.add_argument("--data", type=Path, default=None, help="the training images, for the brightness range")
+    probe.add_argument("--prompts", default=None, help="prompts for dark | mid | bright scenes, separated by |")
+    probe.add_argument("--resolution", type=int, default=512, help="image size in pixels")
+    probe.add_argument("--steps", type=int, default=20, help="sampling steps of the generated images")
+    probe.add_argument("--draws", type=int, default=8, help="noise draws per prompt at the first step")
+    probe.add_argument("--images", type=int, default=2, help="generated images per prompt")
+    probe.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance of the images")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from diffusers import DiffusionPipeline
+
+    from . import ZTSNRDPMSolverMultistepScheduler
+    from .probe import DEFAULT_PROMPTS, data_brightness_range, probe, verdict
+
+    prompts = tuple(p.strip() for p in args.prompts.split("|")) if args.prompts else DEFAULT_PROMPTS
+    common = dict(prompts=prompts, draws=args.draws, resolution=args.resolution, steps=args.steps,
+                  images=args.images, guidance_scale=args.guidance_scale)
+    pipe = DiffusionPipeline.from_pretrained(args.base, safety_checker=None, requires_safety_checker=False)
+    base = probe(pipe, **common)
+    pipe.load_lora_weights(str(args.lora))
+    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(args.lora, subfolder="scheduler")
+    converted = probe(pipe, **common, guidance_rescale=0.7)
+    data_range = data_brightness_range(args.data) if args.data else None
+    ok, lines = verdict(converted, base, data_range)
+    for prompt in prompts:
+        print(f"{prompt!r}: x0 spread base {base.x0_spread[prompt]:.3f} -> {converted.x0_spread[prompt]:.3f}, noise "
+              f"share {base.noise_share[prompt]:.3f} -> {converted.noise_share[prompt]:.3f}, brightness "
+              f"{base.brightness[prompt]:.3f} -> {converted.brightness[prompt]:.3f}")
+    print("\n".join(lines))
+    print("verdict: converted" if ok else "verdict: not converted")
 
 
 def _sigma_list(text: str) -> list[float]:
@@ -271,6 +311,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"table and plot in {args.output_dir}")
     elif args.command == "grade":
         _grade(args)
+    elif args.command == "probe-conversion":
+        _probe(args)
     elif args.command == "audit-weights":
         _audit_weights(args)
     elif args.command == "export-checkpoint":
