@@ -65,8 +65,8 @@ def dataloader_options(args: argparse.Namespace, device: torch.device) -> dict[s
     on_gpu = device.type == "cuda"
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()) - 1)) if on_gpu else 0
-    # not persistent_workers: a worker's copy of the dataset would keep the epoch it started with, and the data
-    # order, crops, flips and caption choices of every later epoch (and of a resumed run) would be wrong
+    # not persistent_workers: a worker's copy of the dataset would keep the epoch it started with, and the crops,
+    # flips and caption choices of every later epoch (and of a resumed run) would be the first epoch's
     return {"num_workers": workers, "pin_memory": on_gpu}
 
 
