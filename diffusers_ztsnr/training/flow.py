@@ -11,7 +11,8 @@ Per step (:class:`~diffusers_ztsnr.training.objectives.FlowMatchingObjective`): 
 logit_normal / mode / uniform, then ``--timestep_shift``: the base scheduler's static shift or Flux's
 resolution-dependent ``mu``), the loss from :func:`~diffusers_ztsnr.training.objectives.flow_matching_loss`
 (``--precondition_outputs`` regresses ``x0`` instead), weighted by ``--weighting_scheme`` sigma_sqrt / cosmap.
-The model family is :mod:`diffusers_ztsnr.training.families.flow_transformers`, the flags
+The model family's task is picked from the base model's pipeline class by
+:mod:`diffusers_ztsnr.training.families.registry`, the flags
 :mod:`diffusers_ztsnr.training.config`, the loop (data, caching, checkpoints, DDP, EMA, output)
 :mod:`diffusers_ztsnr.training.loop`.
 """
@@ -25,6 +26,7 @@ from typing import Any
 from . import config
 from .config import DEFAULT_FLUX_GUIDANCE as DEFAULT_GUIDANCE  # noqa: F401  (re-exported)
 from .families.flow_transformers import DEFAULT_LORA_LAYERS, PIPELINES, FlowTask  # noqa: F401  (re-exported)
+from .families.registry import make_flow_task
 from .loop import train as run_training
 
 
@@ -52,7 +54,7 @@ def parse_shift(value: str) -> float | str:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by ``args`` (see :func:`parse_args`); returns paths and final numbers."""
-    return run_training(args, FlowTask)
+    return run_training(args, make_flow_task)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def check_pipeline_class(args: argparse.Namespace, allowed: tuple[str, ...], scr
     class_name = read_model_index(args).get("_class_name")
     if class_name not in allowed:
         raise InputError(f"{args.pretrained_model_name_or_path} is a {class_name}; {script} trains "
-                         f"{' and '.join(allowed)} models. {hint}")
+                         f"{', '.join(allowed)} models. {hint}")
     return class_name
 
 
