@@ -31,6 +31,7 @@ from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and er
     parse_with_config,
     run_script,
 )
+from .data_flags import add_data_flags, data_flag_problems
 from .full import full_finetune_problems
 from .lycoris import lycoris_problems
 from .quantization import QUANTIZATIONS
@@ -92,6 +93,7 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
       help="data loading worker processes (0: the main process; default 0 on the CPU, up to 4 on a GPU).")
     a("--follow_symlinks", action="store_true",
       help="follow symlinks in --train_data_dir that point outside it (refused by default).")
+    add_data_flags(parser)
 
 
 def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +205,7 @@ def check_common_args(args: argparse.Namespace) -> list[str]:
                         "drop --train_text_encoder or --cache_latents")
     if args.cache_latents and not args.center_crop:  # buckets crop randomly too, unless --center_crop
         problems.append("--cache_latents freezes the random crop: add --center_crop (or drop --cache_latents)")
+    problems += data_flag_problems(args)
     if not 0 <= args.caption_dropout <= 1:
         problems.append(f"--caption_dropout is a probability: it must lie in [0, 1] (got {args.caption_dropout})")
     if not 0 < args.ema_decay < 1:

@@ -28,6 +28,7 @@ from .checkpointing import (
     save_ema_state,
     save_tensor_state,
 )
+from .data_flags import uses_masks
 from .full import checkpoint_file, load_trained_state, trained_state
 from .history import LossHistory
 from .identity import lock_folder, model_fingerprint, record_run, recorded_args, training_flags
@@ -126,7 +127,8 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
     buckets = make_buckets(args.resolution, step=64 if args.resolution >= 256 else 8) if args.bucketing else None
     return ImageCaptionDataset(dataset, resolution=args.resolution, center_crop=args.center_crop,
                                random_flip=args.random_flip, image_column=args.image_column,
-                               caption_column=args.caption_column, seed=args.seed, buckets=buckets)
+                               caption_column=args.caption_column, seed=args.seed, buckets=buckets,
+                               masks=uses_masks(args), mask_column=args.mask_column)
 
 
 def record_identity(args: argparse.Namespace, accelerator: Accelerator,

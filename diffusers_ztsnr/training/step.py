@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointing import intact_checkpoints
+from .data.masks import latent_mask
 from .loss_bins import LossByNoise, noise_fraction
 from .output import NonFiniteWeightsError, nonfinite_weights
 from .speed import EncoderParking
@@ -112,10 +113,11 @@ def batch_loss(task: ModelTask, objective: Objective, model: torch.nn.Module, la
     """One micro-batch's scalar loss, the mean of the objective's per-sample losses: the noise is the first draw on
     the step's generator, the objective draws the rest; ``predict`` is the task's model call on the objective's
     path. Every loss the loop trains on is computed here; ``by_noise`` collects its per-sample losses by noise
-    level."""
+    level. A batch's ``loss_mask`` (masked training) weighs the latent cells, averaged to their grid."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     predict = task.predictor(model, batch, weight_dtype, objective.path)
-    per_sample, times = objective(predict, latents, cond, noise, generator)
+    mask = latent_mask(batch["loss_mask"], latents) if "loss_mask" in batch else None
+    per_sample, times = objective(predict, latents, cond, noise, generator, loss_mask=mask)
     if by_noise is not None:
         by_noise.add(per_sample, noise_fraction(objective, times))
     return per_sample.mean()

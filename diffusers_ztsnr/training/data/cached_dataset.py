@@ -12,6 +12,7 @@ import torch
 from .cache import CachedEncodings
 from .dataset import ImageCaptionDataset
 from .images import Size
+from .masks import latent_mask
 
 
 class CachedImageCaptionDataset(torch.utils.data.Dataset):
@@ -68,7 +69,8 @@ def cache_image_encodings(
 
     ``encode_fn`` gets a :func:`collate_fn` batch (``pixel_values``, ``caption``, ...) of one bucket and returns
     ``{name: tensor [B, ...]}`` (latents, text embeddings, ...). ``key`` names the models (ids, revisions, dtype);
-    resolution, crop, buckets, interpolation and a fingerprint of the data are added to it. ``random_flip`` is not
+    resolution, crop, buckets, interpolation and a fingerprint of the data (its loss masks included) are added to it.
+    A batch's ``loss_mask`` is stored averaged to the grid of its ``latents``. ``random_flip`` is not
     part of the key: orientations are separate variants, so toggling it reuses the plain encodings.
 
     Raises:
@@ -96,6 +98,8 @@ def cache_image_encodings(
         out = dict(encode_fn(batch))
         out.setdefault("original_size", batch["original_size"])
         out.setdefault("crop_top_left", batch["crop_top_left"])
+        if "loss_mask" in batch and "latents" in out:  # stored on the latent grid, beside the latents
+            out["loss_mask"] = latent_mask(batch["loss_mask"], out["latents"]).cpu()
         return out
 
     flips = (False, True) if dataset.random_flip else (False,)

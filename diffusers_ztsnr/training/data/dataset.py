@@ -14,8 +14,10 @@ import datasets
 import torch
 from PIL import Image
 
+from ..arguments import InputError
 from .buckets import assign_buckets
 from .images import Size, _classify_error, _display_name, _image_ref, _open_image
+from .masks import find_masks
 from .transforms import ImageTransform
 from .validation import ValidationReport, validate_image_caption_dataset
 
@@ -57,6 +59,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Construction runs :func:`validate_image_caption_dataset` (unless a ``report`` is passed), so bad images and
     rows without a caption are skipped up front. Randomness per item comes from ``(seed, epoch, index)``.
 
+    Loss masks (``masks=True``: ``<stem>-masklabel.png`` beside each image; ``mask_column``: a column of mask
+    images; :mod:`.masks`) are checked up front (present, readable, their image's size) and served as
+    ``"loss_mask"`` ``[1, h, w]`` in [0, 1], transformed exactly as their image.
+
     Construction also lists, and warns about once (one line each, with the count and a few names), images that
     are kept but train poorly: ``small_images`` (indices of images upscaled more than :data:`SMALL_IMAGE_UPSCALE`
     = 4x to cover their training size, i.e. a shorter side under ``resolution / 4`` for square crops) and
@@ -78,14 +84,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         validation: Literal["full", "header"] = "full",
         num_workers: int | None = None,
         report: ValidationReport | None = None,
+        masks: bool = False,
+        mask_column: str | None = None,
     ) -> None:
         self.report = report or validate_image_caption_dataset(
             dataset, image_column, caption_column, mode=validation, num_workers=num_workers
         )
-        if isinstance(dataset.features.get(image_column), datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        for column in (image_column, mask_column):
+            if column is not None and isinstance(dataset.features.get(column), datasets.Image):
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
         self._dataset = dataset.select_columns([image_column])
         self.image_column = image_column
+        #: every kept item's loss-mask cell (``masks`` / ``mask_column``; :mod:`.masks`), else ``None``
+        self.masks: list[Any] | None = None
+        self._mask_fingerprints: list[str] = []
+        if masks or mask_column:
+            self.masks, self._mask_fingerprints = self._find_masks(dataset, mask_column)
         self.transform = ImageTransform(resolution, center_crop, random_flip, interpolation)
         self.buckets: list[Size] | None = [tuple(b) for b in buckets] if buckets else None
         self._targets = assign_buckets(self.report.sizes, self.buckets) if self.buckets else None
@@ -98,6 +112,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.report.sizes, [self.target_size(i) for i in range(len(self))]
         )
         self._warn_unusual_sizes()
+
+    def _find_masks(self, dataset: datasets.Dataset, mask_column: str | None) -> tuple[list[Any], list[str]]:
+        if mask_column is not None and mask_column not in dataset.column_names:
+            raise InputError(f"--mask_column {mask_column!r} is not a column of the dataset (columns: "
+                             f"{dataset.column_names}); in a metadata.jsonl name each mask under "
+                             f"\"{mask_column}_file_name\"")
+        rows = self.report.kept_indices
+        image_cells = list(self._dataset[self.image_column])  # one column read, not one read per row
+        images = [image_cells[row] for row in rows]
+        cells = None
+        if mask_column:
+            mask_cells = list(dataset[mask_column])
+            cells = [mask_cells[row] for row in rows]
+        return find_masks(images, cells, rows, self.report.sizes)
 
     def _warn_unusual_sizes(self) -> None:
         """One warning for :attr:`small_images` and one for :attr:`elongated_images`, each with the count and the
@@ -160,12 +188,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return (self.transform.resolution, self.transform.resolution)
 
     def fingerprint(self) -> str:
-        """A hash of the kept items (file path, size and mtime, or embedded bytes; captions): changes with the data."""
+        """A hash of the kept items (file path, size and mtime, or embedded bytes; captions; loss masks when used):
+        changes with the data."""
         h = hashlib.sha256()
         for row, fp, caption in zip(
             self.report.kept_indices, self.report.fingerprints, self.report.captions, strict=True
         ):
             h.update(json.dumps([row, fp, caption]).encode())
+        for fp in self._mask_fingerprints:  # none without masks: the fingerprint of unmasked data is unchanged
+            h.update(json.dumps(["mask", fp]).encode())
         return h.hexdigest()[:16]
 
     # -- randomness ----------------------------------------------------------------------------------------------
@@ -222,7 +253,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     "image %s (row %d) failed to decode (%s); using the next item", path or "<bytes>", row, reason
                 )
                 continue
-            out = self.transform(image, target_size=target, generator=generator, flip=self.force_flip)
+            mask = _open_image(self.masks[candidate]) if self.masks is not None else None
+            out = self.transform(image, target_size=target, generator=generator, flip=self.force_flip, mask=mask)
             out["caption"] = self.caption(candidate, generator)
             out["index"] = candidate
             return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 
+from .masks import is_mask_file
 from .metadata import _check_metadata_jsonl
 
 # One logger for the package, named after it: records keep the name "diffusers_ztsnr.training.data" whichever
@@ -33,7 +34,7 @@ def _count_image_files(data_dir: Path) -> int:
         1
         for _root, _dirs, files in os.walk(data_dir)
         for name in files
-        if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(name)
     )
 
 

@@ -150,17 +150,17 @@ class ImageTransform:
         target_size: Size | None = None,
         generator: torch.Generator | None = None,
         flip: bool | None = None,
+        mask: Image.Image | None = None,
     ) -> dict[str, Any]:
         """Return ``{"pixel_values": [3, h, w] in [-1, 1], "original_size": (h, w), "crop_top_left": (t, l)}``.
 
         ``original_size`` is the source size after EXIF rotation. Random draws from ``generator``, in order: crop
         top and left (random crop only), then the flip (``random_flip`` and ``flip is None`` only);
-        ``flip=True/False`` forces the orientation without a draw.
+        ``flip=True/False`` forces the orientation without a draw. A loss ``mask`` (same size as ``image``) gets
+        the same EXIF rotation, resize, crop and flip and is returned as ``"loss_mask"``: float ``[1, h, w]`` in
+        [0, 1], its red channel / 255 (:mod:`.masks`).
         """
-        try:
-            image = ImageOps.exif_transpose(image)
-        except Exception:  # malformed EXIF: keep the stored orientation
-            pass
+        image = _exif_transposed(image)
         image = to_rgb(image)
         original_size = (image.height, image.width)
         target = _check_target(target_size or (self.resolution, self.resolution), self.interpolation)
@@ -168,5 +168,17 @@ class ImageTransform:
         if flip is None:
             flip = self.random_flip and bool(torch.rand((), generator=generator).item() < 0.5)
         image, crop_top_left = _resize_crop_flip(image, target, top_left, flip, self.interpolation)
-        return {"pixel_values": image_to_tensor(image), "original_size": original_size, "crop_top_left": crop_top_left}
+        out = {"pixel_values": image_to_tensor(image), "original_size": original_size, "crop_top_left": crop_top_left}
+        if mask is not None:
+            red = to_rgb(_exif_transposed(mask)).getchannel("R")
+            red, _ = _resize_crop_flip(red, target, top_left, flip, self.interpolation)
+            out["loss_mask"] = torch.from_numpy(np.asarray(red, dtype=np.float32) / 255.0)[None]
+        return out
+
+
+def _exif_transposed(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        return image
 

@@ -2,8 +2,9 @@
 
 An objective is a callable ``objective(predict, latents, conditioning, noise, generator) -> (loss [B], times [B])``:
 it draws the training times, builds the noisy input, calls ``predict(noisy, time, conditioning)`` (the model
-family's forward pass, adapted to the objective's ``path``) and returns the per-sample loss. The loop averages it;
-it never knows which family or objective it trains.
+family's forward pass, adapted to the objective's ``path``) and returns the per-sample loss (weighted per latent
+cell by an optional ``loss_mask=`` ``[B, 1, h, w]``, normalised by its sum). The loop averages it; it never knows
+which family or objective it trains.
 
 * :class:`DiffusionObjective`: the VP loss of a ``prediction_type`` target with min-SNR / debiased weighting,
   offset noise and input perturbation (``path = "vp"``).

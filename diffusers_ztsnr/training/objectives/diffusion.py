@@ -17,10 +17,12 @@ class DiffusionObjective:
     """The loss of a VP model of ``prediction_type`` on ``schedule`` (the schedule actually trained: its ZTSNR
     rescale when training with zero terminal SNR).
 
-    Called as ``objective(predict, latents, conditioning, noise, generator) -> (per-sample loss [B], timesteps [B])``
+    Called as ``objective(predict, latents, conditioning, noise, generator, loss_mask=None) -> (per-sample loss [B],
+    timesteps [B])``
     where ``predict(x_t, t, conditioning)`` is the model's output in ``prediction_type`` at integer timesteps ``t``
     (``0 .. T-1``, ``T-1`` the noisiest). Draws on ``generator``, in this order: the offset noise, the input
     perturbation (each only when enabled), then the timesteps; ``noise`` is the standard normal draw the caller made.
+    ``loss_mask`` ``[B, 1, h, w]`` weighs the latent cells (:func:`~.losses.diffusion_loss`).
     """
 
     #: the noise path ``predict`` is called on (``"vp"``: ``x_t = alpha_t x0 + sigma_t eps``, integer timesteps)
@@ -37,7 +39,8 @@ class DiffusionObjective:
         self.snrs = schedule.snr(t)
 
     def __call__(self, predict, latents: torch.Tensor, conditioning: dict[str, torch.Tensor], noise: torch.Tensor,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None, loss_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         device = latents.device
         noise = apply_noise_offset(noise, self.noise_offset, generator)
         model_noise = input_perturbation_noise(noise, self.input_perturbation, generator)  # the input's, not target's
@@ -50,4 +53,4 @@ class DiffusionObjective:
         if self.snr_gamma or self.debiased_estimation:
             weights = loss_weights(self.snrs[t], self.prediction_type, self.snr_gamma,
                                    self.debiased_estimation).to(device)
-        return diffusion_loss(prediction, target.to(device), weights, reduction="none"), t
+        return diffusion_loss(prediction, target.to(device), weights, reduction="none", mask=loss_mask), t

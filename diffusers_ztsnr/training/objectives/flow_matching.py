@@ -56,7 +56,8 @@ class FlowMatchingObjective:
     ``predict(x_s, s, conditioning)`` is the velocity at flow times ``s`` in ``[0, 1]`` (float64). ``s`` is drawn by
     ``weighting_scheme``'s density (:func:`~.times.sample_flow_sigmas`), shifted by ``shift`` (a static factor or a
     :class:`ResolutionShift`) and, with ``min_time``, clamped from below (a VP schedule's cleanest level). Draws on
-    ``generator``: the offset noise and the input perturbation (only when enabled), then the times.
+    ``generator``: the offset noise and the input perturbation (only when enabled), then the times. A
+    ``loss_mask=`` ``[B, 1, h, w]`` weighs the latent cells (:func:`~.losses.diffusion_loss`).
     """
 
     #: the noise path ``predict`` is called on (``"flow"``: ``x_s = (1 - s) x0 + s eps``, ``s`` in [0, 1])
@@ -85,7 +86,8 @@ class FlowMatchingObjective:
         return s if self.min_time is None else s.clamp(min=self.min_time)
 
     def __call__(self, predict, latents: torch.Tensor, conditioning: dict[str, torch.Tensor], noise: torch.Tensor,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None, loss_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         noise = apply_noise_offset(noise, self.noise_offset, generator)
         model_noise = input_perturbation_noise(noise, self.input_perturbation, generator)
         s = self.times(latents, generator)
@@ -93,5 +95,5 @@ class FlowMatchingObjective:
         velocity = predict(noisy, s, conditioning)
         weights = flow_loss_weights(s, self.weighting_scheme).to(latents.device)
         loss = flow_matching_loss(velocity, "flow_prediction", noisy, latents, noise, 1 - s, s, weights,
-                                  self.precondition_outputs, reduction="none")
+                                  self.precondition_outputs, reduction="none", mask=loss_mask)
         return loss, s

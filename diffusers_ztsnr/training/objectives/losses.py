@@ -71,10 +71,16 @@ def diffusion_loss(
     target: torch.Tensor,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted MSE: per-sample mean of ``(model_output - target)**2`` over all non-batch dimensions, times
     ``weights`` (``[B]``, e.g. from :func:`loss_weights`), then the mean (``"mean"``) or sum (``"sum"``) over the
     batch, or the ``[B]`` per-sample losses (``"none"``).
+
+    A loss ``mask`` ``[B, 1, h, w]`` (the latent grid; values in [0, 1]) weighs each latent cell, and the sample's
+    loss is normalised by the mask's sum instead of the cell count: ``sum(m * e**2) / (C * sum(m))`` with ``C``
+    channels, so an all-ones mask gives the plain mean, and cells where ``m = 0`` add nothing (no gradient). An
+    all-zero mask gives a loss of 0 for that sample.
 
     Computed in float32 at least, whatever the dtype of the inputs (fp16 / bf16 squares and means lose the
     small errors the end of training is about); the result is float32 (float64 for float64 inputs).
@@ -87,7 +93,12 @@ def diffusion_loss(
         raise ValueError("model_output needs a batch dimension.")
     work = torch.promote_types(torch.promote_types(model_output.dtype, target.dtype), torch.float32)
     error = model_output.to(work) - target.to(work).to(model_output.device)
-    per_sample = error.square().reshape(len(error), -1).mean(dim=1)
+    if mask is None:
+        per_sample = error.square().reshape(len(error), -1).mean(dim=1)
+    else:
+        mask = mask.to(error.device, work).expand(len(error), 1, *error.shape[2:])
+        cells = mask.reshape(len(error), -1).sum(dim=1) * error.shape[1]
+        per_sample = (error.square() * mask).reshape(len(error), -1).sum(dim=1) / cells.clamp_min(1e-12)
     if weights is not None:
         weights = torch.as_tensor(weights).to(per_sample.device, work)
         if weights.shape != per_sample.shape:
@@ -109,6 +120,7 @@ def flow_matching_loss(
     weights: torch.Tensor | None = None,
     precondition_outputs: bool = False,
     reduction: str = "mean",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The rectified-flow loss ``|u_model - (noise - x0)|**2`` for a model of any parameterization.
 
@@ -118,8 +130,8 @@ def flow_matching_loss(
     quantity in both coordinates. ``model_output`` is converted to ``flow_prediction`` with the one conversion of
     :mod:`diffusers_ztsnr.parameterization` (no-op for a flow model). With ``precondition_outputs`` the loss is on
     ``x0`` instead (diffusers' ``--precondition_outputs``: the output turned into ``x0 = x_s - s * u``, compared
-    with ``x0``), which needs a model whose output determines ``x0`` at every level trained. ``reduction`` as in
-    :func:`diffusion_loss`.
+    with ``x0``), which needs a model whose output determines ``x0`` at every level trained. ``reduction`` and the
+    loss ``mask`` as in :func:`diffusion_loss`.
     """
     _check_prediction_type(prediction_type)
     target_type = "sample" if precondition_outputs else "flow_prediction"
@@ -129,4 +141,4 @@ def flow_matching_loss(
     except SingularParameterizationError as error:
         raise ValueError(f"cannot train a {prediction_type} model on this flow objective: {error}") from error
     target = x0 if precondition_outputs else noise - x0
-    return diffusion_loss(prediction, target.to(prediction.dtype), weights, reduction)
+    return diffusion_loss(prediction, target.to(prediction.dtype), weights, reduction, mask)
