@@ -122,8 +122,11 @@ _MODELSPEC_PREDICTIONS = {"v": "v_prediction", "v_prediction": "v_prediction", "
                           "sample": "sample", "flow_prediction": "flow_prediction"}
 #: sd-scripts' ModelSpec architecture ids (``library/sai_model_spec.py``), by family
 ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                 "sd3": "stable-diffusion-3", "flux": "flux-1"}
-FLOW_ARCHITECTURES = ("stable-diffusion-3", "flux-1")
+                 "sd3": "stable-diffusion-3", "flux": "flux-1",
+                 # musubi-tuner's ids (its sai_model_spec.py; Klein's there add the size, -4b / -9b)
+                 "qwen-image": "Qwen-Image", "z-image": "Z-Image", "flux2-klein": "Flux.2-klein"}
+FLOW_FAMILIES = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein")
+FLOW_ARCHITECTURES = tuple(ARCHITECTURES[f] for f in FLOW_FAMILIES)
 
 
 def marker_metadata(prediction_type: str, zero_terminal_snr: bool, family: str | None = None) -> dict[str, str]:
@@ -136,10 +139,11 @@ def marker_metadata(prediction_type: str, zero_terminal_snr: bool, family: str |
     Readers: :func:`scheduler_settings_from_checkpoint`.
     """
     if prediction_type == "flow_prediction":
-        if family not in ("sd3", "flux"):
-            raise ValueError(f"flow_prediction metadata needs family 'sd3' or 'flux' (got {family!r})")
+        if family not in FLOW_FAMILIES:
+            raise ValueError(f"flow_prediction metadata needs family {' / '.join(map(repr, FLOW_FAMILIES))} "
+                             f"(got {family!r})")
         return {ARCHITECTURE_KEY: f"{ARCHITECTURES[family]}/lora"}
-    if family in ("sd3", "flux"):
+    if family in FLOW_FAMILIES:
         raise ValueError(f"a {family} model is trained with flow matching, not prediction_type={prediction_type!r}")
     metadata = {PREDICTION_TYPE_KEY: {"v_prediction": "v"}.get(prediction_type, prediction_type),
                 "ss_zero_terminal_snr": str(bool(zero_terminal_snr))}

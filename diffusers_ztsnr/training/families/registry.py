@@ -16,6 +16,9 @@ from ..task import ModelTask
 FLOW_TASKS: dict[str, tuple[str, str]] = {
     "StableDiffusion3Pipeline": ("flow_transformers", "FlowTask"),
     "FluxPipeline": ("flow_transformers", "FlowTask"),
+    "ZImagePipeline": ("z_image", "ZImageTask"),
+    "QwenImagePipeline": ("qwen_image", "QwenImageTask"),
+    "Flux2KleinPipeline": ("flux2", "Flux2KleinTask"),
 }
 
 

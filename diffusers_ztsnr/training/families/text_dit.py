@@ -1,0 +1,84 @@
+"""What Qwen-Image, Z-Image and FLUX.2 Klein share: one frozen decoder-LM text encoder, no pooled embedding, no
+guidance input in their pipelines' text-to-image calls, prompt encodings padded to a fixed length with a mask.
+
+Every encoding is padded to ``--max_sequence_length`` tokens (zeros) with ``prompt_mask`` marking the prompt's
+own tokens, so that cached encodings of different captions stack into one batch and caption dropout swaps whole
+rows; each family's ``predict`` hands the transformer what its pipeline would (the unpadded rows, or the batch
+padded to its longest prompt). The conventions of the flow, the shift and the files are :class:`FlowTask`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import InputError
+from ..lora import is_dora, save_diffusers_lora
+from ..task import ModelTask
+from .flow_transformers import FlowTask
+
+
+def pad_prompts(rows: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` ``[B, length, D]`` (each row's tokens first, then zeros) and ``prompt_mask`` ``[B, length]``
+    (1 on a row's tokens) of per-prompt hidden states ``rows`` (``[n_i, D]``, ``n_i <= length``)."""
+    width = rows[0].shape[-1]
+    embeds = rows[0].new_zeros(len(rows), length, width)
+    mask = torch.zeros(len(rows), length, device=rows[0].device)
+    for i, row in enumerate(rows):
+        embeds[i, :len(row)] = row[:length]
+        mask[i, :len(row)] = 1
+    return {"prompt_embeds": embeds, "prompt_mask": mask}
+
+
+class TextDiTTask(FlowTask):
+    """A flow transformer conditioned on one LM's hidden states. Subclasses set ``pipelines``, ``family_name``,
+    ``family_title`` and implement ``default_lora_layers``, ``encode_prompts``, ``encode_images`` and ``predict``."""
+
+    cond_keys = ("prompt_embeds", "prompt_mask")
+    #: the ``--max_sequence_length`` default: the pipeline's own ``__call__`` default
+    default_max_sequence_length = 512
+    family_name = ""
+    family_title = ""
+
+    def __init__(self, args: argparse.Namespace):
+        ModelTask.__init__(self, args)  # not FlowTask's: no CLIP, no pooled projections, no guidance embedding
+        self.is_flux = False
+        if args.train_text_encoder:
+            raise InputError(f"--train_text_encoder: {self.family_title}'s text encoder stays frozen here, as in "
+                             "diffusers' LoRA scripts for it; drop --train_text_encoder.")
+        if args.guidance_scale is not None:
+            raise InputError(f"--guidance_scale {args.guidance_scale}: {self.family_title} "
+                             f"({self.class_name}) takes no guidance embedding; drop --guidance_scale.")
+        self.trainable_text_encoders = {}
+        self.guidance = None
+        self.max_sequence_length = args.max_sequence_length or self.default_max_sequence_length
+        self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
+                            else self.default_lora_layers())
+        self.lora_layers_label = ",".join(self.lora_layers)
+
+    def default_lora_layers(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def family(self) -> str:
+        return self.family_name
+
+    def save_lora(self, output_dir: Path, states, args) -> dict[str, Path]:
+        """diffusers' file, and ``lora_kohya.safetensors`` in the names ComfyUI maps for the family
+        (:mod:`diffusers_ztsnr.lora_keys_dit`)."""
+        from ...lora_keys_dit import save_comfyui_lora
+
+        alpha = args.lora_alpha or args.rank
+        lora = save_diffusers_lora(self.pipeline_class, output_dir, states, "flow_prediction", False,
+                                   lora_alpha=alpha, family=self.family)
+        if is_dora(states):
+            return {"lora": lora}  # no kohya copy: see card.kohya_note
+        kohya = save_comfyui_lora(output_dir / "lora_kohya.safetensors", self.family, states["transformer"], alpha,
+                                  dict(self.denoiser.config), base_model=args.pretrained_model_name_or_path)
+        return {"lora": lora, "kohya": kohya}
+
+    def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}

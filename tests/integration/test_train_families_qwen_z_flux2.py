@@ -1,0 +1,236 @@
+"""train_lora_flow.py on tiny Qwen-Image, Z-Image and FLUX.2 Klein models (CPU): one run per family trains, its
+LoRA loads in diffusers and in ComfyUI's names with the trained deltas, a resumed run is bitwise the same, and the
+task's transformer call is the pipeline's own."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers_ztsnr import ZTSNRFlowMatchScheduler
+from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
+from diffusers_ztsnr.testing.tiny_flow_builders import build_flux2_klein, build_qwen_image, build_z_image
+from diffusers_ztsnr.training import objectives
+from diffusers_ztsnr.training.families.registry import flow_task_class
+from diffusers_ztsnr.training.flow import main as flow_main
+from diffusers_ztsnr.training.flow import parse_args as flow_args
+from tests.integration.interop.support import count, diffusers_applied, max_error
+from tests.train_utils import RES, whole_dataset_batch
+
+pytestmark = pytest.mark.usefixtures("quiet_loading")
+BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "flux2-klein": build_flux2_klein}
+STEPS, RANK, ALPHA = 40, 8, 4.0
+LORA = "pytorch_lora_weights.safetensors"  # alpha != rank: the files must carry the scale alpha / rank = 0.5
+
+
+def argv(assets, kind, out, steps=STEPS, *extra):
+    return ["--pretrained_model_name_or_path", str(assets[kind]), "--train_data_dir", str(assets["data"]),
+            "--resolution", str(RES), "--train_batch_size", "4", "--max_train_steps", str(steps), "--center_crop",
+            "--output_dir", str(out), "--learning_rate", "3e-2", "--rank", str(RANK), "--lora_alpha", str(ALPHA),
+            "--report_to", "none", "--checkpointing_steps", "30", "--max_sequence_length", "48", *extra]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from diffusers_ztsnr.testing.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("dit")
+    out = {"data": make_demo_dataset(root / "data", num_images=4, size=RES)}
+    for kind, build in BUILDERS.items():
+        with torch.random.fork_rng(devices=[]):
+            build(0).save_pretrained(root / kind)
+        out[kind] = root / kind
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """One training run per family (checkpoints at 30 and 40 steps, validation images at the end)."""
+    root = tmp_path_factory.mktemp("runs")
+    done = {}
+    for kind in BUILDERS:
+        out = root / kind
+        result = flow_main(argv(assets, kind, out, STEPS, "--validation_prompt", "a red disc",
+                                "--num_validation_images", "1", "--validation_inference_steps", "2",
+                                "--validation_steps", "1000"))
+        done[kind] = (out, result)
+    return done
+
+
+def load_task(assets, kind):
+    args = flow_args(argv(assets, kind, "unused", 1))
+    pipe_class = json.loads((assets[kind] / "model_index.json").read_text())["_class_name"]
+    return flow_task_class(pipe_class)(args)
+
+
+def fixed_batch_flow_loss(task, batch, draws=6) -> float:
+    """Flow-matching loss of ``task.pipe``'s transformer on the whole demo set, fixed noise and times."""
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        latents = task.encode_images(batch["pixel_values"])
+        cond = task.encode_prompts(batch["caption"], "cpu")
+        for _ in range(draws):
+            noise = torch.randn(latents.shape, generator=g)
+            s = objectives.sample_flow_sigmas(len(latents), g, "none")
+            noisy = objectives.noisy_latents(latents, noise, 1 - s, s)
+            pred = task.predict(task.pipe.transformer, noisy, s, cond, torch.float32)
+            total += objectives.flow_matching_loss(pred, "flow_prediction", noisy, latents, noise, 1 - s, s).item()
+    return total / draws
+
+
+def trained_deltas(out) -> dict:
+    """``{"transformer": {module: lora_B @ lora_A * alpha / rank}}`` from the diffusers file."""
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    deltas = {}
+    for key, a in state.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("transformer.").rsplit(".lora_A.", 1)[0]
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            deltas[module] = b.double() @ a.double() * (ALPHA / a.shape[0])
+    return {"transformer": deltas}
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_training_lowers_the_loss_and_diffusers_applies_every_trained_delta(kind, assets, runs):
+    out, result = runs[kind]
+    assert result["global_step"] == STEPS and np.isfinite(result["losses"]).all()
+    task = load_task(assets, kind)
+    batch = whole_dataset_batch(assets["data"])
+    before = fixed_batch_flow_loss(task, batch)
+    trained = trained_deltas(out)
+    applied, patched = diffusers_applied(task.pipe, out, ["transformer"])
+    after = fixed_batch_flow_loss(task, batch)  # the fused LoRA
+    # measured (seed 0, 40 steps at 3e-2): qwen-image 1.508 -> 1.183, z-image 1.374 -> 1.208, flux2-klein 1.371 -> 1.220
+    assert after < 0.93 * before, (before, after)
+    # every module the run trained, and only those, is patched, each with its trained delta
+    assert patched["transformer"] == set(trained["transformer"]) and count(patched) == count(trained) >= 4
+    assert set(applied["transformer"]) == set(trained["transformer"])
+    assert max_error(applied, trained) < 1e-6
+    assert scheduler_settings_from_checkpoint(out)["prediction_type"] == "flow_prediction"
+    assert (out / "validation").is_dir() and (out / "samples.png").is_file()
+    assert ZTSNRFlowMatchScheduler.from_pretrained(out, subfolder="scheduler").config.use_dynamic_shifting
+
+
+def test_the_default_targets_are_diffusers_examples(runs):
+    modules = {kind: {re.sub(r"\.\d+\.", ".N.", m) for m in trained_deltas(out)["transformer"]}
+               for kind, (out, _) in runs.items()}
+    attention = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"}
+    assert modules["qwen-image"] == {f"transformer_blocks.N.{m}" for m in attention}
+    assert modules["z-image"] == {f"{block}.N.{m.replace('attn', 'attention')}" for m in attention
+                                  for block in ("layers", "noise_refiner", "context_refiner")}
+    assert modules["flux2-klein"] == {*(f"transformer_blocks.N.{m}" for m in attention),
+                                      "single_transformer_blocks.N.attn.to_qkv_mlp_proj",
+                                      "single_transformer_blocks.N.attn.to_out"}
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_a_resumed_run_ends_bitwise_equal(kind, assets, runs, tmp_path):
+    out, full = runs[kind]
+    resumed = flow_main(argv(assets, kind, tmp_path / "resumed", STEPS, "--resume_from_checkpoint",
+                             str(out / "checkpoint-30")))
+    assert resumed["global_step"] == STEPS and len(resumed["losses"]) == STEPS - 30
+    np.testing.assert_array_equal(resumed["losses"], full["losses"][30:])
+    a, b = load_file(out / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "resumed" / LORA)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- ComfyUI: comfy/lora.py model_lora_keys_unet, restated for these models -------------------------------------
+# Qwen-Image: the native model keeps diffusers' names; every weight maps from lora_unet_<key, "." -> "_">.
+# Z-Image (Lumina2 branch): diffusion_model.<diffusers key> -> the native key of comfy/utils.py z_image_to_diffusers,
+# q / k / v as row slices of attention.qkv. FLUX.2 (a Flux model): lora_unet_<BFL key, "." -> "_">, BFL's fused qkv.
+Z_NATIVE = {"attention.to_out.0": "attention.out", "all_x_embedder.2-1": "x_embedder",
+            "all_final_layer.2-1.linear": "final_layer.linear"}
+BFL_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn.proj": ("attn.to_out.0",),
+              "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+              "txt_attn.proj": ("attn.to_add_out",), "img_mlp.0": ("ff.linear_in",), "img_mlp.2": ("ff.linear_out",),
+              "txt_mlp.0": ("ff_context.linear_in",), "txt_mlp.2": ("ff_context.linear_out",)}
+BFL_SINGLE = {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}
+
+
+def comfyui_patches(kind, lora, transformer) -> tuple[dict, set]:
+    """What ComfyUI adds to each native weight (``{native key: delta}``; a sliced key adds into its rows) for the
+    kohya file ``lora``, and the keys it leaves unused ("lora key not loaded")."""
+    def delta(name):
+        down, up = lora[f"{name}.lora_down.weight"].double(), lora[f"{name}.lora_up.weight"].double()
+        return up @ down * (float(lora[f"{name}.alpha"]) / down.shape[0])
+
+    names = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in lora}
+    names |= {k.removesuffix(".alpha") for k in lora if k.endswith(".alpha")}
+    patches, used = {}, set()
+    qwen_keys = {m.replace(".", "_"): m for m, _ in transformer.named_modules()}
+    for name in sorted(names):
+        if kind == "qwen-image":
+            target = qwen_keys.get(name.removeprefix("lora_unet_"))
+            if not name.startswith("lora_unet_") or target is None:
+                continue
+            patches[target] = delta(name)
+        elif kind == "z-image":
+            path = name.removeprefix("diffusion_model.")
+            block = re.fullmatch(r"((?:layers|noise_refiner|context_refiner)\.\d+)\.attention\.to_([qkv])", path)
+            if block:
+                rows = int(transformer.config.dim)
+                qkv = patches.setdefault(f"{block[1]}.attention.qkv", torch.zeros(3 * rows, rows, dtype=torch.float64))
+                start = "qkv".index(block[2]) * rows
+                qkv[start:start + rows] += delta(name)
+            else:
+                native = re.sub(r"\.attention\.to_out\.0$", ".attention.out", path)
+                patches[Z_NATIVE.get(native, native)] = delta(name)
+        else:
+            m = re.fullmatch(r"lora_unet_(double|single)_blocks_(\d+)_(.+)", name)
+            table = BFL_DOUBLE if m and m[1] == "double" else BFL_SINGLE
+            native = {k.replace(".", "_"): k for k in table}.get(m[3]) if m else None
+            if native is None:
+                continue
+            patches[f"{m[1]}_blocks.{m[2]}.{native}"] = delta(name)
+        used |= {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"}
+    return patches, set(lora) - used
+
+
+def expected_native(kind, trained: dict, transformer) -> dict:
+    """The trained diffusers deltas in the native layout (fused parts stacked along the rows, zero if untrained)."""
+    if kind == "qwen-image":
+        return dict(trained)
+    out = {}
+    if kind == "z-image":
+        for path, d in trained.items():
+            if block := re.fullmatch(r"(.+)\.attention\.to_([qkv])", path):
+                rows = d.shape[0]
+                qkv = out.setdefault(f"{block[1]}.attention.qkv", torch.zeros(3 * rows, rows, dtype=torch.float64))
+                qkv["qkv".index(block[2]) * rows:("qkv".index(block[2]) + 1) * rows] = d
+            else:
+                out[Z_NATIVE.get(path, path.replace(".attention.to_out.0", ".attention.out"))] = d
+        return out
+    for prefix, native_prefix, table in (("transformer_blocks", "double_blocks", BFL_DOUBLE),
+                                         ("single_transformer_blocks", "single_blocks", BFL_SINGLE)):
+        for index in range(len(getattr(transformer, prefix))):
+            for native, parts in table.items():
+                paths = [f"{prefix}.{index}.{p}" for p in parts]
+                if any(p in trained for p in paths):
+                    zero = [torch.zeros(transformer.get_submodule(p).weight.shape, dtype=torch.float64) for p in paths]
+                    out[f"{native_prefix}.{index}.{native}"] = torch.cat(
+                        [trained.get(p, z) for p, z in zip(paths, zero, strict=True)])
+    return out
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_the_comfyui_file_applies_the_trained_deltas(kind, assets, runs):
+    out, _ = runs[kind]
+    kohya = load_file(out / "lora_kohya.safetensors")
+    trained = trained_deltas(out)
+    task = load_task(assets, kind)
+    patches, unused = comfyui_patches(kind, kohya, task.pipe.transformer)
+    expected = expected_native(kind, trained["transformer"], task.pipe.transformer)
+    assert not unused and set(patches) == set(expected) and len(patches) >= 2
+    assert max(float((patches[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+    with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_alpha"] == str(ALPHA) and metadata["ss_network_dim"] == str(RANK)
+    assert scheduler_settings_from_checkpoint(out / "lora_kohya.safetensors")["prediction_type"] == "flow_prediction"
+    # diffusers' own converters for these names read the same file back to the trained deltas
+    applied, patched = diffusers_applied(task.pipe, out / "lora_kohya.safetensors", ["transformer"])
+    assert patched["transformer"] == set(trained["transformer"]) and max_error(applied, trained) < 1e-5
