@@ -96,6 +96,7 @@ def heun_grid(nfe: int) -> dict:
 def vp_rows() -> list[Row]:
     ours = [
         ("ours DPM++2M (default)", ZTSNRDPMSolverMultistepScheduler, {}),
+        ("ours DPM++2M final_step=first_order", ZTSNRDPMSolverMultistepScheduler, {"final_step": "first_order"}),
         ("ours DPM++2M final_step=trapezoid", ZTSNRDPMSolverMultistepScheduler, {"final_step": "trapezoid"}),
         ("ours DDIM (default)", ZTSNRDDIMScheduler, {}),
         ("ours Euler (default)", ZTSNREulerScheduler, {}),

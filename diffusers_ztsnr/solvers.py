@@ -55,9 +55,31 @@ def ddim_update(level: Level, next_level: Level, eta: float = 0.0) -> Update:
     return Update(x=along, x0=alpha_n - along * alpha, noise=c)
 
 
-#: how the last step, to clean data, is taken: the first-order step (the x0 prediction, diffusers') or
-#: :func:`trapezoid_final_update`
-FINAL_STEPS = ("trapezoid", "first_order")
+#: how the last step, to clean data, is taken: :func:`extrapolated_final_update`, :func:`trapezoid_final_update`
+#: or the first-order step (the x0 prediction, as diffusers and k-diffusion take it)
+FINAL_STEPS = ("extrapolate", "trapezoid", "first_order")
+
+
+def extrapolated_final_update(level: Level, next_level: Level, previous_level: Level) -> Update:
+    """The last step, to clean data ``(alpha_n, 0)``: the x0 predictions of the last two levels extrapolated to zero
+    noise.
+
+    With ``tau = sigma / alpha``, Tweedie's formula for the path ``y = x / alpha = x0 + tau * eps`` is
+    ``x0_pred = y + tau**2 * score(y)``, and along the probability-flow ODE ``y`` itself moves by ``O(tau**2)``
+    (``dy/dtau = -tau * score``); so the prediction approaches the ODE's end point as ``x0_pred(tau) = x0_end +
+    c * tau**2 + O(tau**4)`` for data with a smooth density. A straight line in ``tau**2`` through the last two
+    predictions removes the ``tau**2`` term: ``x0_end = w * x0 + (1 - w) * previous_x0`` with
+    ``w = tau_prev**2 / (tau_prev**2 - tau**2) = 1 / (1 - e^{-2h})`` (``h`` the last step in log-SNR / 2).
+
+    The first-order step returns ``x0`` and keeps ``s / sqrt(s**2 + tau**2)`` of detail of std ``s`` (98.2% for
+    ``s = 0.15`` at SD's ``tau = 0.029``, at any step count). Detail finer than ``tau`` is not resolved by any
+    step that sees the model only down to ``tau``; there both predictions grow about as ``e^{lambda}`` and this
+    step returns about ``(1 - e^{-3h}) / (1 - e^{-2h})`` times the first-order one (between 1 and 1.5), where the
+    trapezoid step adds noise of about ``tau / 2``. Uses no model evaluation beyond the first-order step's."""
+    (alpha_n, _), (alpha, sigma), (alpha_p, sigma_p) = next_level, level, previous_level
+    tau2, tau2_prev = (sigma / alpha) ** 2, (sigma_p / alpha_p) ** 2
+    w = tau2_prev / (tau2_prev - tau2)
+    return Update(x=0.0, x0=alpha_n * w, previous_x0=alpha_n * (1 - w))
 
 
 def trapezoid_final_update(level: Level, next_level: Level) -> Update:
@@ -84,15 +106,20 @@ def dpmpp_2m_update(
     With ``lambda = log(alpha / sigma)`` and ``h = lambda_n - lambda``, the exponential factor
     ``e^{-h} = (alpha * sigma_n) / (sigma * alpha_n)`` is computed as that ratio, which is finite at
     both ends (0 when ``alpha = 0`` or ``sigma_n = 0``). The second-order correction needs finite step
-    sizes, so the step is first order when the previous point had SNR 0, when the next point is clean
-    (unless ``final_step="trapezoid"``: :func:`trapezoid_final_update`), when there is no previous prediction,
-    or when the step is over twice the previous one in log-SNR.
+    sizes, so the step is first order when the previous point had SNR 0, when there is no previous prediction,
+    or when the step is over twice the previous one in log-SNR. The last step, to clean data, is ``final_step``:
+    :func:`extrapolated_final_update` (where the two last levels have SNR > 0), :func:`trapezoid_final_update`, or
+    first order.
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type={solver_type!r}; allowed: 'midpoint', 'heun'.")
     (alpha, sigma), (alpha_n, sigma_n) = level, next_level
-    if final_step == "trapezoid" and sigma_n == 0 and alpha > 0 and sigma > 0:
-        return trapezoid_final_update(level, next_level)
+    if sigma_n == 0 and alpha > 0 and sigma > 0:
+        if final_step == "trapezoid":
+            return trapezoid_final_update(level, next_level)
+        if (final_step == "extrapolate" and previous_level is not None and previous_level[0] > 0
+                and previous_level[1] / previous_level[0] > sigma / alpha):
+            return extrapolated_final_update(level, next_level, previous_level)
     decay = (alpha * sigma_n) / (sigma * alpha_n)  # e^{-h}
     first = Update(x=sigma_n / sigma, x0=alpha_n * (1 - decay))
     # a zero-length step (next level == this one, e.g. final_sigmas_type="sigma_min" after a grid ending at

@@ -49,7 +49,7 @@ FOREIGN_CONFIG_KEYS: dict[str, Any] = {
     "trained_betas": None,
     "use_karras_sigmas": False,
     "final_sigmas_type": "zero",
-    "final_step": "first_order",  # our multistep option (the second-order last step); others take the x0 there
+    "final_step": None,  # our multistep samplers' last step; a one-step sampler's last step is its own, as solver_order
     "solver_order": None,
     "eta": None,  # the ancestral sampler's noise; DDIM takes eta per step
     "algorithm_type": None,

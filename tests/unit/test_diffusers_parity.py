@@ -85,7 +85,7 @@ def test_euler_equals_diffusers_euler():
 def test_dpmsolver_equals_diffusers(monkeypatch):
     monkeypatch.setattr(solvers, "MIN_STEP_RATIO", 0.0)  # diffusers has no step-ratio guard
     kw = dict(prediction_type="v_prediction", timestep_spacing="trailing", **SD)
-    ours = ZTSNRDPMSolverMultistepScheduler(**kw)
+    ours = ZTSNRDPMSolverMultistepScheduler(**kw, final_step="first_order")  # diffusers' last step: the x0 there
     theirs = DPMSolverMultistepScheduler(**kw, final_sigmas_type="zero", lower_order_final=True)
     model = AnalyticModel(GAUSSIAN, vp_levels(ours.schedule.alphas_cumprod), "v_prediction")
     a, b = run_pair(ours, theirs, model, 20, theirs_scale=1.0)

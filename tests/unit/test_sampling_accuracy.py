@@ -4,13 +4,16 @@ Every deterministic sampler is linear in its initial noise when it drives the ex
 std each band comes out with is a number, not an estimate (:func:`diffusers_ztsnr.analytic.sampler_gain`): these
 bounds hold on every machine. Targets: every band's |log(std ratio)| within 0.15 / 0.05 / 0.03 at 10 / 20 / 30
 model evaluations on the flow path, with SD3's config and with Flux's at 1024 px (``mu`` from the image size);
-on the VP path the last step to clean data no longer shrinks fine detail to a posterior mean.
+on the VP path the default last step to clean data (extrapolated to zero noise) no longer shrinks fine detail
+to a posterior mean.
 """
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.analytic import (
@@ -102,27 +105,53 @@ def vp_log_gains(nfe: int, **kwargs) -> torch.Tensor:
     return (sampler_gain(scheduler, model, nfe) / STDS).log()
 
 
-def test_vp_trapezoid_last_step_keeps_fine_detail():
+def test_vp_default_last_step_keeps_fine_detail_and_the_error_keeps_falling():
     """SD's smallest noise level is sigma/alpha = 0.029: a last step returning the x0 prediction there keeps only
-    s / sqrt(s^2 + 0.029^2) of a band of std s (0.982 for the finest band, 0.15); the trapezoid step keeps it all."""
-    first_order = vp_log_gains(50)
+    s / sqrt(s^2 + 0.029^2) of a band of std s (0.982 for the finest band, 0.15), at any step count. The default
+    last step extrapolates the last two x0 predictions to zero noise: the error falls with the step count."""
+    first_order = {n: vp_log_gains(n, final_step="first_order") for n in (30, 50, 100)}
+    default = {n: vp_log_gains(n) for n in (30, 50, 100)}
+    for n in (50, 100):
+        assert float(first_order[n][-1]) < -0.015  # the floor of the first-order last step
+    assert float(default[30].abs().max()) < 0.012  # measured 0.95%
+    assert float(default[50].abs().max()) < 0.005  # measured 0.34%
+    assert float(default[100].abs().max()) < 0.0035  # measured 0.22%
     trapezoid = vp_log_gains(50, final_step="trapezoid")
-    assert float(first_order[-1]) < -0.015  # the floor, at any step count
-    assert float(trapezoid.abs().max()) < 0.005  # every band within 0.5% at 50 evaluations
-    assert float(vp_log_gains(30, final_step="trapezoid").abs().max()) < 0.012  # within 1.2% at 30 (measured 0.94%)
+    assert float(trapezoid.abs().max()) < 0.005
 
 
-def test_vp_trapezoid_last_step_leaves_noise_in_detail_finer_than_the_last_noise_level():
-    """Why the trapezoid step is an option: a band of std 0.005 (below sigma/alpha = 0.029) comes out far too
-    wide with it and too narrow with the first-order step; the first-order error is the smaller."""
+def test_vp_last_steps_on_detail_finer_than_the_last_noise_level():
+    """A band of std 0.005 (below sigma/alpha = 0.029) is not resolved by any step that sees the model only down to
+    0.029: the first-order step shrinks it, the trapezoid step leaves noise of about 0.029 / 2 in it (far too
+    wide), and the extrapolated step stays between the first-order one and the data."""
     fine = AnalyticModel(GaussianMixture.gaussian(torch.zeros(1), torch.full((1,), 0.005**2)), None, "v_prediction")
-    errors = {}
-    for final_step in ("first_order", "trapezoid"):
+    gains = {}
+    for final_step in ("first_order", "trapezoid", "extrapolate"):
         scheduler = ZTSNRDPMSolverMultistepScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                                      final_step=final_step)
         fine.levels = vp_levels(scheduler.schedule.alphas_cumprod)
-        errors[final_step] = abs(float(sampler_gain(scheduler, fine, 30)[0]) / 0.005 - 1)
-    assert errors["trapezoid"] > 1.0 and errors["first_order"] < errors["trapezoid"], errors
+        gains[final_step] = float(sampler_gain(scheduler, fine, 30)[0]) / 0.005
+    assert gains["trapezoid"] > 2.0, gains
+    assert gains["first_order"] < gains["extrapolate"] < 1.0, gains
+
+
+@settings(max_examples=200, deadline=None)
+@given(s=st.floats(1e-3, 50.0), tau=st.floats(1e-3, 2.0), ratio=st.floats(1.05, 20.0))
+def test_extrapolated_final_step_lies_between_the_x0_prediction_and_the_exact_end(s, tau, ratio):
+    """On a zero-mean Gaussian band of std ``s``, the exact x0 prediction along the exact ODE is ``s / sqrt(1 +
+    (tau / s)^2)`` (unit noise): convex and decreasing in ``tau^2``, so the line through two of its points meets
+    ``tau = 0`` between the nearer point's value and ``s``, the ODE's end."""
+    from diffusers_ztsnr.solvers import extrapolated_final_update
+
+    def level_and_x0(t: float) -> tuple[tuple[float, float], float]:
+        alpha = 1 / (1 + t * t) ** 0.5
+        return (alpha, alpha * t), s / (1 + (t / s) ** 2) ** 0.5
+
+    (level, x0), (previous, previous_x0) = level_and_x0(tau), level_and_x0(tau * ratio)
+    u = extrapolated_final_update(level, (1.0, 0.0), previous)
+    out = u.x0 * x0 + u.previous_x0 * previous_x0
+    assert u.x == 0 and u.x0 + u.previous_x0 == pytest.approx(1.0, abs=1e-12)
+    assert x0 * (1 - 1e-9) <= out <= s * (1 + 1e-9)
 
 
 def test_trapezoid_final_step_matches_the_exact_ode_on_one_band():
