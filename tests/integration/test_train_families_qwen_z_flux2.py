@@ -15,6 +15,7 @@ from diffusers_ztsnr import ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.testing.tiny_flow_builders import build_flux2_klein, build_qwen_image, build_z_image
 from diffusers_ztsnr.training import objectives
+from diffusers_ztsnr.training.config import InputError
 from diffusers_ztsnr.training.families.registry import flow_task_class
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.flow import parse_args as flow_args
@@ -234,3 +235,60 @@ def test_the_comfyui_file_applies_the_trained_deltas(kind, assets, runs):
     # diffusers' own converters for these names read the same file back to the trained deltas
     applied, patched = diffusers_applied(task.pipe, out / "lora_kohya.safetensors", ["transformer"])
     assert patched["transformer"] == set(trained["transformer"]) and max_error(applied, trained) < 1e-5
+
+
+def pipeline_step(kind, task, noise, prompt):
+    """One sampling step of the stock pipeline from ``noise`` (the task's latent layout): the latent it returns, in
+    the task's layout, and the step's sigmas ``(s0, s1)``."""
+    pipe, pipe_class = task.pipe, task.pipeline_class
+    kwargs = dict(prompt=prompt, num_inference_steps=1, height=RES, width=RES, output_type="latent",
+                  max_sequence_length=task.max_sequence_length)
+    if kind == "z-image":
+        out = pipe(latents=noise, guidance_scale=0.0, **kwargs).images
+    elif kind == "qwen-image":
+        b, c, h, w = noise.shape
+        packed = pipe(latents=pipe_class._pack_latents(noise, b, c, h, w), **kwargs).images
+        out = pipe_class._unpack_latents(packed, RES, RES, pipe.vae_scale_factor)[:, :, 0]
+    else:  # the pipeline returns the VAE's latent: normalise and unpatchify it back
+        raw = pipe(latents=pipe_class._patchify_latents(noise), guidance_scale=1.0,
+                   text_encoder_out_layers=task.text_layers, **kwargs).images
+        mean, std = task._batch_norm(raw)
+        out = pipe_class._unpatchify_latents((pipe_class._patchify_latents(raw) - mean) / std)
+    s0, s1 = (float(x) for x in pipe.scheduler.sigmas[:2])
+    return out, (s0, s1)
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_the_task_calls_the_transformer_as_the_pipeline_does(kind, assets):
+    """The pipeline's own Euler step equals ``x + (s1 - s0) * predict(x, s0)`` with the task's prompt encoding,
+    packing, ids, time and sign: training and sampling see the same model."""
+    task = load_task(assets, kind)
+    task.pipe.set_progress_bar_config(disable=True)
+    prompt = "a red disc on a dark background"
+    shape = task.encode_images(torch.zeros(1, 3, RES, RES)).shape
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stepped, (s0, s1) = pipeline_step(kind, task, noise, prompt)
+        cond = task.encode_prompts([prompt], "cpu")
+        velocity = task.predict(task.pipe.transformer, noise, torch.tensor([s0]), cond, torch.float32)
+    assert s0 > 0.5 and stepped.shape == noise.shape
+    torch.testing.assert_close(stepped, noise + (s1 - s0) * velocity, rtol=0, atol=1e-4)
+    assert float((stepped - noise).abs().max()) > 0.1  # the step moved: the comparison is not of two no-ops
+
+
+TITLES = {"qwen-image": "Qwen-Image", "z-image": "Z-Image", "flux2-klein": "FLUX.2 Klein"}
+BAD = [(["--guidance_scale", "3.5"], "--guidance_scale 3.5: {title} ({pipe}) takes no guidance embedding"),
+       (["--train_text_encoder"], "--train_text_encoder: {title}'s text encoder stays frozen"),
+       (["--lora_layers", "attn.nonexistent"], "--lora_layers attn.nonexistent")]
+
+
+CASES = [(kind, *BAD[0]) for kind in BUILDERS] + [("z-image", *bad) for bad in BAD[1:]]
+
+
+@pytest.mark.parametrize("kind,extra,message", CASES, ids=[*BUILDERS, "text_encoder", "lora_layers"])
+def test_bad_flags_give_one_line_errors(kind, extra, message, assets, tmp_path):
+    pipe = json.loads((assets[kind] / "model_index.json").read_text())["_class_name"]
+    with pytest.raises(InputError) as caught:
+        flow_main(argv(assets, kind, tmp_path / "out", 1, *extra))
+    assert message.format(title=TITLES[kind], pipe=pipe) in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / LORA).exists()

@@ -44,14 +44,15 @@ class TextDiTTask(FlowTask):
     family_title = ""
 
     def __init__(self, args: argparse.Namespace):
-        ModelTask.__init__(self, args)  # not FlowTask's: no CLIP, no pooled projections, no guidance embedding
-        self.is_flux = False
+        # refused before any weight loads
         if args.train_text_encoder:
             raise InputError(f"--train_text_encoder: {self.family_title}'s text encoder stays frozen here, as in "
                              "diffusers' LoRA scripts for it; drop --train_text_encoder.")
         if args.guidance_scale is not None:
             raise InputError(f"--guidance_scale {args.guidance_scale}: {self.family_title} "
-                             f"({self.class_name}) takes no guidance embedding; drop --guidance_scale.")
+                             f"({self.pipelines[0]}) takes no guidance embedding; drop --guidance_scale.")
+        ModelTask.__init__(self, args)  # not FlowTask's: no CLIP, no pooled projections, no guidance embedding
+        self.is_flux = False
         self.trainable_text_encoders = {}
         self.guidance = None
         self.max_sequence_length = args.max_sequence_length or self.default_max_sequence_length
