@@ -47,9 +47,11 @@ RESUME_INSENSITIVE = frozenset({
     "config", "report_to", "logging_dir", "dataloader_num_workers", "checkpoints_total_limit",
     "num_validation_images", "validation_prompt", "validation_inference_steps", "max_consecutive_bad_losses",
     "cache_dir", "cache_latents_dir", "license", "export_checkpoint", "export_dtype", "torch_compile",
+    "conversion_probe",
 }) | SECRET_FLAGS
-#: flags added after runs were first recorded whose default is a string: the value that means "as before"
-OFF_VALUES = {"adapter": "lora", "base_quantization": "none"}
+#: flags added after runs were first recorded whose default is not falsy: the value that means "as before"
+OFF_VALUES = {"adapter": "lora", "base_quantization": "none", "num_class_images": 100, "prior_loss_weight": 1.0,
+              "sample_batch_size": 4, "class_inference_steps": 25}
 PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir")
 _TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges
 # outputs of a previous run that --overwrite_output_dir removes before the new run writes anything

@@ -33,6 +33,7 @@ from .identity import lock_folder, prepare_output_dir
 from .inputs import check_device_precision, check_inputs
 from .objectives.audit import report_weight_audit
 from .output import finish, validate
+from .prior import load_class_set
 from .stages import (
     WEIGHT_DTYPES,
     TrainingState,
@@ -99,8 +100,9 @@ def train(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], Mo
         if accelerator.is_main_process:
             report_weight_audit(models.objective, args, accelerator.print)
         image_set = load_training_set(args)
-        base_model, resume_path = record_identity(args, accelerator, image_set)
-        data = build_data(args, accelerator, models, image_set, base_model)
+        class_set = load_class_set(args, accelerator, models.task)  # prior preservation: generated if missing
+        base_model, resume_path = record_identity(args, accelerator, image_set, class_set)
+        data = build_data(args, accelerator, models, image_set, base_model, class_set)
         params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
         optimizer = build_optimizer(args, params)
         state = prepare_training(args, accelerator, models, data, params, optimizer)

@@ -35,6 +35,7 @@ from .identity import lock_folder, model_fingerprint, record_run, recorded_args,
 from .log_filters import install_long_message_filter
 from .lora import add_lora
 from .output import check_finite_states
+from .prior import with_class_items
 from .quantization import quantize_base
 from .speed import EncoderParking, compile_denoiser, dataloader_options, optimizer_options
 from .step import StepParts
@@ -131,17 +132,18 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
                                masks=uses_masks(args), mask_column=args.mask_column)
 
 
-def record_identity(args: argparse.Namespace, accelerator: Accelerator,
-                    image_set: ImageCaptionDataset) -> tuple[dict, Path | None]:
+def record_identity(args: argparse.Namespace, accelerator: Accelerator, image_set: ImageCaptionDataset,
+                    class_set: ImageCaptionDataset | None = None) -> tuple[dict, Path | None]:
     """Fingerprint the base model (its files are hashed once, here), resolve the checkpoint to resume from, and
-    record both with the data's fingerprint in the output folder (main process). Returns the model fingerprint
-    and the resume checkpoint (``None`` for a fresh run)."""
+    record both with the data's fingerprint (and the class images', under prior preservation) in the output folder
+    (main process). Returns the model fingerprint and the resume checkpoint (``None`` for a fresh run)."""
     output_dir = Path(args.output_dir)
     base_model = model_fingerprint(args.pretrained_model_name_or_path, args.revision)
     resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint) \
         if args.resume_from_checkpoint else None
     if accelerator.is_main_process:
-        record_run(args, {"flags": training_flags(args), "base_model": base_model, "data": image_set.fingerprint()},
+        data = image_set.fingerprint() if class_set is None else f"{image_set.fingerprint()}+{class_set.fingerprint()}"
+        record_run(args, {"flags": training_flags(args), "base_model": base_model, "data": data},
                    checkpoint_step(resume_path) if resume_path else 0)
     return base_model, resume_path
 
@@ -171,16 +173,22 @@ def encode_for_cache(task: ModelTask, device: torch.device, batch: dict[str, Any
 
 
 def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Models, image_set: ImageCaptionDataset,
-               base_model: dict) -> TrainingData:
-    """Under ``--cache_latents`` swap the images for their cached encodings (computed on a miss); then the
-    dataloader: bucketed batches under ``--bucketing``, else shuffled ones."""
+               base_model: dict, class_set: ImageCaptionDataset | None = None) -> TrainingData:
+    """Under ``--cache_latents`` swap the images (and ``class_set``'s) for their cached encodings (computed on a
+    miss); under prior preservation pair each item with a class item; then the dataloader: bucketed batches under
+    ``--bucketing``, else shuffled ones."""
     from .data import BucketBatchSampler, collate_fn
 
     train_set, cache_stats = image_set, None
     parking = EncoderParking([models.task.vae, *models.task.text_encoders], accelerator.device)
     if args.cache_latents:
         train_set, cache_stats = cached_encodings(args, accelerator, models, image_set, base_model)
+        if class_set is not None:
+            class_set = cached_encodings(args, accelerator, models, class_set, base_model)[0]
         parking.park()  # every batch now carries its encodings
+    if class_set is not None:
+        train_set = with_class_items(train_set, class_set)
+    collate_fn = getattr(train_set, "collate", collate_fn)
     sampler = None
     loader_options = dataloader_options(args, accelerator.device)
     if args.bucketing:

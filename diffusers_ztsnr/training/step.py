@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from .checkpointing import intact_checkpoints
 from .data.masks import latent_mask
 from .loss_bins import LossByNoise, noise_fraction
 from .output import NonFiniteWeightsError, nonfinite_weights
+from .prior import concat_cond, loss_parts_tags, merge_batches
 from .speed import EncoderParking
 from .task import ModelTask, Objective
 
@@ -110,17 +112,24 @@ def any_weights_bad(accelerator: Accelerator, weights_bad: torch.Tensor) -> bool
 def batch_loss(task: ModelTask, objective: Objective, model: torch.nn.Module, latents: torch.Tensor,
                cond: dict[str, torch.Tensor], batch: dict[str, Any], generator: torch.Generator,
                weight_dtype: torch.dtype, by_noise: LossByNoise | None = None) -> torch.Tensor:
-    """One micro-batch's scalar loss, the mean of the objective's per-sample losses: the noise is the first draw on
-    the step's generator, the objective draws the rest; ``predict`` is the task's model call on the objective's
-    path. Every loss the loop trains on is computed here; ``by_noise`` collects its per-sample losses by noise
-    level. A batch's ``loss_mask`` (masked training) weighs the latent cells, averaged to their grid."""
+    """One micro-batch's scalar loss, the mean of :func:`sample_losses`."""
+    return sample_losses(task, objective, model, latents, cond, batch, generator, weight_dtype, by_noise).mean()
+
+
+def sample_losses(task: ModelTask, objective: Objective, model: torch.nn.Module, latents: torch.Tensor,
+                  cond: dict[str, torch.Tensor], batch: dict[str, Any], generator: torch.Generator,
+                  weight_dtype: torch.dtype, by_noise: LossByNoise | None = None) -> torch.Tensor:
+    """One micro-batch's per-sample losses ``[B]``: the noise is the first draw on the step's generator, the
+    objective draws the rest; ``predict`` is the task's model call on the objective's path. Every loss the loop
+    trains on is computed here; ``by_noise`` collects them by noise level. A batch's ``loss_mask`` (masked
+    training) weighs the latent cells, averaged to their grid."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     predict = task.predictor(model, batch, weight_dtype, objective.path)
     mask = latent_mask(batch["loss_mask"], latents) if "loss_mask" in batch else None
     per_sample, times = objective(predict, latents, cond, noise, generator, loss_mask=mask)
     if by_noise is not None:
         by_noise.add(per_sample, noise_fraction(objective, times))
-    return per_sample.mean()
+    return per_sample
 
 
 def batch_inputs(task: ModelTask, batch: dict[str, Any], device: torch.device,
@@ -197,6 +206,9 @@ class OptimizerStep:
         self._empty_prompt: dict[str, torch.Tensor] | None = None
         #: the per-sample losses of the current optimizer step by noise level (logged by the loop)
         self.loss_by_noise = LossByNoise()
+        #: prior preservation: the last micro-step's ``[loss_instance, loss_prior]`` (read at the step's sync)
+        self.loss_parts: torch.Tensor | None = None
+        self.loss_parts_sums: list[float] = []  # their sums over processes, read at the last sync
 
     def micro_step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Forward and backward one micro-batch of optimizer step ``step`` (0-based); on the last micro-step, the
@@ -211,9 +223,14 @@ class OptimizerStep:
             self.micro = 0 if accelerator.sync_gradients else self.micro + 1
             with self._encoders_on_device(needed="latents" not in batch):
                 latents, cond = batch_inputs(parts.task, batch, accelerator.device, parts.text_encoders_trained)
+                prior = batch_inputs(parts.task, batch["prior"], accelerator.device, parts.text_encoders_trained) \
+                    if "prior" in batch else None
             cond = drop_captions(cond, self.empty_prompt(), self.args.caption_dropout, generator)
-            loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
-                              parts.weight_dtype, self.loss_by_noise)
+            if prior is None:
+                loss = batch_loss(parts.task, parts.objective, parts.model, latents, cond, batch, generator,
+                                  parts.weight_dtype, self.loss_by_noise)
+            else:
+                loss = self._prior_loss(batch, latents, cond, prior, generator)
             self.finite = self.finite & torch.isfinite(loss.detach())
             # a non-finite loss still runs its backward (DDP ranks must all reach the gradient all-reduce); the
             # update that its NaN gradients would spoil is skipped below on every rank
@@ -221,6 +238,24 @@ class OptimizerStep:
             if accelerator.sync_gradients:
                 self._close(loss, step)
         return loss
+
+    def _prior_loss(self, batch: dict[str, Any], latents: torch.Tensor, cond: dict[str, torch.Tensor],
+                    prior: tuple[torch.Tensor, dict[str, torch.Tensor]], generator: torch.Generator) -> torch.Tensor:
+        """Prior preservation: ``loss_instance + --prior_loss_weight * loss_prior``, the two means of the instance
+        and the class items; one forward pass over both when their latents stack (diffusers' way), else two (an
+        aspect-ratio bucket beside square class images). Keeps both terms for the step's log."""
+        parts, (prior_latents, prior_cond), n = self.parts, prior, len(latents)
+        run = functools.partial(sample_losses, parts.task, parts.objective, parts.model, generator=generator,
+                                weight_dtype=parts.weight_dtype, by_noise=self.loss_by_noise)
+        if prior_latents.shape[1:] == latents.shape[1:]:
+            per_sample = run(torch.cat([latents, prior_latents]), concat_cond(cond, prior_cond),
+                             merge_batches(batch, batch["prior"]))
+            instance, prior_loss = per_sample[:n].mean(), per_sample[n:].mean()
+        else:
+            instance = run(latents, cond, batch).mean()
+            prior_loss = run(prior_latents, prior_cond, batch["prior"]).mean()
+        self.loss_parts = torch.stack([instance.detach(), prior_loss.detach()]).double()
+        return instance + self.args.prior_loss_weight * prior_loss
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:
         """The empty prompt's encodings: once for frozen text encoders; every micro-step, with gradients, when
@@ -245,7 +280,12 @@ class OptimizerStep:
         and LR schedule; the gradient is zeroed either way."""
         parts = self.parts
         accelerator = parts.accelerator
-        health = read_step_health(accelerator, loss, self.finite, self.weights_bad, self.loss_by_noise.take())
+        by_noise = self.loss_by_noise.take()
+        extra = self.loss_parts.to(by_noise.device) if self.loss_parts is not None else by_noise[:0]
+        health = read_step_health(accelerator, loss, self.finite, self.weights_bad, torch.cat([by_noise, extra]))
+        # the loss parts travel in the same transfer, after the loss by noise level
+        health.loss_by_noise, self.loss_parts_sums = health.loss_by_noise[:len(by_noise)], \
+            health.loss_by_noise[len(by_noise):]
         self.health, self.finite = health, torch.ones_like(self.finite)
         if health.earlier_weights_bad:  # left by the previous update, optimizer step ``step`` (1-based)
             raise non_finite_weights_error(step, Path(self.args.output_dir))
@@ -282,4 +322,5 @@ class OptimizerStep:
             self.counters["consecutive_bad"] = 0
             if parts.ema is not None:
                 parts.ema.step(parts.params)
-        return health.loss, self.loss_by_noise.tags(health.loss_by_noise)
+        tags = loss_parts_tags(self.loss_parts_sums, parts.accelerator.num_processes)
+        return health.loss, {**self.loss_by_noise.tags(health.loss_by_noise), **tags}
