@@ -120,25 +120,13 @@ def _add_probe(sub) -> None:
 def _probe(args: argparse.Namespace) -> None:
     from diffusers import DiffusionPipeline
 
-    from . import ZTSNRDPMSolverMultistepScheduler
-    from .probe import DEFAULT_PROMPTS, data_brightness_range, probe, verdict
+    from .probe import DEFAULT_PROMPTS, probe_conversion
 
     prompts = tuple(p.strip() for p in args.prompts.split("|")) if args.prompts else DEFAULT_PROMPTS
-    common = dict(prompts=prompts, draws=args.draws, resolution=args.resolution, steps=args.steps,
-                  images=args.images, guidance_scale=args.guidance_scale)
     pipe = DiffusionPipeline.from_pretrained(args.base, safety_checker=None, requires_safety_checker=False)
-    base = probe(pipe, **common)
-    pipe.load_lora_weights(str(args.lora))
-    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(args.lora, subfolder="scheduler")
-    converted = probe(pipe, **common, guidance_rescale=0.7)
-    data_range = data_brightness_range(args.data) if args.data else None
-    ok, lines = verdict(converted, base, data_range)
-    for prompt in prompts:
-        print(f"{prompt!r}: x0 spread base {base.x0_spread[prompt]:.3f} -> {converted.x0_spread[prompt]:.3f}, noise "
-              f"share {base.noise_share[prompt]:.3f} -> {converted.noise_share[prompt]:.3f}, brightness "
-              f"{base.brightness[prompt]:.3f} -> {converted.brightness[prompt]:.3f}")
-    print("\n".join(lines))
-    print("verdict: converted" if ok else "verdict: not converted")
+    report = probe_conversion(pipe, args.lora, args.data, prompts, args.guidance_scale, draws=args.draws,
+                              resolution=args.resolution, steps=args.steps, images=args.images)
+    print("\n".join(report.lines()))
 
 
 def _sigma_list(text: str) -> list[float]:

@@ -17,8 +17,9 @@ data) its brightness range covers at least 80% of the data's. SD 1.x / 2.x pipel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,3 +114,45 @@ def verdict(converted: ProbeResult, base: ProbeResult, data_range: float | None 
                      f">= {BRIGHTNESS_COVERAGE:.0%})")
         ok = ok and coverage >= BRIGHTNESS_COVERAGE
     return ok, lines
+
+
+@dataclass
+class ConversionReport:
+    """A base pipeline probed as it was and with a converted LoRA (and its scheduler) loaded: both results, the
+    training data's brightness range (when given), the verdict and the lines that say why."""
+
+    base: ProbeResult
+    converted: ProbeResult
+    data_range: float | None
+    converted_ok: bool
+    reasons: list[str]
+
+    def lines(self) -> list[str]:
+        """One line per prompt, the reasons, and the verdict: what ``diffusers-ztsnr probe-conversion`` prints."""
+        out = [f"{prompt!r}: x0 spread base {self.base.x0_spread[prompt]:.3f} -> "
+               f"{self.converted.x0_spread[prompt]:.3f}, noise share {self.base.noise_share[prompt]:.3f} -> "
+               f"{self.converted.noise_share[prompt]:.3f}, brightness {self.base.brightness[prompt]:.3f} -> "
+               f"{self.converted.brightness[prompt]:.3f}" for prompt in self.base.x0_spread]
+        return [*out, *self.reasons, "verdict: converted" if self.converted_ok else "verdict: not converted"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": asdict(self.base), "converted": asdict(self.converted), "data_range": self.data_range,
+                "converted_ok": self.converted_ok, "reasons": self.reasons}
+
+
+def probe_conversion(pipe, lora_dir: str | Path, data: str | Path | None = None,
+                     prompts: tuple[str, ...] = DEFAULT_PROMPTS, guidance_scale: float = 5.0,
+                     **probe_kwargs: Any) -> ConversionReport:
+    """Probe ``pipe`` (the unconverted base, with its own scheduler), then load the LoRA and the scheduler of the
+    output folder ``lora_dir`` into it and probe again (images with ``guidance_rescale=0.7``, Lin et al.'s value
+    for zero-terminal-SNR models). ``probe_kwargs``: :func:`probe`'s ``draws``, ``resolution``, ``steps``,
+    ``images``, ``seed``. The pipeline keeps the LoRA and the scheduler afterwards."""
+    from .schedulers import ZTSNRDPMSolverMultistepScheduler
+
+    base = probe(pipe, prompts, guidance_scale=guidance_scale, **probe_kwargs)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
+    converted = probe(pipe, prompts, guidance_scale=guidance_scale, guidance_rescale=0.7, **probe_kwargs)
+    data_range = data_brightness_range(data) if data else None
+    ok, reasons = verdict(converted, base, data_range)
+    return ConversionReport(base, converted, data_range, ok, reasons)

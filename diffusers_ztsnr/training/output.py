@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..imaging import image_grid
+from .conversion_probe import card_section, run_conversion_probe
 from .full import export_pipeline_checkpoint, save_pipeline
 from .inputs import load_base_pipeline
 
@@ -77,7 +78,8 @@ def validate(args, accelerator, task: ModelTask, step: int) -> Path | None:
 
 
 def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict[str, torch.Tensor]]) -> dict:
-    """Write the output folder: LoRA (diffusers + kohya), scheduler config, model card, samples (+ upload)."""
+    """Write the output folder: LoRA (diffusers + kohya), scheduler config, samples, the conversion probe's numbers,
+    model card (+ upload)."""
     full = getattr(args, "full_finetune", False)
     check_finite_states(states, "export of the fine-tuned model" if full else "export of the trained LoRA")
     output_dir = Path(args.output_dir)
@@ -94,7 +96,11 @@ def finish(args, accelerator, task: ModelTask, step: int, states: dict[str, dict
             shutil.copy(grid, output_dir / "samples.png")
             grid = output_dir / "samples.png"
             paths["grid"] = grid
-    (output_dir / "README.md").write_text(task.model_card(args, step, grid.name if grid else None), encoding="utf-8")
+    probed = None if full else run_conversion_probe(args, task, output_dir, accelerator.device)
+    if probed is not None:
+        paths["conversion_probe"] = output_dir / "conversion_probe.json"
+    card = task.model_card(args, step, grid.name if grid else None) + card_section(probed)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
     paths["card"] = output_dir / "README.md"
     if getattr(args, "export_checkpoint", None):
         export = export_pipeline_checkpoint if full else export_merged_checkpoint

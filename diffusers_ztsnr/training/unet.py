@@ -23,12 +23,15 @@ from typing import Any
 
 from . import config
 from .config import OBJECTIVES  # noqa: F401  (re-exported)
+from .conversion_probe import add_conversion_probe_argument
 from .families.sd import UNetTask, sdxl_time_ids  # noqa: F401  (re-exported: the task, where it always was)
 from .loop import train as run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config.unet_parser(__doc__.split("\n\n")[0])
+    parser = config.unet_parser(__doc__.split("\n\n")[0])
+    add_conversion_probe_argument(parser)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
