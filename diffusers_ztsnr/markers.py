@@ -226,7 +226,10 @@ def _kohya_state_for(pipe, lora: str | os.PathLike) -> dict[str, torch.Tensor] |
     state = load_file(str(path))
     if not state or not all(k.startswith("lora_") and k.endswith(_KOHYA_SUFFIXES) for k in state):
         return None
-    family = model_family(type(pipe).__name__, pipe.transformer.config)
+    try:
+        family = model_family(type(pipe).__name__, pipe.transformer.config)
+    except ValueError:
+        return None  # Qwen-Image, Z-Image, FLUX.2: diffusers' own converters read the names we write for them
     components = {name: getattr(pipe, name) for name in ("transformer", "text_encoder", "text_encoder_2")
                   if getattr(pipe, name, None) is not None}
     try:
