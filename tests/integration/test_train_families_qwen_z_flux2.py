@@ -294,3 +294,34 @@ def test_bad_flags_give_one_line_errors(kind, extra, message, assets, tmp_path):
         flow_main(argv(assets, kind, tmp_path / "out", 1, *extra))
     assert message.format(title=TITLES[kind], pipe=pipe) in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out" / LORA).exists()
+
+
+ATTENTION = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+             "attn.add_v_proj", "attn.to_add_out"}
+PRESET_MODULES = {  # per family: attn, the feed-forward layers attn+ff adds, what all-linear adds to those
+    "qwen-image": ({f"transformer_blocks.N.{m}" for m in ATTENTION},
+                   {f"transformer_blocks.N.{s}_mlp.net.{p}" for s in ("img", "txt") for p in ("0.proj", "2")},
+                   {"transformer_blocks.N.img_mod.1", "transformer_blocks.N.txt_mod.1"}),
+    "z-image": ({f"{b}.N.attention.{m}" for b in ("layers", "noise_refiner", "context_refiner")
+                 for m in ("to_q", "to_k", "to_v", "to_out.0")},
+                {f"{b}.N.feed_forward.w{i}" for b in ("layers", "noise_refiner", "context_refiner") for i in (1, 2, 3)},
+                {"layers.N.adaLN_modulation.0", "noise_refiner.N.adaLN_modulation.0"}),
+    "flux2-klein": ({*(f"transformer_blocks.N.{m}" for m in ATTENTION),
+                     "single_transformer_blocks.N.attn.to_qkv_mlp_proj", "single_transformer_blocks.N.attn.to_out"},
+                    {f"transformer_blocks.N.{f}.linear_{d}" for f in ("ff", "ff_context") for d in ("in", "out")},
+                    set()),
+}
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_lora_layer_presets_select_the_blocks_linears(kind, assets):
+    task = load_task(assets, kind)
+    attention, feed_forward, rest = PRESET_MODULES[kind]
+    for preset, expected in (("attn", attention), ("attn+ff", attention | feed_forward),
+                             ("all-linear", attention | feed_forward | rest)):
+        modules, label = task.resolve_lora_layers(preset)
+        assert label == preset and {re.sub(r"\.\d+\.", ".N.", m, count=1) for m in modules} == expected
+        assert all(isinstance(task.denoiser.get_submodule(m), torch.nn.Linear) for m in modules)
+    assert task.resolve_lora_layers(" to_q, to_k ") == (("to_q", "to_k"), "to_q,to_k")
+    with pytest.raises(InputError, match="--lora_layers ','"):
+        task.resolve_lora_layers(",")

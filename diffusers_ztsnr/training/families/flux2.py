@@ -50,6 +50,11 @@ class Flux2KleinTask(TextDiTTask):
     family_name = "flux2-klein"
     family_title = "FLUX.2 Klein"
     cond_keys = ("prompt_embeds",)
+    block_pattern = r"(?:single_)?transformer_blocks\.\d+\.(.+)"
+    # a single block's attention is its fused input (q, k, v and the MLP input) and its fused output projection
+    attention_pattern = (r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
+                         r"|to_qkv_mlp_proj|to_out)")
+    feed_forward_pattern = r"(ff|ff_context)\.linear_(in|out)"
 
     def __init__(self, args):
         super().__init__(args)

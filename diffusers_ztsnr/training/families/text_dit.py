@@ -10,6 +10,7 @@ padded to its longest prompt). The conventions of the flow, the shift and the fi
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from ..config import InputError
 from ..lora import is_dora, save_diffusers_lora
 from ..task import ModelTask
 from .flow_transformers import FlowTask
+
+#: the ``--lora_layers`` presets (the names the SD3 / FLUX.1 tasks take)
+PRESETS = ("attn", "attn+ff", "all-linear")
 
 
 def pad_prompts(rows: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -42,6 +46,11 @@ class TextDiTTask(FlowTask):
     default_max_sequence_length = 512
     family_name = ""
     family_title = ""
+    #: a repeated block's module path (group 1: the path inside the block), and the attention / feed-forward
+    #: projections inside it, for the ``--lora_layers`` presets
+    block_pattern = r"transformer_blocks\.\d+\.(.+)"
+    attention_pattern = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    feed_forward_pattern = ""
 
     def __init__(self, args: argparse.Namespace):
         # refused before any weight loads
@@ -56,12 +65,36 @@ class TextDiTTask(FlowTask):
         self.trainable_text_encoders = {}
         self.guidance = None
         self.max_sequence_length = args.max_sequence_length or self.default_max_sequence_length
-        self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
-                            else self.default_lora_layers())
-        self.lora_layers_label = ",".join(self.lora_layers)
+        self.lora_layers, self.lora_layers_label = self.resolve_lora_layers(args.lora_layers)
 
     def default_lora_layers(self) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def resolve_lora_layers(self, spec: str | None) -> tuple[tuple[str, ...], str]:
+        """``(target modules, card label)`` of ``--lora_layers``: the family default, a comma list as given, or a
+        preset expanded to the full paths of the ``Linear`` modules of the transformer's repeated blocks
+        (``block_pattern``) that it selects: ``attn`` (``attention_pattern``), ``attn+ff`` (and
+        ``feed_forward_pattern``), ``all-linear`` (every ``Linear`` of the blocks, modulations included)."""
+        if not spec or not spec.strip():
+            default = self.default_lora_layers()
+            return default, ",".join(default)
+        spec = spec.strip()
+        if spec not in PRESETS:
+            names = tuple(x.strip() for x in spec.split(",") if x.strip())
+            if not names:
+                raise InputError(f"--lora_layers {spec!r}: name modules (comma-separated) or a preset "
+                                 f"({', '.join(PRESETS)}).")
+            return names, ",".join(names)
+        patterns = {"attn": (self.attention_pattern,), "attn+ff": (self.attention_pattern, self.feed_forward_pattern),
+                    "all-linear": (".+",)}[spec]
+        modules = tuple(path for path, module in self.denoiser.named_modules()
+                        if isinstance(module, torch.nn.Linear) and (m := re.fullmatch(self.block_pattern, path))
+                        and any(re.fullmatch(p, m[1]) for p in patterns))
+        if not modules:
+            raise InputError(f"--lora_layers {spec}: the preset selects no Linear module of this "
+                             f"{type(self.denoiser).__name__}; name modules instead (e.g. "
+                             f"{','.join(self.default_lora_layers()[:2])}).")
+        return modules, spec
 
     @property
     def family(self) -> str:

@@ -27,6 +27,9 @@ class ZImageTask(TextDiTTask):
     pipelines = ("ZImagePipeline",)
     family_name = "z-image"
     family_title = "Z-Image"
+    block_pattern = r"(?:layers|noise_refiner|context_refiner)\.\d+\.(.+)"
+    attention_pattern = r"attention\.(to_q|to_k|to_v|to_out\.0)"
+    feed_forward_pattern = r"feed_forward\.w[123]"
 
     def default_lora_layers(self) -> tuple[str, ...]:
         return DEFAULT_LORA_LAYERS
