@@ -29,6 +29,7 @@ class QwenImageTask(TextDiTTask):
     family_name = "qwen-image"
     family_title = "Qwen-Image"
     feed_forward_pattern = r"(img|txt)_mlp\.net\.(0\.proj|2)"
+    max_sequence_length_limit = 1024
 
     def default_lora_layers(self) -> tuple[str, ...]:
         return DEFAULT_LORA_LAYERS

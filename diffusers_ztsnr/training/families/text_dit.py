@@ -44,6 +44,8 @@ class TextDiTTask(FlowTask):
     cond_keys = ("prompt_embeds", "prompt_mask")
     #: the ``--max_sequence_length`` default: the pipeline's own ``__call__`` default
     default_max_sequence_length = 512
+    #: the most the pipeline accepts (its ``check_inputs``), or 0 for no limit
+    max_sequence_length_limit = 0
     family_name = ""
     family_title = ""
     #: a repeated block's module path (group 1: the path inside the block), and the attention / feed-forward
@@ -60,6 +62,10 @@ class TextDiTTask(FlowTask):
         if args.guidance_scale is not None:
             raise InputError(f"--guidance_scale {args.guidance_scale}: {self.family_title} "
                              f"({self.pipelines[0]}) takes no guidance embedding; drop --guidance_scale.")
+        limit = self.max_sequence_length_limit
+        if limit and args.max_sequence_length and args.max_sequence_length > limit:
+            raise InputError(f"--max_sequence_length {args.max_sequence_length}: {self.pipelines[0]} encodes at "
+                             f"most {limit} prompt tokens; pass {limit} or less.")
         ModelTask.__init__(self, args)  # not FlowTask's: no CLIP, no pooled projections, no guidance embedding
         self.is_flux = False
         self.trainable_text_encoders = {}
