@@ -16,6 +16,7 @@ from diffusers_ztsnr import ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.markers import load_lora_weights, scheduler_settings_from_checkpoint
 from diffusers_ztsnr.testing.tiny_flow_builders import build_flux2_klein, build_qwen_image, build_z_image
 from diffusers_ztsnr.training import objectives
+from diffusers_ztsnr.training.checkpointing import load_tensor_state
 from diffusers_ztsnr.training.config import InputError
 from diffusers_ztsnr.training.families.registry import flow_task_class
 from diffusers_ztsnr.training.flow import main as flow_main
@@ -86,12 +87,13 @@ def fixed_batch_flow_loss(task, batch, draws=6) -> float:
 
 
 def trained_deltas(out) -> dict:
-    """``{"transformer": {module: lora_B @ lora_A * alpha / rank}}`` from the diffusers file."""
-    state = load_file(out / "pytorch_lora_weights.safetensors")
+    """``{"transformer": {module: lora_B @ lora_A * alpha / rank}}`` of the weights the run trained (its last
+    checkpoint's adapter state, not the files under test)."""
+    state, _ = load_tensor_state(out / f"checkpoint-{STEPS}" / "lora_0.safetensors")
     deltas = {}
     for key, a in state.items():
         if ".lora_A." in key:
-            module = key.removeprefix("transformer.").rsplit(".lora_A.", 1)[0]
+            module = key.rsplit(".lora_A.", 1)[0]
             b = state[key.replace(".lora_A.", ".lora_B.")]
             deltas[module] = b.double() @ a.double() * (ALPHA / a.shape[0])
     return {"transformer": deltas}
