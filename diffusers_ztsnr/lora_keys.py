@@ -42,8 +42,10 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
-FLOW_FAMILIES = ("sd3", "flux")
+from .lora_keys_flux_like import PIPELINE_FAMILIES, chroma_global_name
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "chroma")
+FLOW_FAMILIES = ("sd3", "flux", "chroma")
 UNET_PREFIX = "lora_unet"
 #: sd-scripts' prefix per text-encoder component of each family (T5 is never trained here)
 TEXT_ENCODER_PREFIXES: dict[str, dict[str, str]] = {
@@ -52,6 +54,7 @@ TEXT_ENCODER_PREFIXES: dict[str, dict[str, str]] = {
     "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     "flux": {"text_encoder": "lora_te1"},
+    "chroma": {},
 }
 #: the CLIP projections ComfyUI's ``LORA_CLIP_MAP`` knows
 _CLIP_LAYER = re.compile(r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
@@ -114,9 +117,10 @@ class KohyaSlot:
 
 
 def model_family(pipeline_class_name: str, denoiser_config: Mapping) -> str:
-    """``sd1``, ``sd2``, ``sdxl``, ``sd3`` or ``flux``; an SD 2.x UNet is told by its 1024-wide cross-attention
-    (OpenCLIP ViT-H), where SD 1.x has 768 (CLIP ViT-L)."""
-    families = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+    """``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux`` (FLUX.1 and Kontext) or ``chroma``; an SD 2.x UNet is told
+    by its 1024-wide cross-attention (OpenCLIP ViT-H), where SD 1.x has 768 (CLIP ViT-L)."""
+    families = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+                **PIPELINE_FAMILIES}
     if pipeline_class_name in families:
         return families[pipeline_class_name]
     if pipeline_class_name != "StableDiffusionPipeline":
@@ -149,6 +153,9 @@ def _transformer_slot(family: str, path: str, config: Mapping) -> KohyaSlot | No
         blocks = (("transformer_blocks", "double_blocks", _FLUX_DOUBLE),
                   ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE))
         global_map, swapped = _FLUX_GLOBAL, ("norm_out.linear",)
+        if family == "chroma":  # FLUX.1's blocks; its own modules outside them (lora_keys_flux_like)
+            native = chroma_global_name(path, config)
+            global_map, swapped = ({path: native} if native else {}), ()
     for diffusers_prefix, native_prefix, block_map in blocks:
         m = re.fullmatch(rf"{diffusers_prefix}\.(\d+)\.(.+)", path)
         if m and m[2] in block_map:

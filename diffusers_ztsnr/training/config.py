@@ -35,6 +35,7 @@ from .data_flags import add_data_flags, data_flag_problems
 from .full import full_finetune_problems
 from .lycoris import lycoris_problems
 from .quantization import QUANTIZATIONS
+from .reference_images import add_reference_arguments, reference_problems
 from .speed import COMPILE_MODES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -349,9 +350,11 @@ def flow_parser(description: str) -> TrainingArgumentParser:
       help=f"guidance value fed to a guidance-distilled transformer (Flux dev) while training and validating "
            f"(default {DEFAULT_FLUX_GUIDANCE}); an error for models without a guidance embedding.")
     a("--lora_layers", type=str, default=None,
-      help="comma-separated module names to put LoRA on (default: diffusers' SD3 / Flux script choice).")
+      help="comma-separated module names to put LoRA on, or a preset: attn, attn+ff, all-linear (default: the "
+           "family's choice in diffusers' training example; see docs/training-flow.md).")
     a("--max_sequence_length", type=int, default=None,
       help="T5 prompt length in tokens (default: 77 for SD3, 512 for Flux, as diffusers' scripts).")
+    add_reference_arguments(parser)
     return parser
 
 
@@ -391,4 +394,4 @@ def check_flow_args(args: argparse.Namespace) -> None:
         problems.append(f"--max_sequence_length must be >= 1 (got {args.max_sequence_length})")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:
         problems.append(f"--guidance_scale must be >= 0 (got {args.guidance_scale})")
-    raise_problems(problems)
+    raise_problems(problems + reference_problems(args))

@@ -125,7 +125,7 @@ def save_diffusers_lora(pipeline_class, output_dir: Path, states: dict[str, dict
 
 
 #: sd-scripts' network module per family (its ``ss_network_module`` metadata)
-NETWORK_MODULES = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}
+NETWORK_MODULES = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux", "chroma": "networks.lora_flux"}
 
 
 def save_kohya_lora(path: Path, states: dict[str, dict[str, torch.Tensor]], alpha: float, prediction_type: str,

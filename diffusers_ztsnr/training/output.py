@@ -64,7 +64,7 @@ def validate(args, accelerator, task: ModelTask, step: int) -> Path | None:
     pipe.scheduler = task.sampling_scheduler()
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
-    images = pipe([args.validation_prompt] * args.num_validation_images,
+    images = pipe(prompt=[args.validation_prompt] * args.num_validation_images,  # Kontext's first is image
                   num_inference_steps=args.validation_inference_steps, height=args.resolution,
                   width=args.resolution, generator=generator, **task.validation_kwargs(args)).images
     folder = Path(args.output_dir) / "validation"

@@ -126,6 +126,13 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     buckets = make_buckets(args.resolution, step=64 if args.resolution >= 256 else 8) if args.bucketing else None
+    if getattr(args, "cond_image_column", None):  # image editing (FLUX.1 Kontext): a reference beside each target
+        from .data.reference import ReferenceImageDataset
+
+        return ReferenceImageDataset(dataset, cond_image_column=args.cond_image_column, data_dir=args.train_data_dir,
+                                     resolution=args.resolution, center_crop=args.center_crop,
+                                     random_flip=args.random_flip, image_column=args.image_column,
+                                     caption_column=args.caption_column, seed=args.seed, buckets=buckets)
     return ImageCaptionDataset(dataset, resolution=args.resolution, center_crop=args.center_crop,
                                random_flip=args.random_flip, image_column=args.image_column,
                                caption_column=args.caption_column, seed=args.seed, buckets=buckets,

@@ -19,6 +19,7 @@ from ..config import DEFAULT_FLUX_GUIDANCE, InputError
 from ..lora import add_lora, is_dora, save_diffusers_lora, save_kohya_lora
 from ..objectives import FlowMatchingObjective, Predict, resolve_flow_shift
 from ..task import ModelTask
+from .lora_presets import PRESETS, resolve_lora_layers
 
 PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 # attention (and for Flux the feed-forward) projections: the defaults of diffusers' SD3 / Flux LoRA scripts
@@ -39,6 +40,28 @@ def flow_objective(args: argparse.Namespace, scheduler_config: dict[str, Any]) -
                                  precondition_outputs=bool(args.precondition_outputs))
 
 
+def guidance_value(args: argparse.Namespace, has_embedding: bool, class_name: str) -> float | None:
+    """The guidance value fed to a guidance-distilled transformer (``--guidance_scale``, default
+    :data:`DEFAULT_FLUX_GUIDANCE`); ``None`` for one without a guidance embedding, where the flag is an error."""
+    if has_embedding:
+        return DEFAULT_FLUX_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    if args.guidance_scale is not None:
+        raise InputError(f"--guidance_scale {args.guidance_scale}: {args.pretrained_model_name_or_path} is a "
+                         f"{class_name}, whose transformer has no guidance embedding (only guidance-distilled models "
+                         "such as FLUX.1-dev have one); drop --guidance_scale.")
+    return None
+
+
+def lora_targets(args: argparse.Namespace, denoiser: torch.nn.Module,
+                 default: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """``--lora_layers`` resolved (:func:`~.lora_presets.resolve_lora_layers`): the target modules and the card's
+    label; a list or preset that names nothing is an ``InputError``."""
+    try:
+        return resolve_lora_layers(args.lora_layers, denoiser, default)
+    except ValueError as error:
+        raise InputError(f"{error}.") from error
+
+
 class FlowTask(ModelTask):
     """SD3 / Flux: the transformer trained with LoRA on the flow-matching objective."""
 
@@ -50,21 +73,18 @@ class FlowTask(ModelTask):
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
         pipe, class_name = self.pipe, self.class_name
-        self.is_flux = class_name == "FluxPipeline"
+        self.is_flux = type(self.denoiser).__name__ == "FluxTransformer2DModel"  # FLUX.1 and FLUX.1 Kontext
         # the CLIP encoders take LoRA with --train_text_encoder (T5 stays frozen, as in diffusers' scripts)
         clips = ["text_encoder"] if self.is_flux else ["text_encoder", "text_encoder_2"]
         self.trainable_text_encoders = {name: getattr(pipe, name) for name in clips}
         self.cond_keys = ("prompt_embeds", "pooled_projections")
         self.max_sequence_length = args.max_sequence_length or (512 if self.is_flux else 77)
-        self.guidance = None
-        if self.denoiser.config.get("guidance_embeds", False):
-            self.guidance = DEFAULT_FLUX_GUIDANCE if args.guidance_scale is None else args.guidance_scale
-        elif args.guidance_scale is not None:
-            raise InputError(f"--guidance_scale {args.guidance_scale}: {args.pretrained_model_name_or_path}'s "
-                             "transformer has no guidance embedding (only guidance-distilled models such as "
-                             "FLUX.1-dev do); drop --guidance_scale.")
-        self.lora_layers = (tuple(x.strip() for x in args.lora_layers.split(",") if x.strip()) if args.lora_layers
-                            else DEFAULT_LORA_LAYERS[class_name])
+        self.guidance = guidance_value(args, self.denoiser.config.get("guidance_embeds", False), class_name)
+        self.lora_layers, self.lora_layers_label = lora_targets(args, self.denoiser, self.default_lora_layers())
+
+    def default_lora_layers(self) -> tuple[str, ...]:
+        """``--lora_layers``' default for this family (diffusers' training example's choice)."""
+        return DEFAULT_LORA_LAYERS[self.class_name]
 
     def build_objective(self, args: argparse.Namespace) -> FlowMatchingObjective:
         return flow_objective(args, self.scheduler_config)
@@ -73,8 +93,9 @@ class FlowTask(ModelTask):
         try:
             add_lora(self.denoiser, args.rank, args.lora_alpha, self.lora_layers, adapter=args.adapter)
         except ValueError as error:
-            raise InputError(f"--lora_layers {','.join(self.lora_layers)}: {error} Name modules of the "
-                             f"{type(self.denoiser).__name__} (e.g. attn.to_q,attn.to_k).") from error
+            raise InputError(f"--lora_layers {self.lora_layers_label}: {error} Name modules of the "
+                             f"{type(self.denoiser).__name__} (e.g. attn.to_q,attn.to_k) or a preset "
+                             f"({', '.join(PRESETS)}).") from error
 
     def encode_prompts(self, captions: list[str], device) -> dict[str, torch.Tensor]:
         if self.is_flux:
@@ -94,26 +115,43 @@ class FlowTask(ModelTask):
         return lambda noisy, s, cond: self.predict(model, noisy, s, cond, weight_dtype)
 
     def predict(self, model, noisy: torch.Tensor, s: torch.Tensor, cond: dict[str, torch.Tensor],
-                 weight_dtype: torch.dtype) -> torch.Tensor:
-        """The transformer's velocity for latents ``noisy`` ``[B, C, h, w]`` at flow times ``s`` ``[B]``."""
+                 weight_dtype: torch.dtype, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's velocity for latents ``noisy`` ``[B, C, h, w]`` at flow times ``s`` ``[B]``.
+        ``reference`` (FLUX.1 Kontext): latents of reference images, packed after the noisy tokens with their own
+        position ids (first id 1, as ``FluxKontextPipeline.prepare_latents``); the output keeps the noisy tokens."""
         device = noisy.device
         embeds = cond["prompt_embeds"].to(device, weight_dtype)
         pooled = cond["pooled_projections"].to(device, weight_dtype)
         if not self.is_flux:
             return model(hidden_states=noisy.to(weight_dtype), timestep=(1000 * s).to(device, torch.float32),
                          encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
-        b, c, h, w = noisy.shape
-        packed = self.pipeline_class._pack_latents(noisy.to(weight_dtype), b, c, h, w)
-        img_ids = self.pipeline_class._prepare_latent_image_ids(b, h // 2, w // 2, device, weight_dtype)
+        tokens, img_ids = self.image_tokens(noisy.to(weight_dtype), 0)
+        num_noisy = tokens.shape[1]
+        if reference is not None:
+            ref_tokens, ref_ids = self.image_tokens(reference.to(device, weight_dtype), 1)
+            tokens, img_ids = torch.cat([tokens, ref_tokens], dim=1), torch.cat([img_ids, ref_ids], dim=0)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=weight_dtype)
         guidance = None
         if self.guidance is not None:
-            guidance = torch.full((b,), float(self.guidance), device=device, dtype=torch.float32)
-        out = model(hidden_states=packed, timestep=s.to(device, torch.float32), guidance=guidance,
+            guidance = torch.full((len(noisy),), float(self.guidance), device=device, dtype=torch.float32)
+        out = model(hidden_states=tokens, timestep=s.to(device, torch.float32), guidance=guidance,
                     pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
                     return_dict=False)[0]
+        return self.unpack(out[:, :num_noisy], noisy.shape)
+
+    def image_tokens(self, latents: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX.1's 2x2-packed tokens of ``latents`` ``[B, C, h, w]`` and their position ids ``[h/2 * w/2, 3]``
+        (``(index, row, column)``: 0 for the generated image, 1 for a Kontext reference)."""
+        b, c, h, w = latents.shape
+        packed = self.pipeline_class._pack_latents(latents, b, c, h, w)
+        ids = self.pipeline_class._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        ids[..., 0] = index
+        return packed, ids
+
+    def unpack(self, tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Packed tokens back to latents of ``shape`` ``[B, C, h, w]``."""
         scale = self.pipe.vae_scale_factor
-        return self.pipeline_class._unpack_latents(out, h * scale, w * scale, scale)
+        return self.pipeline_class._unpack_latents(tokens, shape[2] * scale, shape[3] * scale, scale)
 
     def sampling_scheduler(self):
         from ...schedulers import ZTSNRFlowMatchScheduler
@@ -140,5 +178,6 @@ class FlowTask(ModelTask):
     def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
         run = RunFacts.from_args(args, self.script, self.pipeline_class.__name__, steps, grid_name)
         return render_flow_card(run, weighting_scheme=args.weighting_scheme, timestep_shift=args.timestep_shift,
-                                precondition_outputs=bool(args.precondition_outputs), lora_layers=self.lora_layers,
+                                precondition_outputs=bool(args.precondition_outputs),
+                                lora_layers=(self.lora_layers_label,),
                                 guidance_scale=self.guidance, family=self.family)

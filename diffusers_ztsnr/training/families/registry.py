@@ -16,6 +16,8 @@ from ..task import ModelTask
 FLOW_TASKS: dict[str, tuple[str, str]] = {
     "StableDiffusion3Pipeline": ("flow_transformers", "FlowTask"),
     "FluxPipeline": ("flow_transformers", "FlowTask"),
+    "FluxKontextPipeline": ("flux_kontext", "FluxKontextTask"),
+    "ChromaPipeline": ("chroma", "ChromaTask"),
     "ZImagePipeline": ("z_image", "ZImageTask"),
     "QwenImagePipeline": ("qwen_image", "QwenImageTask"),
     "Flux2KleinPipeline": ("flux2", "Flux2KleinTask"),
@@ -43,7 +45,19 @@ class FlowFamilies:
         from ..inputs import check_pipeline_class
 
         class_name = check_pipeline_class(args, self.pipelines, self.script, self.other_script_hint)
-        return flow_task_class(class_name)(args)
+        task_class = flow_task_class(class_name)
+        check_reference_flags(args, task_class, class_name)
+        return task_class(args)
+
+
+def check_reference_flags(args: argparse.Namespace, task_class: type[ModelTask], class_name: str) -> None:
+    """``--cond_image_column`` / ``--validation_image`` only for a family whose task ``takes_reference_image``."""
+    from ..config import InputError
+
+    given = [flag for flag in ("cond_image_column", "validation_image") if getattr(args, flag, None)]
+    if given and not getattr(task_class, "takes_reference_image", False):
+        raise InputError(f"--{given[0]}: a {class_name} takes no reference image (an image-editing pipeline such "
+                         f"as FluxKontextPipeline does); drop --{given[0]}.")
 
 
 make_flow_task = FlowFamilies()

@@ -40,6 +40,8 @@ MMDIT_BLOCK = {  # comfy/utils.py MMDIT_MAP_BLOCK and the qkv slices of mmdit_to
     "x_block.mlp.fc2": ("ff.net.2",), "context_block.mlp.fc1": ("ff_context.net.0.proj",),
     "context_block.mlp.fc2": ("ff_context.net.2",), "x_block.adaLN_modulation.1": ("norm1.linear",),
     "context_block.adaLN_modulation.1": ("norm1_context.linear",),
+    # SD3.5's MMDiT-X second image attention (diffusers' SD3 single-file converter: x_block.attn2.{qkv, proj})
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.proj": ("attn2.to_out.0",),
 }
 BFL_DOUBLE = {  # comfy/utils.py flux_to_diffusers, double blocks
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn.proj": ("attn.to_out.0",),
@@ -121,6 +123,23 @@ def _bfl_modules(transformer) -> dict[str, NativeModule]:
                                         ("single_transformer_blocks", "single_blocks", BFL_SINGLE)])
 
 
+def _chroma_modules(transformer) -> dict[str, NativeModule]:
+    """ComfyUI's Chroma (comfy/ldm/chroma/model.py): FLUX.1's blocks without their modulation layers, ``img_in``,
+    ``txt_in``, ``final_layer.linear`` and the ``distilled_guidance_layer`` Approximator (``in_proj``,
+    ``layers.N.{in_layer, out_layer}``, ``out_proj``)."""
+    out = _bfl_modules(transformer)
+    names = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+             "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj"}
+    layers = "distilled_guidance_layer.layers"
+    for n in range(len(transformer.distilled_guidance_layer.layers)):
+        for diffusers_name, native in (("linear_1", "in_layer"), ("linear_2", "out_layer")):
+            names[f"{layers}.{n}.{diffusers_name}"] = f"{layers}.{n}.{native}"
+    for path, key in names.items():
+        out[f"lora_unet_{key.replace('.', '_')}"] = NativeModule(key, (("transformer", path),))
+    return out
+
+
 def _clip_modules(pipe, prefixes: dict[str, tuple[str, ...]]) -> dict[str, NativeModule]:
     out = {}
     for component, names in prefixes.items():
@@ -144,6 +163,8 @@ def comfyui_key_map(family: str, pipe) -> dict[str, NativeModule]:
     if family == "sd3":
         clips = {"text_encoder": ("lora_te", "lora_te1"), "text_encoder_2": ("lora_te2",)}
         return {**_mmdit_modules(pipe.transformer), **_clip_modules(pipe, clips)}
+    if family == "chroma":  # T5 only: no CLIP keys
+        return _chroma_modules(pipe.transformer)
     return {**_bfl_modules(pipe.transformer), **_clip_modules(pipe, {"text_encoder": ("lora_te", "lora_te1")})}
 
 

@@ -1,0 +1,170 @@
+"""The flow families' inputs without a training run: family selection, ``--lora_layers`` presets, FLUX.1 Kontext's
+reference tokens, Chroma's attention mask, and the one-line errors for flags a family cannot take."""
+
+import pytest
+import torch
+
+from diffusers_ztsnr.lora_keys import kohya_slot
+from diffusers_ztsnr.training.families.chroma import ChromaTask
+from diffusers_ztsnr.training.families.flow_transformers import FlowTask
+from diffusers_ztsnr.training.families.flux_kontext import FluxKontextTask
+from diffusers_ztsnr.training.families.lora_presets import preset_modules, resolve_lora_layers
+from diffusers_ztsnr.training.families.registry import FLOW_TASKS, flow_task_class, make_flow_task
+from diffusers_ztsnr.training.flow import main as flow_main
+from diffusers_ztsnr.training.flow import parse_args as flow_args
+from tests.integration.test_train_families_flux_like import FAMILIES, RES, argv
+
+pytestmark = pytest.mark.usefixtures("quiet_loading")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tests.integration.test_train_families_flux_like import assets as make_assets
+
+    return make_assets.__wrapped__(tmp_path_factory)
+
+
+def task(assets, kind, *extra):
+    return make_flow_task(flow_args(argv(assets, kind, "unused", 1, *extra)))
+
+
+def test_each_family_is_picked_from_its_pipeline_class(assets):
+    # SD3.5 is SD3's pipeline class, trained by SD3's task: the MMDiT-X blocks go through the same forward
+    assert flow_task_class("StableDiffusion3Pipeline") is FlowTask and "StableDiffusion3Pipeline" in FLOW_TASKS
+    assert flow_task_class("FluxKontextPipeline") is FluxKontextTask
+    assert flow_task_class("ChromaPipeline") is ChromaTask
+    sd35 = task(assets, "sd35")
+    assert type(sd35) is FlowTask and sd35.denoiser.config.qk_norm == "rms_norm"
+    assert list(sd35.denoiser.config.dual_attention_layers) == [0]
+    assert type(task(assets, "kontext")) is FluxKontextTask and type(task(assets, "chroma")) is ChromaTask
+
+
+#: Linear modules per preset in the tiny transformers (block 0 / 1 of SD3.5, one double and one single block)
+PRESET_COUNTS = {
+    # attn: 8 + 4 (attn2) in block 0, 7 in the last block; +ff: 4 + 2; all-linear: + norm1 / norm1_context linears
+    "sd35": {"attn": 19, "attn+ff": 25, "all-linear": 29},
+    # double: 8 attention + 4 ff (+2 modulations); single: q, k, v (+ proj_mlp, proj_out) (+ norm.linear)
+    "kontext": {"attn": 11, "attn+ff": 17, "all-linear": 20},
+    # Chroma's blocks have no modulation Linear: all-linear = attn+ff
+    "chroma": {"attn": 11, "attn+ff": 17, "all-linear": 17},
+}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_lora_layer_presets_select_block_linears_that_have_kohya_names(kind):
+    build, _, family, _ = FAMILIES[kind]
+    transformer = build(0).transformer
+    for preset, expected in PRESET_COUNTS[kind].items():
+        modules, label = resolve_lora_layers(preset, transformer, ("unused",))
+        assert label == preset and len(modules) == len(set(modules)) == expected, (preset, modules)
+        assert all(isinstance(transformer.get_submodule(m), torch.nn.Linear) for m in modules)
+        assert all(kohya_slot(family, "transformer", m, transformer.config).name for m in modules)
+    assert set(preset_modules("attn", transformer)) < set(preset_modules("attn+ff", transformer))
+    assert resolve_lora_layers(" attn.to_q , attn.to_k ", transformer, ("x",)) == (("attn.to_q", "attn.to_k"),
+                                                                                 "attn.to_q,attn.to_k")
+
+
+def test_a_preset_trains_its_modules(assets, tmp_path):
+    result = flow_main(argv(assets, "chroma", tmp_path / "out", 1, "--lora_layers", "attn+ff"))
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert result["global_step"] == 1 and len([k for k in saved if "lora_A" in k]) == PRESET_COUNTS["chroma"]["attn+ff"]
+
+
+def test_kontext_packs_reference_tokens_after_the_noisy_ones(assets):
+    kontext = task(assets, "kontext")
+    seen = {}
+    model = kontext.denoiser
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return model(**kwargs)
+
+    batch = {"cond_pixel_values": torch.rand(2, 3, RES, RES) * 2 - 1}
+    cond = kontext.encode_prompts(["a", "b"], "cpu")
+    noisy, s = torch.randn(2, 16, RES // 2, RES // 2), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        with_reference = kontext.predictor(spy, batch, torch.float32, "flow")(noisy, s, cond)
+        plain = kontext.predictor(model, {}, torch.float32, "flow")(noisy, s, cond)
+    tokens = (RES // 4) ** 2  # 2x2 patches of the RES/2 latents
+    assert seen["hidden_states"].shape == (2, 2 * tokens, 64) and with_reference.shape == noisy.shape
+    ids = seen["img_ids"]
+    assert ids.shape == (2 * tokens, 3) and (ids[:tokens, 0] == 0).all() and (ids[tokens:, 0] == 1).all()
+    assert torch.equal(ids[:tokens, 1:], ids[tokens:, 1:])  # the same grid, told apart by the first id
+    assert (with_reference - plain).abs().max() > 1e-4  # the reference tokens are attended to
+
+
+def _transformer_inputs(transformer, run) -> dict:
+    """The keyword inputs of the first call of ``transformer`` while ``run()`` runs."""
+    seen = []
+    handle = transformer.register_forward_pre_hook(lambda m, a, k: seen.append(dict(k)), with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_chroma_feeds_the_transformer_what_its_pipeline_feeds_it(assets):
+    """Same latents, time and prompt: our training forward passes the transformer ChromaPipeline's inputs, the text
+    attention mask included (prompt tokens and the first padding token, then every image token)."""
+    chroma = task(assets, "chroma")
+    pipe, transformer = chroma.pipe, chroma.denoiser
+    with torch.no_grad():
+        sampled = _transformer_inputs(transformer, lambda: pipe(
+            "a red disc", num_inference_steps=1, height=RES, width=RES, guidance_scale=1.0, output_type="latent",
+            generator=torch.Generator().manual_seed(0)))
+        scale = pipe.vae_scale_factor
+        noisy = pipe._unpack_latents(sampled["hidden_states"], RES, RES, scale)
+        cond = chroma.encode_prompts(["a red disc"], "cpu")
+        trained = _transformer_inputs(transformer, lambda: chroma.predict(
+            transformer, noisy, sampled["timestep"], cond, torch.float32))
+    for key in ("hidden_states", "timestep", "encoder_hidden_states", "txt_ids", "img_ids", "attention_mask"):
+        torch.testing.assert_close(trained[key].float(), sampled[key].float(), msg=key, atol=0, rtol=0)
+    mask = trained["attention_mask"][0]
+    length = int(cond["prompt_attention_mask"][0].sum())  # the prompt's tokens and the first padding token
+    text = cond["prompt_embeds"].shape[1]
+    assert mask[:length].eq(1).all() and mask[length:text].eq(0).all() and mask[text:].eq(1).all()
+    assert length < text
+
+
+BAD = [
+    ("chroma", ["--guidance_scale", "3.5"], "--guidance_scale 3.5:"),
+    ("chroma", ["--train_text_encoder"], "--train_text_encoder: Chroma's only text encoder is T5"),
+    ("sd35", ["--cond_image_column", "reference"], "--cond_image_column: a StableDiffusion3Pipeline takes no "
+                                                   "reference image"),
+    ("chroma", ["--validation_prompt", "x", "--validation_image", "__missing__.png"], "--validation_image "
+                                                                                     "__missing__.png: no such file"),
+    ("kontext", ["--validation_image", "{ref}"], "--validation_image needs --validation_prompt"),
+    ("kontext", ["--cache_latents"], "--cond_image_column with --cache_latents"),
+    ("kontext", ["--cond_image_column", "nope"], "--cond_image_column nope: the dataset has no such column"),
+    ("kontext", ["--lora_layers", "attn+mlp"], "or a preset (attn, attn+ff, all-linear)"),
+]
+
+
+@pytest.mark.parametrize("kind,extra,message", BAD, ids=lambda v: str(v)[:30])
+def test_bad_flags_give_one_line_errors(assets, tmp_path, capsys, kind, extra, message):
+    extra = [x.replace("{ref}", str(assets["data"] / "ref" / "000.png")) for x in extra]
+    with pytest.raises((ValueError, SystemExit)) as caught:
+        flow_main(argv(assets, kind, tmp_path / "out", 1, *extra))
+    text = str(caught.value) + capsys.readouterr().err
+    assert message in text and "\n" not in str(caught.value).strip()
+    if kind == "chroma" and "guidance" in message:
+        assert "ChromaPipeline" in text and "drop --guidance_scale" in text
+
+
+def test_a_row_without_its_reference_image_is_named(assets, tmp_path):
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data"], data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[2]["reference"] = "ref/gone.png"
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = argv(assets, "kontext", tmp_path / "out", 1)
+    args[args.index("--train_data_dir") + 1] = str(data)
+    message = r"--cond_image_column reference: row 2's reference image 'ref/gone.png' cannot be read"
+    with pytest.raises(ValueError, match=message):
+        flow_main(args)
