@@ -331,3 +331,35 @@ def test_lora_layer_presets_select_the_blocks_linears(kind, assets):
     assert task.resolve_lora_layers(" to_q, to_k ") == (("to_q", "to_k"), "to_q,to_k")
     with pytest.raises(InputError, match="--lora_layers ','"):
         task.resolve_lora_layers(",")
+
+
+def pipeline_format(kind, task, latents):
+    """``latents`` (the task's layout) as the pipeline holds them during sampling."""
+    if kind == "qwen-image":
+        return task.pipeline_class._pack_latents(latents, *latents.shape)
+    if kind == "flux2-klein":
+        return task.pipeline_class._pack_latents(task.pipeline_class._patchify_latents(latents))
+    return latents
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_encoded_latents_decode_through_the_pipeline_as_the_vae_decodes_the_image(kind, assets):
+    """The normalisation of ``encode_images`` is the inverse of the pipeline's own decode: latents swapped in at the
+    end of sampling come out as the VAE's decode of the image's raw mean latent."""
+    task = load_task(assets, kind)
+    pipe = task.pipe
+    pipe.set_progress_bar_config(disable=True)
+    pixels = whole_dataset_batch(assets["data"])["pixel_values"][:1]
+    vae = pipe.vae
+    with torch.no_grad():
+        ours = task.encode_images(pixels)
+        raw = vae.encode(pixels.unsqueeze(2) if kind == "qwen-image" else pixels).latent_dist.mean
+        decoded = vae.decode(raw).sample
+        expected = pipe.image_processor.postprocess(decoded[:, :, 0] if kind == "qwen-image" else decoded,
+                                                    output_type="np")
+        extra = {"text_encoder_out_layers": task.text_layers} if kind == "flux2-klein" else {}
+        image = pipe(prompt="a red disc", num_inference_steps=1, height=RES, width=RES, output_type="np",
+                     max_sequence_length=task.max_sequence_length,
+                     callback_on_step_end=lambda *_: {"latents": pipeline_format(kind, task, ours)}, **extra).images
+    assert image.shape == expected.shape and float(np.std(expected)) > 0.01
+    np.testing.assert_allclose(image, expected, rtol=0, atol=1e-4)
