@@ -118,6 +118,8 @@ def test_training_lowers_the_loss_and_diffusers_applies_every_trained_delta(kind
     assert scheduler_settings_from_checkpoint(out)["prediction_type"] == "flow_prediction"
     grid = np.asarray(Image.open(out / "samples.png"), dtype=np.float64)  # sampled with our flow scheduler
     assert grid.shape[-1] == 3 and grid.std() > 1.0 and (out / "validation").is_dir()
+    card = (out / "README.md").read_text()
+    assert f"in the names ComfyUI maps for {TITLES[kind]}" in card and "sd-scripts' key format" not in card
     assert ZTSNRFlowMatchScheduler.from_pretrained(out, subfolder="scheduler").config.use_dynamic_shifting
 
 

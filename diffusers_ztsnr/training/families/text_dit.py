@@ -120,5 +120,12 @@ class TextDiTTask(FlowTask):
                                   dict(self.denoiser.config), base_model=args.pretrained_model_name_or_path)
         return {"lora": lora, "kohya": kohya}
 
+    def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
+        """:class:`FlowTask`'s card, its kohya note naming the convention these files follow: ComfyUI's names for
+        the family (sd-scripts has no trainer for these models; A1111 / Forge none of the models)."""
+        card = super().model_card(args, steps, grid_name)
+        return card.replace("in sd-scripts' key format (ComfyUI, A1111 / Forge)",
+                            f"in the names ComfyUI maps for {self.family_title} (diffusers' converters read them too)")
+
     def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
