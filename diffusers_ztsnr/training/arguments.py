@@ -156,7 +156,9 @@ def config_tokens(parser: argparse.ArgumentParser, values: dict[str, Any], path:
                                  f"{value!r}).")
             tokens += [flag] if value else []
         elif isinstance(value, (dict, list)):
-            raise UsageError(f"error: --config {path}: {key} takes one value (got {value!r}).")
+            if not getattr(actions[key].type, "structured", False):  # e.g. ``datasets``: a list of mappings
+                raise UsageError(f"error: --config {path}: {key} takes one value (got {value!r}).")
+            tokens.append(f"{flag}={json.dumps(value)}")
         elif value is not None:
             tokens.append(f"{flag}={value}")  # '=' keeps a value such as -1 from reading as a flag
     return tokens

@@ -31,7 +31,7 @@ from .arguments import (  # noqa: F401  (re-exported: the scripts' parser and er
     parse_with_config,
     run_script,
 )
-from .data_flags import add_data_flags, data_flag_problems
+from .data_flags import add_data_flags, data_flag_problems, flow_dataset_problems
 from .full import full_finetune_problems
 from .lycoris import lycoris_problems
 from .quantization import QUANTIZATIONS
@@ -177,7 +177,7 @@ def check_common_args(args: argparse.Namespace) -> list[str]:
     problems = []
     if not args.pretrained_model_name_or_path:
         problems.append("--pretrained_model_name_or_path is required")
-    if (args.train_data_dir is None) == (args.dataset_name is None):
+    if args.datasets is None and (args.train_data_dir is None) == (args.dataset_name is None):
         problems.append("pass exactly one of --train_data_dir and --dataset_name")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
                  "validation_steps", "num_train_epochs", "validation_inference_steps", "rank",
@@ -389,7 +389,7 @@ def check_flow_args(args: argparse.Namespace) -> None:
     if args.resolution % 16:
         problems.append(f"--resolution must be a multiple of 16 for flow transformers (VAE factor 8 x patch 2), got "
                         f"{args.resolution}")
-    problems += check_flow_objective_arguments(args) + lycoris_problems(args, flow=True)
+    problems += check_flow_objective_arguments(args) + lycoris_problems(args, flow=True) + flow_dataset_problems(args)
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         problems.append(f"--max_sequence_length must be >= 1 (got {args.max_sequence_length})")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:

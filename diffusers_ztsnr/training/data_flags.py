@@ -1,4 +1,5 @@
-"""The training-data flags beyond the basic ones: loss masks (masked training) and DreamBooth prior preservation.
+"""The training-data flags beyond the basic ones: loss masks (masked training), DreamBooth prior preservation, and
+several datasets with repeats (``datasets:`` in a ``--config`` file).
 
 Registered by :func:`diffusers_ztsnr.training.config.add_model_and_data_arguments` and checked by
 :func:`diffusers_ztsnr.training.config.check_common_args` (both scripts). Prior preservation takes diffusers'
@@ -8,9 +9,12 @@ Registered by :func:`diffusers_ztsnr.training.config.add_model_and_data_argument
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
+from typing import Any
 
+from .arguments import did_you_mean
 from .data.masks import MASK_SUFFIX
 from .data.prior import class_image_files
 
@@ -37,11 +41,75 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     a("--sample_batch_size", type=int, default=4, help="images per batch when generating class images.")
     a("--class_inference_steps", type=int, default=25,
       help="sampler steps per generated class image (this package's scheduler on the base model).")
+    a("--datasets", type=parse_datasets, default=None,
+      help="several datasets instead of --train_data_dir / --dataset_name: in a --config file a list of "
+           f"mappings with the keys {', '.join(DATASET_KEYS)} (train_data_dir or dataset_name required; repeats: "
+           "times per epoch, default 1; the others default to the flags of the same name); here, that list as JSON.")
+
+
+#: the keys of one ``datasets`` entry
+DATASET_KEYS = ("train_data_dir", "dataset_name", "repeats", "resolution", "caption_column", "image_column")
+
+
+def parse_datasets(value: str) -> list[dict[str, Any]]:
+    """``--datasets``: a JSON list of mappings (a ``--config`` file's ``datasets:`` list arrives as JSON), each
+    checked: known keys, exactly one data source, ``repeats`` and ``resolution`` integers >= 1."""
+    try:
+        entries = json.loads(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a JSON list of datasets ({error})") from error
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise argparse.ArgumentTypeError("give a non-empty list of mappings, e.g. [{\"train_data_dir\": \"a\", "
+                                         "\"repeats\": 2}]")
+    for n, entry in enumerate(entries):
+        unknown = sorted(set(entry) - set(DATASET_KEYS))
+        if unknown:
+            hint = did_you_mean(unknown, DATASET_KEYS, "")
+            raise argparse.ArgumentTypeError(f"datasets[{n}] has unknown keys {unknown}{hint}; keys: "
+                                             f"{', '.join(DATASET_KEYS)}")
+        if ("train_data_dir" in entry) == ("dataset_name" in entry):
+            raise argparse.ArgumentTypeError(f"datasets[{n}] needs exactly one of train_data_dir and dataset_name")
+        for key in ("repeats", "resolution"):
+            if key in entry and not (isinstance(entry[key], int) and not isinstance(entry[key], bool)
+                                     and entry[key] >= 1):
+                raise argparse.ArgumentTypeError(f"datasets[{n}].{key} must be an integer >= 1 (got {entry[key]!r})")
+    return entries
+
+
+parse_datasets.structured = True  # a --config file may give it as a list (arguments.config_tokens)
+
+
+def dataset_entries(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every ``datasets`` entry with its defaults filled in from the flags of the same name (``repeats``: 1)."""
+    defaults = {"train_data_dir": None, "dataset_name": None, "repeats": 1, "resolution": args.resolution,
+                "caption_column": args.caption_column, "image_column": args.image_column}
+    return [{**defaults, **entry} for entry in args.datasets or []]
+
+
+def dataset_problems(args: argparse.Namespace, factor: int = 8) -> list[str]:
+    """``datasets`` entries whose folder is missing or whose resolution is not a multiple of ``factor``."""
+    problems = []
+    for n, entry in enumerate(dataset_entries(args)):
+        if entry["train_data_dir"] and not Path(entry["train_data_dir"]).expanduser().is_dir():
+            problems.append(f"datasets[{n}].train_data_dir {entry['train_data_dir']}: no such folder")
+        if entry["resolution"] % factor:
+            problems.append(f"datasets[{n}].resolution must be a multiple of {factor}, got {entry['resolution']}")
+    return problems
+
+
+def flow_dataset_problems(args: argparse.Namespace) -> list[str]:
+    """``datasets`` resolutions that are multiples of 8 (checked by :func:`dataset_problems`) but not of 16, the
+    flow transformers' factor (VAE 8 x patch 2)."""
+    return [f"datasets[{n}].resolution must be a multiple of 16 for flow transformers, got {e['resolution']}"
+            for n, e in enumerate(dataset_entries(args)) if e["resolution"] % 16 == 8]
 
 
 def data_flag_problems(args: argparse.Namespace) -> list[str]:
     """Problems with :func:`add_data_flags`' flags (returned, like ``check_common_args``)."""
-    problems = []
+    problems = dataset_problems(args)
+    if args.datasets is not None and (args.train_data_dir is not None or args.dataset_name is not None):
+        problems.append("--datasets (a --config list of datasets) replaces --train_data_dir / --dataset_name: pass "
+                        "one or the other")
     if args.mask_column is not None and not args.mask_column.strip():
         problems.append("--mask_column is empty: name the dataset column of the mask images")
     for flag in ("num_class_images", "sample_batch_size", "class_inference_steps"):
@@ -75,3 +143,26 @@ def _prior_problems(args: argparse.Namespace) -> list[str]:
 def uses_masks(args: argparse.Namespace) -> bool:
     """Masked training: ``--masked_loss`` or ``--mask_column``."""
     return bool(getattr(args, "masked_loss", False) or getattr(args, "mask_column", None))
+
+
+def load_repeated_datasets(args: argparse.Namespace) -> Any:
+    """The ``datasets`` entries as one :class:`~.data.multi.RepeatedDatasets`: each an image-caption dataset at its
+    own resolution and columns (crop, flip, bucketing, masks and ``--max_train_samples`` from the flags)."""
+    from .data import ImageCaptionDataset, load_image_caption_dataset, make_buckets
+    from .data.multi import RepeatedDatasets
+
+    entries, parts = dataset_entries(args), []
+    for entry in entries:
+        raw = load_image_caption_dataset(
+            train_data_dir=entry["train_data_dir"], dataset_name=entry["dataset_name"],
+            image_column=entry["image_column"], caption_column=entry["caption_column"], cache_dir=args.cache_dir,
+            follow_symlinks=args.follow_symlinks)
+        if args.max_train_samples is not None:
+            raw = raw.select(range(min(args.max_train_samples, len(raw))))
+        resolution = entry["resolution"]
+        buckets = make_buckets(resolution, step=64 if resolution >= 256 else 8) if args.bucketing else None
+        parts.append(ImageCaptionDataset(
+            raw, resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+            image_column=entry["image_column"], caption_column=entry["caption_column"], seed=args.seed,
+            buckets=buckets, masks=uses_masks(args), mask_column=args.mask_column))
+    return RepeatedDatasets(parts, [entry["repeats"] for entry in entries])

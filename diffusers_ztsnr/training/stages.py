@@ -28,7 +28,7 @@ from .checkpointing import (
     save_ema_state,
     save_tensor_state,
 )
-from .data_flags import uses_masks
+from .data_flags import load_repeated_datasets, uses_masks
 from .full import checkpoint_file, load_trained_state, trained_state
 from .history import LossHistory
 from .identity import lock_folder, model_fingerprint, record_run, recorded_args, training_flags
@@ -118,6 +118,8 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
     ``--bucketing``."""
     from .data import ImageCaptionDataset, load_image_caption_dataset, make_buckets
 
+    if args.datasets is not None:  # several datasets, each repeated (a --config ``datasets:`` list)
+        return load_repeated_datasets(args)
     dataset = load_image_caption_dataset(
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column,
@@ -198,8 +200,10 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
     collate_fn = getattr(train_set, "collate", collate_fn)
     sampler = None
     loader_options = dataloader_options(args, accelerator.device)
-    if args.bucketing:
-        sampler = BucketBatchSampler(train_set.sizes, train_set.buckets, args.train_batch_size, seed=args.seed)
+    targets = getattr(train_set, "targets", None)  # several datasets: each item's training size
+    if args.bucketing or (targets is not None and len(set(targets)) > 1):
+        sampler = BucketBatchSampler(train_set.sizes, train_set.buckets, args.train_batch_size, seed=args.seed,
+                                     targets=targets)
         dataloader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
                                                  **loader_options)
     else:
@@ -214,6 +218,10 @@ def cached_encodings(args: argparse.Namespace, accelerator: Accelerator, models:
     and the cache's hit/miss counts."""
     from .data import cache_image_encodings
 
+    parts = getattr(image_set, "parts", None)
+    if parts is not None:  # several datasets: each cached on its own
+        cached = [cached_encodings(args, accelerator, models, part, base_model) for part in parts]
+        return image_set.with_parts([c[0] for c in cached]), {k: sum(c[1][k] for c in cached) for k in cached[0][1]}
     task = models.task
     cache_dir = Path(args.cache_latents_dir or Path(args.cache_dir or "~/.cache/diffusers-ztsnr").expanduser()
                      / "encodings")

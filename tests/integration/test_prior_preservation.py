@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 
 from diffusers_ztsnr.schedulers import ZTSNRDPMSolverMultistepScheduler
+from diffusers_ztsnr.training import prior as prior_module
 from diffusers_ztsnr.training import step as step_module
 from diffusers_ztsnr.training.arguments import UsageError
+from diffusers_ztsnr.training.prior import base_sampling_scheduler
 from diffusers_ztsnr.training.unet import main, parse_args
 from tests.train_utils import RES, tiny_assets
 
@@ -51,17 +53,25 @@ def test_missing_class_images_are_generated_with_our_sampler(assets, tmp_path, m
     classes = tmp_path / "classes"
     classes.mkdir()
     Image.new("RGB", (RES, RES), (200, 30, 30)).save(classes / "mine.png")
-    calls = []
-    step = ZTSNRDPMSolverMultistepScheduler.step
-    monkeypatch.setattr(ZTSNRDPMSolverMultistepScheduler, "step",
-                        lambda self, *a, **k: calls.append(1) or step(self, *a, **k))
+    made, calls = [], []
+
+    def spy(task):  # the scheduler class generation samples with, and its steps
+        scheduler = base_sampling_scheduler(task)
+        step = scheduler.step
+        scheduler.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+        made.append(scheduler)
+        return scheduler
+
+    monkeypatch.setattr(prior_module, "base_sampling_scheduler", spy)
     flags = _flags(assets, tmp_path / "a", classes, "--class_prompt", "a photo of a shape", "--num_class_images", "3",
                    "--class_inference_steps", "2", "--sample_batch_size", "1", "--max_train_steps", "1")
     main(flags)
     files = sorted(classes.glob("*.png"))
     assert len(files) == 3 and [f.name for f in files][2] == "mine.png"  # 00001-<sha>.png, 00002-<sha>.png
     assert all(Image.open(f).size == (RES, RES) for f in files)
-    assert len(calls) == 2 * 2  # two images, two sampler steps each, through our scheduler
+    assert len(made) == 1 and type(made[0]) is ZTSNRDPMSolverMultistepScheduler
+    assert made[0].config.prediction_type == "epsilon"  # the base model's, not the v-prediction being trained
+    assert len(calls) == 2 * 2  # two images, two sampler steps each
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
     main([*flags[:-2], "--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
     assert {f.name: f.stat().st_mtime_ns for f in classes.glob("*.png")} == stamps  # enough there: none generated

@@ -57,6 +57,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     ``sizes`` are the items' source ``(h, w)`` (:attr:`ImageCaptionDataset.sizes`); each item goes to the bucket
     nearest in aspect ratio (:func:`nearest_bucket`), as :class:`ImageCaptionDataset` does with the same
     ``buckets``. ``buckets=None`` makes one group (every item is cropped to the same square): plain batches.
+    ``targets``, every item's training ``(h, w)`` given directly, groups by it instead (several datasets at several
+    resolutions).
 
     Each epoch shuffles the indices within every bucket, cuts them into batches, and shuffles the batch order,
     all from a generator seeded with ``seed + epoch``: deterministic for a seed, different per epoch. The epoch
@@ -84,6 +86,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: bool = True,
         fill_incomplete: bool = True,
         generator: torch.Generator | None = None,
+        targets: Sequence[Size] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -99,6 +102,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = 0
         # Without buckets every item is cropped to one square size: a single group.
         self.item_buckets = assign_buckets(sizes, buckets) if buckets else [(0, 0)] * len(sizes)
+        if targets is not None:  # each item's training size given (several datasets at several resolutions)
+            self.item_buckets = [tuple(t) for t in targets]
         groups: dict[Size, list[int]] = {}
         for index, bucket in enumerate(self.item_buckets):
             groups.setdefault(bucket, []).append(index)

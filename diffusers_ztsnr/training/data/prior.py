@@ -64,6 +64,11 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
     def buckets(self) -> list[Size] | None:
         return self.instance.buckets
 
+    @property
+    def targets(self) -> list[Size] | None:
+        """The instance items' training sizes when they are given per item (several datasets), else ``None``."""
+        return getattr(self.instance, "targets", None)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.instance.set_epoch(epoch)
