@@ -35,7 +35,7 @@ from tests.integration.interop.conventions import apply_kohya, comfyui_key_map, 
 from tests.integration.interop.support import TOLERANCE, TrainedLora, count, diffusers_applied, max_error
 from tests.train_utils import whole_dataset_batch
 
-RES, STEPS, RESUME_FROM = 32, 30, 28
+RES, STEPS, RESUME_FROM = 32, 16, 14
 #: kind -> (builder, pipeline class, kohya family, modules the default --lora_layers puts LoRA on in the tiny model)
 FAMILIES = {
     # SD3's 8 attention targets in block 0; the last block has no to_add_out (context_pre_only): 7
@@ -45,8 +45,8 @@ FAMILIES = {
     # the 8 attention projections of the double block; to_q/k/v of the single block
     "chroma": (build_chroma, ChromaPipeline, "chroma", 8 + 3),
 }
-#: fixed-batch loss after / before must stay below this; measured (training seeds 0 and 1): sd35 0.840 / 0.840,
-#: kontext 0.784 / 0.786, chroma 0.777 / 0.780
+#: fixed-batch loss after / before must stay below this; measured (training seeds 0 and 1): sd35 0.848 / 0.847,
+#: kontext 0.788 / 0.789, chroma 0.785 / 0.788 (30 steps at 1e-2: 0.840, 0.784, 0.777: the ratio has levelled off)
 LOSS_RATIO = {"sd35": 0.9, "kontext": 0.85, "chroma": 0.85}
 ARCHITECTURES = {"sd35": "stable-diffusion-3/lora", "kontext": "flux-1/lora", "chroma": "chroma/lora"}
 
@@ -77,7 +77,7 @@ def argv(assets, kind, out, steps, *extra):
     reference = ["--cond_image_column", "reference"] if kind == "kontext" else []
     return ["--pretrained_model_name_or_path", str(assets[kind]), "--train_data_dir", str(assets["data"]),
             "--resolution", str(RES), "--train_batch_size", "4", "--max_train_steps", str(steps), "--center_crop",
-            "--output_dir", str(out), "--learning_rate", "1e-2", "--rank", "8", "--lora_alpha", "4", "--report_to",
+            "--output_dir", str(out), "--learning_rate", "2e-2", "--rank", "8", "--lora_alpha", "4", "--report_to",
             "none", "--checkpointing_steps", str(RESUME_FROM), *reference, *extra]
 
 
