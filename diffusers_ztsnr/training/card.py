@@ -199,7 +199,10 @@ def card_header(run: RunFacts, tags: Sequence[str]) -> str:
 def sampling_snippet(run: RunFacts, scheduler: str, call_kwargs: Mapping[str, Any]) -> str:
     """The Python block that loads the base pipeline, this LoRA and the shipped ``scheduler/`` config, then samples
     the validation prompt; every value is a :func:`python_literal`."""
-    arguments = ", ".join([python_literal(run.validation_prompt or DEFAULT_PROMPT),
+    prompt = python_literal(run.validation_prompt or DEFAULT_PROMPT)
+    if run.pipeline == "FluxKontextPipeline":  # its first parameter is the reference image
+        prompt = f"prompt={prompt}"
+    arguments = ", ".join([prompt,
                            *(f"{name}={python_literal(value)}" for name, value in call_kwargs.items())])
     location = python_literal(LORA_LOCATION)
     if run.adapter in ("lokr", "loha"):  # no diffusers loader for LyCORIS adapters: the scheduler part only

@@ -168,3 +168,35 @@ def test_a_row_without_its_reference_image_is_named(assets, tmp_path):
     message = r"--cond_image_column reference: row 2's reference image 'ref/gone.png' cannot be read"
     with pytest.raises(ValueError, match=message):
         flow_main(args)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_lora_on_every_linear_exports_under_comfyui_names(kind, tmp_path):
+    """Every Linear of the transformer (blocks, embedders, SD3.5's attn2, Chroma's approximator) has a kohya name,
+    and ComfyUI's convention applies each module's trained ``B @ A * alpha / rank`` from the file."""
+    from safetensors.torch import load_file
+
+    from diffusers_ztsnr.training.lora import add_lora, lora_state_dict, save_kohya_lora
+    from tests.integration.interop.conventions import apply_kohya, comfyui_key_map, expected_native, native_error
+    from tests.integration.interop.support import TOLERANCE, TrainedLora
+
+    build, _, family, _ = FAMILIES[kind]
+    pipe = build(0)
+    transformer = pipe.transformer
+    linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    add_lora(transformer, 4, 2.0, tuple(linears))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(transformer.named_parameters()):
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    state = lora_state_dict(transformer)
+    path = save_kohya_lora(tmp_path / "lora_kohya.safetensors", {"transformer": state}, 2.0, "flow_prediction",
+                           False, family=family, denoiser_config=dict(transformer.config))
+    trained = TrainedLora(kind, {"transformer": state}, 2.0, tmp_path).deltas()
+    assert len(trained["transformer"]) == len(linears)
+    names = comfyui_key_map(family, build(0))
+    patches, unused = apply_kohya(load_file(path), names)
+    assert unused == set()
+    expected = expected_native(trained, names, build(0))
+    assert native_error(patches, expected) <= TOLERANCE and len(patches) == len(expected)

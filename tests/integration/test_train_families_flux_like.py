@@ -7,6 +7,7 @@ ComfyUI's names, and the validation grid is sampled with our flow scheduler. Kon
 per row (the target mirrored), Chroma on T5 alone with its attention mask.
 """
 
+import ast
 import functools
 import json
 import shutil
@@ -211,3 +212,16 @@ def test_validation_samples_with_our_flow_scheduler(runs, kind):
         pixels = np.asarray(grid.convert("RGB"), dtype=np.float32)
     assert pixels.shape[:2] == (RES, RES) and pixels.std() > 1.0  # one image at the training size, not blank
     assert (folder / "validation").is_dir()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_card_snippet_passes_the_prompt_where_the_pipeline_takes_it(runs, kind):
+    card = (runs[kind][0] / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    (call,) = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+               and isinstance(node.func, ast.Name) and node.func.id == "pipe"]
+    positional = [ast.literal_eval(a) for a in call.args]
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    # FluxKontextPipeline's first parameter is the reference image: the prompt goes by name
+    assert (positional, keywords.get("prompt")) == (([], "a red disc") if kind == "kontext" else (["a red disc"], None))
+    assert ("guidance_scale" in keywords) == (kind == "kontext")  # FLUX.1's guidance embedding; Chroma has none

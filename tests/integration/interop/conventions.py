@@ -49,6 +49,22 @@ BFL_DOUBLE = {  # comfy/utils.py flux_to_diffusers, double blocks
     "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",), "txt_mlp.0": ("ff_context.net.0.proj",),
     "txt_mlp.2": ("ff_context.net.2",), "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",),
 }
+# modules outside the blocks, diffusers name -> native name (comfy/utils.py mmdit_to_diffusers / flux_to_diffusers;
+# final_layer.adaLN_modulation.1 is stored (shift, scale))
+MMDIT_GLOBAL = {"context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+                "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+                "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+                "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+                "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+                "norm_out.linear": "final_layer.adaLN_modulation.1"}
+BFL_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+              "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+              "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+              "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+              "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+              "norm_out.linear": "final_layer.adaLN_modulation.1"}
 BFL_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
               "modulation.lin": ("norm.linear",)}
 
@@ -123,6 +139,14 @@ def _bfl_modules(transformer) -> dict[str, NativeModule]:
                                         ("single_transformer_blocks", "single_blocks", BFL_SINGLE)])
 
 
+def _global_modules(transformer, table: dict[str, str]) -> dict[str, NativeModule]:
+    """ComfyUI's names of the modules outside the blocks that ``transformer`` has (``lora_unet_<native key>``)."""
+    linears = _linears(transformer)
+    return {f"lora_unet_{key.replace('.', '_')}": NativeModule(key, (("transformer", path),),
+                                                               swap_halves=key == "final_layer.adaLN_modulation.1")
+            for path, key in table.items() if path in linears}
+
+
 def _chroma_modules(transformer) -> dict[str, NativeModule]:
     """ComfyUI's Chroma (comfy/ldm/chroma/model.py): FLUX.1's blocks without their modulation layers, ``img_in``,
     ``txt_in``, ``final_layer.linear`` and the ``distilled_guidance_layer`` Approximator (``in_proj``,
@@ -162,10 +186,12 @@ def comfyui_key_map(family: str, pipe) -> dict[str, NativeModule]:
         return {**_unet_modules(pipe.unet, sgm=True), **_clip_modules(pipe, clips)}
     if family == "sd3":
         clips = {"text_encoder": ("lora_te", "lora_te1"), "text_encoder_2": ("lora_te2",)}
-        return {**_mmdit_modules(pipe.transformer), **_clip_modules(pipe, clips)}
+        return {**_mmdit_modules(pipe.transformer), **_global_modules(pipe.transformer, MMDIT_GLOBAL),
+                **_clip_modules(pipe, clips)}
     if family == "chroma":  # T5 only: no CLIP keys
         return _chroma_modules(pipe.transformer)
-    return {**_bfl_modules(pipe.transformer), **_clip_modules(pipe, {"text_encoder": ("lora_te", "lora_te1")})}
+    return {**_bfl_modules(pipe.transformer), **_global_modules(pipe.transformer, BFL_GLOBAL),
+            **_clip_modules(pipe, {"text_encoder": ("lora_te", "lora_te1")})}
 
 
 def sd_scripts_names(family: str, pipe) -> dict[str, NativeModule]:
