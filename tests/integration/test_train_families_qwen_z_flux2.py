@@ -365,3 +365,19 @@ def test_encoded_latents_decode_through_the_pipeline_as_the_vae_decodes_the_imag
                      callback_on_step_end=lambda *_: {"latents": pipeline_format(kind, task, ours)}, **extra).images
     assert image.shape == expected.shape and float(np.std(expected)) > 0.01
     np.testing.assert_allclose(image, expected, rtol=0, atol=1e-4)
+
+
+
+def test_a_module_comfyui_cannot_name_keeps_the_diffusers_file(assets, tmp_path):
+    from diffusers_ztsnr.lora_keys_dit import comfyui_slot
+
+    slot = comfyui_slot("flux2-klein", "transformer_blocks.3.attn.add_k_proj")
+    assert (slot.name, slot.part, slot.parts) == ("lora_unet_double_blocks_3_txt_attn_qkv", 1, 3)
+    with pytest.raises(ValueError, match="transformer.siglip_embedder.1 has no name in ComfyUI's LoRA keys"):
+        comfyui_slot("z-image", "siglip_embedder.1")
+    task = load_task(assets, "z-image")
+    state = {"siglip_embedder.1.lora_A.weight": torch.ones(RANK, 4),
+             "siglip_embedder.1.lora_B.weight": torch.ones(4, RANK)}
+    with pytest.warns(UserWarning, match="no lora_kohya.safetensors written: transformer.siglip_embedder.1"):
+        paths = task.save_lora(tmp_path, {"transformer": state}, flow_args(argv(assets, "z-image", tmp_path, 1)))
+    assert set(paths) == {"lora"} and (tmp_path / LORA).is_file() and not (tmp_path / "lora_kohya.safetensors").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,13 @@ class TextDiTTask(FlowTask):
                                    lora_alpha=alpha, family=self.family)
         if is_dora(states):
             return {"lora": lora}  # no kohya copy: see card.kohya_note
-        kohya = save_comfyui_lora(output_dir / "lora_kohya.safetensors", self.family, states["transformer"], alpha,
-                                  dict(self.denoiser.config), base_model=args.pretrained_model_name_or_path)
+        try:
+            kohya = save_comfyui_lora(output_dir / "lora_kohya.safetensors", self.family, states["transformer"],
+                                      alpha, dict(self.denoiser.config), base_model=args.pretrained_model_name_or_path)
+        except ValueError as error:  # a --lora_layers module ComfyUI has no name for: keep the diffusers file
+            warnings.warn(f"no lora_kohya.safetensors written: {error}; {lora.name} holds the LoRA.", UserWarning,
+                          stacklevel=2)
+            return {"lora": lora}
         return {"lora": lora, "kohya": kohya}
 
     def model_card(self, args: argparse.Namespace, steps: int, grid_name: str | None) -> str:
