@@ -31,9 +31,6 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
 def reference_problems(args: argparse.Namespace) -> list[str]:
     """Problems with the reference-image flags (returned, like the other flag checks)."""
     problems = []
-    if args.cond_image_column is not None and args.cache_latents:
-        problems.append("--cond_image_column with --cache_latents: the encodings cache holds no reference latents; "
-                        "drop --cache_latents")
     if args.validation_image is not None:
         if not args.validation_prompt:
             problems.append("--validation_image needs --validation_prompt (the edit instruction to sample)")

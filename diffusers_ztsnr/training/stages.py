@@ -175,10 +175,14 @@ class TrainingData:
 
 @torch.no_grad()
 def encode_for_cache(task: ModelTask, device: torch.device, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A batch's latents and prompt encodings as the encodings cache stores them (fp32, on the CPU)."""
+    """A batch's latents and prompt encodings as the encodings cache stores them (fp32, on the CPU); a batch with
+    reference images (``--cond_image_column``) also their latents, ``cond_latents``."""
     cond = task.encode_prompts(batch["caption"], device)
     latents = task.encode_images(batch["pixel_values"].to(device))
-    return {"latents": latents.float().cpu(), **{k: v.float().cpu() for k, v in cond.items()}}
+    out = {"latents": latents.float().cpu(), **{k: v.float().cpu() for k, v in cond.items()}}
+    if "cond_pixel_values" in batch:
+        out["cond_latents"] = task.encode_images(batch["cond_pixel_values"].to(device)).float().cpu()
+    return out
 
 
 def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Models, image_set: ImageCaptionDataset,

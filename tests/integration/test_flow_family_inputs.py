@@ -137,7 +137,6 @@ BAD = [
     ("chroma", ["--validation_prompt", "x", "--validation_image", "__missing__.png"], "--validation_image "
                                                                                      "__missing__.png: no such file"),
     ("kontext", ["--validation_image", "{ref}"], "--validation_image needs --validation_prompt"),
-    ("kontext", ["--cache_latents"], "--cond_image_column with --cache_latents"),
     ("kontext", ["--cond_image_column", "nope"], "--cond_image_column nope: the dataset has no such column"),
     ("kontext", ["--lora_layers", "attn+mlp"], "or a preset (attn, attn+ff, all-linear)"),
 ]
@@ -200,3 +199,55 @@ def test_a_lora_on_every_linear_exports_under_comfyui_names(kind, tmp_path):
     assert unused == set()
     expected = expected_native(trained, names, build(0))
     assert native_error(patches, expected) <= TOLERANCE and len(patches) == len(expected)
+
+
+def test_a_reference_gets_its_targets_crop_flip_and_bucket(tmp_path):
+    """Random crops, random flips and aspect buckets: a reference that is the target itself comes out identical to
+    it, and one stored at twice the size matches it up to resampling (it is resized to the target's size first)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_ztsnr.training.data import load_image_caption_dataset, make_buckets
+    from diffusers_ztsnr.training.data.reference import ReferenceImageDataset
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (h, w) in enumerate([(40, 64), (64, 40), (48, 48), (36, 72)]):
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        image.save(tmp_path / f"{i}.png")
+        (tmp_path / "ref").mkdir(exist_ok=True)
+        image.resize((2 * w, 2 * h), Image.Resampling.BICUBIC).save(tmp_path / "ref" / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": "x", "same": f"{i}.png", "big": f"ref/{i}.png"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = load_image_caption_dataset(train_data_dir=tmp_path)
+    options = dict(data_dir=tmp_path, resolution=32, center_crop=False, random_flip=True, buckets=make_buckets(32, 8))
+    same = ReferenceImageDataset(raw, cond_image_column="same", **options)
+    big = ReferenceImageDataset(raw, cond_image_column="big", **options)
+    shapes = set()
+    for epoch in range(3):
+        same.set_epoch(epoch)
+        big.set_epoch(epoch)
+        for i in range(len(same)):
+            item, scaled = same[i], big[i]
+            shapes.add(tuple(item["pixel_values"].shape))
+            assert torch.equal(item["cond_pixel_values"], item["pixel_values"])
+            assert torch.equal(scaled["pixel_values"], item["pixel_values"])
+            assert (scaled["cond_pixel_values"] - item["pixel_values"]).abs().mean() < 0.05
+    assert len(shapes) > 1  # several buckets were exercised
+
+
+def test_kontext_trains_the_same_from_cached_reference_latents(assets, tmp_path):
+    cache = ["--cache_latents", "--cache_latents_dir", str(tmp_path / "cache")]
+    first = flow_main(argv(assets, "kontext", tmp_path / "a", 2, *cache))
+    second = flow_main(argv(assets, "kontext", tmp_path / "b", 2, *cache))
+    plain = flow_main(argv(assets, "kontext", tmp_path / "c", 2))
+    assert first["cache"] == {"hits": 0, "misses": 4} and second["cache"] == {"hits": 4, "misses": 0}
+    import numpy as np
+
+    np.testing.assert_allclose(second["losses"], plain["losses"], rtol=1e-4)
+    # the references are part of the cache key: without them the same images are encoded anew
+    text_to_image = argv(assets, "kontext", tmp_path / "d", 1, *cache)
+    text_to_image = [a for a in text_to_image if a not in ("--cond_image_column", "reference")]
+    assert flow_main(text_to_image)["cache"] == {"hits": 0, "misses": 4}

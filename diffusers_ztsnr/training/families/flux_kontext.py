@@ -2,11 +2,11 @@
 conditioned on a reference image.
 
 With ``--cond_image_column`` each batch carries the reference images (``cond_pixel_values``, cropped as their
-targets). Their VAE latents are packed into 2x2 tokens and appended after the noisy tokens, with position ids
-whose first coordinate is 1 (the generated image's is 0), as ``FluxKontextPipeline.prepare_latents`` builds them
-for sampling; the transformer's output is cut back to the noisy tokens, so the loss sees only them. The references
-are clean (never noised), as in diffusers' ``train_dreambooth_lora_flux_kontext.py``. Without the flag Kontext
-trains text-to-image, as FLUX.1.
+targets; under ``--cache_latents`` their latents, ``cond_latents``). Their VAE latents are packed into 2x2 tokens
+and appended after the noisy tokens, with position ids whose first coordinate is 1 (the generated image's is 0), as
+``FluxKontextPipeline.prepare_latents`` builds them for sampling; the transformer's output is cut back to the noisy
+tokens, so the loss sees only them. The references are clean (never noised), as in diffusers'
+``train_dreambooth_lora_flux_kontext.py``. Without the flag Kontext trains text-to-image, as FLUX.1.
 
 Validation samples ``--validation_prompt`` from ``--validation_image`` (resized and center-cropped to
 ``--resolution`` like the training references; the pipeline's own resize to its preferred Kontext resolutions is
@@ -44,11 +44,12 @@ class FluxKontextTask(FlowTask):
 
     def predictor(self, model, batch: dict[str, Any], weight_dtype: torch.dtype, path: str) -> Predict:
         plain = super().predictor(model, batch, weight_dtype, path)
-        pixels = batch.get("cond_pixel_values")
-        if pixels is None:
+        reference = batch.get("cond_latents")  # encoded once, by the encodings cache
+        if reference is None and batch.get("cond_pixel_values") is not None:
+            with torch.no_grad():
+                reference = self.encode_images(batch["cond_pixel_values"].to(self.vae.device)).float()
+        if reference is None:
             return plain
-        with torch.no_grad():
-            reference = self.encode_images(pixels.to(self.vae.device)).float()
         return lambda noisy, s, cond: self.predict(model, noisy, s, cond, weight_dtype, reference=reference)
 
     def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
