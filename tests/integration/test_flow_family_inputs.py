@@ -251,3 +251,29 @@ def test_kontext_trains_the_same_from_cached_reference_latents(assets, tmp_path)
     text_to_image = argv(assets, "kontext", tmp_path / "d", 1, *cache)
     text_to_image = [a for a in text_to_image if a not in ("--cond_image_column", "reference")]
     assert flow_main(text_to_image)["cache"] == {"hits": 0, "misses": 4}
+
+
+def test_kontext_feeds_the_transformer_what_its_pipeline_feeds_it_with_a_reference(assets):
+    """Same latents, time, prompt and reference image: our training forward passes FluxKontextPipeline's inputs (the
+    reference tokens after the noisy ones, their ids, the guidance value)."""
+    from PIL import Image
+
+    from diffusers_ztsnr.training.data import image_to_tensor
+
+    kontext = task(assets, "kontext")
+    pipe, transformer = kontext.pipe, kontext.denoiser
+    with Image.open(assets["data"] / "ref" / "001.png") as image:
+        reference = image.convert("RGB")
+    with torch.no_grad():
+        sampled = _transformer_inputs(transformer, lambda: pipe(
+            image=reference, prompt="a red disc", num_inference_steps=1, height=RES, width=RES, max_area=RES ** 2,
+            _auto_resize=False, output_type="latent", generator=torch.Generator().manual_seed(0)))
+        tokens = sampled["hidden_states"].shape[1] // 2
+        noisy = kontext.unpack(sampled["hidden_states"][:, :tokens], (1, 16, RES // 2, RES // 2))
+        reference_latents = kontext.encode_images(image_to_tensor(reference)[None])
+        cond = kontext.encode_prompts(["a red disc"], "cpu")
+        trained = _transformer_inputs(transformer, lambda: kontext.predict(
+            transformer, noisy, sampled["timestep"], cond, torch.float32, reference=reference_latents))
+    for key in ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states", "txt_ids",
+                "img_ids"):
+        torch.testing.assert_close(trained[key].float(), sampled[key].float(), msg=key, atol=1e-5, rtol=1e-5)
