@@ -225,3 +225,19 @@ def test_card_snippet_passes_the_prompt_where_the_pipeline_takes_it(runs, kind):
     # FluxKontextPipeline's first parameter is the reference image: the prompt goes by name
     assert (positional, keywords.get("prompt")) == (([], "a red disc") if kind == "kontext" else (["a red disc"], None))
     assert ("guidance_scale" in keywords) == (kind == "kontext")  # FLUX.1's guidance embedding; Chroma has none
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_our_loader_reads_the_kohya_file_back_as_trained(assets, runs, kind):
+    """``diffusers_ztsnr.markers.load_lora_weights`` converts the kohya file (diffusers has no SD3 / Chroma kohya
+    converter, and splits FLUX.1's fused linear1 only at FLUX.1's width) onto the base pipeline."""
+    from diffusers_ztsnr.markers import load_lora_weights
+
+    _, pipeline_class, _, modules = FAMILIES[kind]
+    folder = runs[kind][0]
+    trained = trained_lora(folder).deltas()
+    applied, patched = diffusers_applied(pipeline_class.from_pretrained(assets[kind]),
+                                         str(folder / "lora_kohya.safetensors"), ["transformer"],
+                                         load=load_lora_weights)
+    assert max_error(applied, trained) <= TOLERANCE
+    assert count(patched) == modules and set(applied["transformer"]) <= set(trained["transformer"])
