@@ -219,20 +219,25 @@ def test_a_reference_gets_its_targets_crop_flip_and_bucket(tmp_path):
         image.save(tmp_path / f"{i}.png")
         (tmp_path / "ref").mkdir(exist_ok=True)
         image.resize((2 * w, 2 * h), Image.Resampling.BICUBIC).save(tmp_path / "ref" / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": "x", "same": f"{i}.png", "big": f"ref/{i}.png"})
+        # "twin_file_name": datasets loads it as the image column "twin"
+        rows.append({"file_name": f"{i}.png", "text": "x", "same": f"{i}.png", "big": f"ref/{i}.png",
+                     "twin_file_name": f"{i}.png"})
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = load_image_caption_dataset(train_data_dir=tmp_path)
     options = dict(data_dir=tmp_path, resolution=32, center_crop=False, random_flip=True, buckets=make_buckets(32, 8))
     same = ReferenceImageDataset(raw, cond_image_column="same", **options)
     big = ReferenceImageDataset(raw, cond_image_column="big", **options)
+    twin = ReferenceImageDataset(raw, cond_image_column="twin", **options)
     shapes = set()
     for epoch in range(3):
         same.set_epoch(epoch)
         big.set_epoch(epoch)
+        twin.set_epoch(epoch)
         for i in range(len(same)):
             item, scaled = same[i], big[i]
             shapes.add(tuple(item["pixel_values"].shape))
             assert torch.equal(item["cond_pixel_values"], item["pixel_values"])
+            assert torch.equal(twin[i]["cond_pixel_values"], item["pixel_values"])
             assert torch.equal(scaled["pixel_values"], item["pixel_values"])
             assert (scaled["cond_pixel_values"] - item["pixel_values"]).abs().mean() < 0.05
     assert len(shapes) > 1  # several buckets were exercised
@@ -277,3 +282,14 @@ def test_kontext_feeds_the_transformer_what_its_pipeline_feeds_it_with_a_referen
     for key in ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states", "txt_ids",
                 "img_ids"):
         torch.testing.assert_close(trained[key].float(), sampled[key].float(), msg=key, atol=1e-5, rtol=1e-5)
+
+
+def test_kontext_validation_samples_from_the_reference_at_the_training_size(assets):
+    reference = assets["data"] / "ref" / "002.png"
+    kontext = task(assets, "kontext", "--validation_prompt", "x", "--validation_image", str(reference))
+    args = flow_args(argv(assets, "kontext", "unused", 1))
+    kwargs = kontext.validation_kwargs(args)
+    assert kwargs["image"].size == (RES, RES) and kwargs["_auto_resize"] is False
+    assert kwargs["max_area"] == RES ** 2 and kwargs["guidance_scale"] == 3.5
+    plain = task(assets, "kontext").validation_kwargs(args)
+    assert "image" not in plain and plain["max_area"] == RES ** 2  # text-to-image validation at the training size
