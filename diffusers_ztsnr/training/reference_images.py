@@ -31,6 +31,13 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
 def reference_problems(args: argparse.Namespace) -> list[str]:
     """Problems with the reference-image flags (returned, like the other flag checks)."""
     problems = []
+    if args.cond_image_column is not None:
+        if getattr(args, "datasets", None) is not None:
+            problems.append("--cond_image_column with a --config datasets: list: the list's datasets take no "
+                            "reference column yet; train on one --train_data_dir / --dataset_name")
+        if getattr(args, "with_prior_preservation", False):
+            problems.append("--cond_image_column with --with_prior_preservation: the class images have no reference "
+                            "image; drop --with_prior_preservation")
     if args.validation_image is not None:
         if not args.validation_prompt:
             problems.append("--validation_image needs --validation_prompt (the edit instruction to sample)")

@@ -134,7 +134,8 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
         return ReferenceImageDataset(dataset, cond_image_column=args.cond_image_column, data_dir=args.train_data_dir,
                                      resolution=args.resolution, center_crop=args.center_crop,
                                      random_flip=args.random_flip, image_column=args.image_column,
-                                     caption_column=args.caption_column, seed=args.seed, buckets=buckets)
+                                     caption_column=args.caption_column, seed=args.seed, buckets=buckets,
+                                     masks=uses_masks(args), mask_column=args.mask_column)
     return ImageCaptionDataset(dataset, resolution=args.resolution, center_crop=args.center_crop,
                                random_flip=args.random_flip, image_column=args.image_column,
                                caption_column=args.caption_column, seed=args.seed, buckets=buckets,

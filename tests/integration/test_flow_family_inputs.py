@@ -138,6 +138,9 @@ BAD = [
                                                                                      "__missing__.png: no such file"),
     ("kontext", ["--validation_image", "{ref}"], "--validation_image needs --validation_prompt"),
     ("kontext", ["--cond_image_column", "nope"], "--cond_image_column nope: the dataset has no such column"),
+    ("kontext", ["--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", "p"],
+     "--cond_image_column with --with_prior_preservation: the class images have no reference image"),
+    ("kontext", ["--datasets", '[{"train_data_dir": "d"}]'], "--cond_image_column with a --config datasets: list"),
     ("kontext", ["--lora_layers", "attn+mlp"], "or a preset (attn, attn+ff, all-linear)"),
 ]
 
@@ -293,3 +296,26 @@ def test_kontext_validation_samples_from_the_reference_at_the_training_size(asse
     assert kwargs["max_area"] == RES ** 2 and kwargs["guidance_scale"] == 3.5
     plain = task(assets, "kontext").validation_kwargs(args)
     assert "image" not in plain and plain["max_area"] == RES ** 2  # text-to-image validation at the training size
+
+
+def test_kontext_trains_with_loss_masks_beside_the_references(assets, tmp_path):
+    """``--masked_loss`` masks (``<stem>-masklabel.png`` beside each image) reach the reference dataset: a mask
+    that ignores everything leaves no loss to train on, one that keeps everything trains as without masks."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data"], data)
+    for value, name in ((255, "keep"), (0, "drop")):
+        for image in sorted(data.glob("*.png")):
+            Image.new("L", (RES, RES), value).save(image.with_name(f"{image.stem}-masklabel.png"))
+        args = argv(assets, "kontext", tmp_path / name, 1, "--masked_loss")
+        args[args.index("--train_data_dir") + 1] = str(data)
+        result = flow_main(args)
+        if value:
+            plain = flow_main(argv(assets, "kontext", tmp_path / "plain", 1))
+            np.testing.assert_allclose(result["losses"], plain["losses"], rtol=1e-5)
+        else:
+            assert result["losses"][0] == 0.0
