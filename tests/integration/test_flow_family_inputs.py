@@ -12,16 +12,14 @@ from diffusers_ztsnr.training.families.lora_presets import preset_modules, resol
 from diffusers_ztsnr.training.families.registry import FLOW_TASKS, flow_task_class, make_flow_task
 from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.flow import parse_args as flow_args
-from tests.integration.test_train_families_flux_like import FAMILIES, RES, argv
+from tests.integration.test_train_families_flux_like import FAMILIES, RES, argv, family_assets
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from tests.integration.test_train_families_flux_like import assets as make_assets
-
-    return make_assets.__wrapped__(tmp_path_factory)
+    return family_assets(tmp_path_factory.mktemp("families"))
 
 
 def task(assets, kind, *extra):

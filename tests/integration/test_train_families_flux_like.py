@@ -56,8 +56,11 @@ pytestmark = pytest.mark.usefixtures("quiet_loading")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    return family_assets(tmp_path_factory.mktemp("families"))
+
+
+def family_assets(root: Path) -> dict[str, Path]:
     """The three tiny pipelines and 4 demo images, each with a reference image (itself mirrored) in ``ref/``."""
-    root = tmp_path_factory.mktemp("families")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         paths = {kind: root / kind for kind in FAMILIES}
