@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of SD3 / Flux flow transformers with flow matching; see diffusers_ztsnr.training.flow.
+"""LoRA fine-tuning of flow transformers (SD3 / SD3.5, FLUX.1, Kontext, Chroma, Qwen-Image, Z-Image, FLUX.2 Klein)
+with flow matching; see diffusers_ztsnr.training.flow.
 
     accelerate launch -q train_scripts/train_lora_flow.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of flow transformers (SD3: ``SD3Transformer2DModel``, Flux: ``FluxTransformer2DModel``).
+"""LoRA fine-tuning of flow transformers: SD3 / SD3.5, FLUX.1, FLUX.1 Kontext, Chroma, Qwen-Image, Z-Image, FLUX.2
+Klein (the base model's pipeline class picks the family, see docs/training-flow.md).
 
 Flow-matching conventions (diffusers'): ``x_s = (1 - s) * x0 + s * eps`` with ``s = 1`` pure noise, model time
 ``1000 * s`` (Flux's transformer takes ``s`` itself and multiplies by 1000 inside), target the velocity
