@@ -1,5 +1,7 @@
 """SD3 (``SD3Transformer2DModel``) and Flux (``FluxTransformer2DModel``): the transformer trained with LoRA as a
-rectified flow.
+rectified flow. SD3.5 is this SD3 task: the same pipeline class and forward, its RMS-normed queries and keys and
+its dual-attention (MMDiT-X) blocks being configuration of the same transformer class. FLUX.1 Kontext
+(:mod:`.flux_kontext`) and Chroma (:mod:`.chroma`) are subclasses.
 
 Conventions (diffusers'): ``x_s = (1 - s) * x0 + s * eps`` with ``s = 1`` pure noise, the output is the velocity
 ``eps - x0``; SD3's transformer takes the model time ``1000 * s``, Flux's takes ``s`` (it multiplies by 1000 inside)
