@@ -35,6 +35,9 @@ def reference_problems(args: argparse.Namespace) -> list[str]:
         if getattr(args, "datasets", None) is not None:
             problems.append("--cond_image_column with a --config datasets: list: the list's datasets take no "
                             "reference column yet; train on one --train_data_dir / --dataset_name")
+        if args.validation_prompt and args.validation_image is None:
+            problems.append("--cond_image_column with --validation_prompt: validation samples an edit, so name the "
+                            "image to edit with --validation_image")
         if getattr(args, "with_prior_preservation", False):
             problems.append("--cond_image_column with --with_prior_preservation: the class images have no reference "
                             "image; drop --with_prior_preservation")

@@ -138,6 +138,8 @@ BAD = [
     ("kontext", ["--cond_image_column", "nope"], "--cond_image_column nope: the dataset has no such column"),
     ("kontext", ["--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", "p"],
      "--cond_image_column with --with_prior_preservation: the class images have no reference image"),
+    ("kontext", ["--validation_prompt", "x"], "validation samples an edit, so name the image to edit with "
+                                              "--validation_image"),
     ("kontext", ["--datasets", '[{"train_data_dir": "d"}]'], "--cond_image_column with a --config datasets: list"),
     ("kontext", ["--lora_layers", "attn+mlp"], "or a preset (attn, attn+ff, all-linear)"),
 ]
