@@ -6,7 +6,9 @@ projection), there is no guidance embedding (``--guidance_scale`` is an error), 
 twice: T5 encodes the prompt under its tokenizer mask, and the transformer attends to the prompt tokens up to and
 including the first padding token only (``ChromaPipeline._get_t5_prompt_embeds``), the image tokens always
 (``ChromaPipeline._prepare_attention_mask``). The mask travels with the prompt encodings (``prompt_attention_mask``),
-so the encodings cache and caption dropout (the empty prompt's mask) keep it.
+so the encodings cache and caption dropout (the empty prompt's mask) keep it. The pipeline's mask is float 0 / 1,
+which diffusers' attention adds to the scores (padding keys are down-weighted, not removed); it is fed as is, so
+training sees what sampling sees.
 
 diffusers has no Chroma training example; ``--lora_layers`` defaults to the attention projections of both streams,
 SimpleTuner's default for its FLUX.1-derived models (``--flux_lora_target all``: ``to_q``, ``to_k``, ``to_v``,
