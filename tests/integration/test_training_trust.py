@@ -69,12 +69,14 @@ def test_hub_token_reaches_no_file_and_the_upload_is_private_and_allow_listed(as
     run(assets, out, "--push_to_hub", "--hub_token", TOKEN, "--hub_model_id", "my-lora", "--report_to", "tensorboard",
         "--validation_prompt", "a red disc", "--num_validation_images", "1", "--validation_inference_steps", "2")
     assert calls["create"] == {"repo_id": "my-lora", "token": TOKEN, "private": True}
-    assert sorted(calls["upload"]) == ["README.md", "lora_kohya.safetensors", "pytorch_lora_weights.safetensors",
-                                       "samples.png", "scheduler/scheduler_config.json"]
+    # a ZTSNR run on an SD 1.x base: the conversion probe's numbers go with the card they are quoted in
+    assert sorted(calls["upload"]) == ["README.md", "conversion_probe.json", "lora_kohya.safetensors",
+                                       "pytorch_lora_weights.safetensors", "samples.png",
+                                       "scheduler/scheduler_config.json"]
     assert (out / "training_args.json").is_file() and list((out / "logs").rglob("*events*"))  # written, not sent
     assert TOKEN.encode() not in every_byte(out) and TOKEN.encode() not in every_byte(remote)
     assert "hub_token" not in json.loads((out / "training_args.json").read_text())
-    assert "(private): README.md, lora_kohya.safetensors" in capsys.readouterr().out
+    assert "(private): README.md, conversion_probe.json, lora_kohya.safetensors" in capsys.readouterr().out
 
 
 def _planted_pickle(marker: Path) -> bytes:
