@@ -1,0 +1,82 @@
+"""The shared loop on every newer flow family (SD3.5, FLUX.1 Kontext, Chroma, Qwen-Image, Z-Image, FLUX.2 Klein):
+aspect-ratio buckets hand each transformer non-square latents, a second run hits the encodings cache and trains
+exactly as the run that built it, and two DDP processes end with identical LoRA weights."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_ztsnr.testing import tiny_flow_builders as builders
+from diffusers_ztsnr.training.flow import main as flow_main
+
+REPO = Path(__file__).resolve().parents[2]
+BUILDERS = {"sd35": builders.build_sd35, "kontext": builders.build_flux_kontext, "chroma": builders.build_chroma,
+            "qwen-image": builders.build_qwen_image, "z-image": builders.build_z_image,
+            "flux2-klein": builders.build_flux2_klein}
+SIZES = [(48, 32), (48, 32), (32, 48), (32, 48)]  # landscape and portrait: two buckets at 32 px
+
+pytestmark = pytest.mark.usefixtures("quiet_loading")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family-loop")
+    folders = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kind, build in BUILDERS.items():
+            folders[kind] = root / kind
+            build(0).save_pretrained(folders[kind])
+    data = root / "mixed"
+    data.mkdir()
+    rows = []
+    for i, size in enumerate(SIZES):
+        Image.new("RGB", size, (50 * i, 200 - 40 * i, 90)).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a flat colour number {i}"}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return {**folders, "data": data}
+
+
+def argv(assets, kind, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", str(assets[kind]), "--train_data_dir", str(assets["data"]),
+            "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2", "--max_train_steps",
+            str(steps), "--rank", "4", "--learning_rate", "1e-3", "--report_to", "none", "--bucketing", *extra]
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_buckets_and_a_cache_hit_train_as_the_run_that_built_the_cache(assets, tmp_path, kind):
+    cache = ["--cache_latents", "--cache_latents_dir", str(tmp_path / "cache"), "--center_crop"]
+    built = flow_main(argv(assets, kind, tmp_path / "a", 4, *cache))
+    hit = flow_main(argv(assets, kind, tmp_path / "b", 4, *cache))
+    assert built["global_step"] == hit["global_step"] == 4
+    assert np.isfinite(built["losses"]).all()
+    assert built["cache"]["misses"] == len(SIZES) and hit["cache"]["misses"] == 0
+    assert hit["cache"]["hits"] == len(SIZES)
+    np.testing.assert_array_equal(hit["losses"], built["losses"])
+
+
+def ddp_params():
+    # one family in every CI run; the others (about 25 s each) behind the slow marker
+    return [kind if kind == "z-image" else pytest.param(kind, marks=pytest.mark.slow) for kind in BUILDERS]
+
+
+@pytest.mark.parametrize("kind", ddp_params())
+def test_two_processes_hold_identical_weights(assets, tmp_path, kind):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           str(REPO / "train_scripts" / "train_lora_flow.py"),
+           *argv(assets, kind, out, 3, "--checkpointing_steps", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    assert summary["global_step"] == 3 and (out / "pytorch_lora_weights.safetensors").is_file()
