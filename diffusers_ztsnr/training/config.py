@@ -177,7 +177,8 @@ def check_common_args(args: argparse.Namespace) -> list[str]:
     problems = []
     if not args.pretrained_model_name_or_path:
         problems.append("--pretrained_model_name_or_path is required")
-    if args.datasets is None and (args.train_data_dir is None) == (args.dataset_name is None):
+    sources = (args.datasets, args.train_data_shards)
+    if sources == (None, None) and (args.train_data_dir is None) == (args.dataset_name is None):
         problems.append("pass exactly one of --train_data_dir and --dataset_name")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
                  "validation_steps", "num_train_epochs", "validation_inference_steps", "rank",

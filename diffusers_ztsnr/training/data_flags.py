@@ -17,6 +17,7 @@ from typing import Any
 from .arguments import did_you_mean
 from .data.masks import MASK_SUFFIX
 from .data.prior import class_image_files
+from .stream_flags import add_stream_flags, stream_flag_problems
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
       help="several datasets instead of --train_data_dir / --dataset_name: in a --config file a list of "
            f"mappings with the keys {', '.join(DATASET_KEYS)} (train_data_dir or dataset_name required; repeats: "
            "times per epoch, default 1; the others default to the flags of the same name); here, that list as JSON.")
+    add_stream_flags(parser)
 
 
 #: the keys of one ``datasets`` entry
@@ -106,7 +108,7 @@ def flow_dataset_problems(args: argparse.Namespace) -> list[str]:
 
 def data_flag_problems(args: argparse.Namespace) -> list[str]:
     """Problems with :func:`add_data_flags`' flags (returned, like ``check_common_args``)."""
-    problems = dataset_problems(args)
+    problems = dataset_problems(args) + stream_flag_problems(args)
     if args.datasets is not None and (args.train_data_dir is not None or args.dataset_name is not None):
         problems.append("--datasets (a --config list of datasets) replaces --train_data_dir / --dataset_name: pass "
                         "one or the other")

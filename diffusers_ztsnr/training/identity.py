@@ -47,7 +47,7 @@ RESUME_INSENSITIVE = frozenset({
     "config", "report_to", "logging_dir", "dataloader_num_workers", "checkpoints_total_limit",
     "num_validation_images", "validation_prompt", "validation_inference_steps", "max_consecutive_bad_losses",
     "cache_dir", "cache_latents_dir", "license", "export_checkpoint", "export_dtype", "torch_compile",
-    "conversion_probe",
+    "conversion_probe", "stream_retries",
 }) | SECRET_FLAGS
 #: flags added after runs were first recorded whose default is not falsy: the value that means "as before"
 OFF_VALUES = {"adapter": "lora", "base_quantization": "none", "num_class_images": 100, "prior_loss_weight": 1.0,

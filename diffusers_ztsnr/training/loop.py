@@ -143,7 +143,7 @@ def run_epochs(state: TrainingState) -> None:
         if data.sampler is not None:
             data.sampler.set_epoch(epoch)  # under DDP accelerate only sets the dataset's epoch
         active = accelerator.skip_first_batches(data.dataloader, state.skip_batches) \
-            if epoch == state.first_epoch else data.dataloader
+            if epoch == state.first_epoch and state.skip_batches else data.dataloader
         for batch in active:
             if state.global_step >= state.max_steps:
                 break
@@ -174,6 +174,8 @@ def after_step(state: TrainingState, stepper: OptimizerStep, progress: tqdm, los
     if checkpoint or validation:
         stepper.check_weights(step - 1)
     if checkpoint:
+        if hasattr(state.data.dataloader, "gather"):  # a stream: every rank's position goes into the checkpoint
+            state.data.dataloader.gather(accelerator)
         write_checkpoint(accelerator, state.output_dir, step, args.checkpoints_total_limit)
     if validation:
         with state.data.parking.on_device():

@@ -39,6 +39,7 @@ from .prior import with_class_items
 from .quantization import quantize_base
 from .speed import EncoderParking, compile_denoiser, dataloader_options, optimizer_options
 from .step import StepParts
+from .stream_flags import is_streaming, load_stream, load_stream_state, save_stream_state, stream_loader
 from .task import ModelTask, Objective
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ def load_training_set(args: argparse.Namespace) -> ImageCaptionDataset:
 
     if args.datasets is not None:  # several datasets, each repeated (a --config ``datasets:`` list)
         return load_repeated_datasets(args)
+    if is_streaming(args):  # tar shards or a datasets stream, read as training goes (stream_flags)
+        return load_stream(args)
     dataset = load_image_caption_dataset(
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column,
@@ -195,6 +198,9 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
 
     train_set, cache_stats = image_set, None
     parking = EncoderParking([models.task.vae, *models.task.text_encoders], accelerator.device)
+    if is_streaming(args):  # the stream batches (and buckets) itself
+        return TrainingData(image_set, stream_loader(args, image_set, dataloader_options(args, accelerator.device)),
+                            None, None, parking)
     if args.cache_latents:
         train_set, cache_stats = cached_encodings(args, accelerator, models, image_set, base_model)
         if class_set is not None:
@@ -289,8 +295,11 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
     the checkpoint hooks. Returns the run at step 0."""
     from diffusers.optimization import get_scheduler
 
-    data.dataloader = accelerator.prepare(data.dataloader)  # first: its length per process sets the step counts
-    updates_per_epoch = math.ceil(len(data.dataloader) / args.gradient_accumulation_steps)
+    streaming = is_streaming(args)  # one endless epoch, every process reading its own shards: not prepared
+    if not streaming:
+        data.dataloader = accelerator.prepare(data.dataloader)  # first: its length per process sets the step counts
+    updates_per_epoch = args.max_train_steps if streaming else math.ceil(len(data.dataloader) /
+                                                                         args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
@@ -310,6 +319,7 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
                       ema=ema, weight_dtype=models.weight_dtype, parking=data.parking)
     state = TrainingState(args, accelerator, models, data, parts, updates_per_epoch, max_steps, num_epochs)
     hooks = CheckpointHooks(models.trained, ema, state.counters, state.history, full=args.full_finetune)
+    hooks.stream = data.dataloader if streaming else None
     accelerator.register_save_state_pre_hook(hooks.save)
     accelerator.register_load_state_pre_hook(hooks.load)
     return state
@@ -326,6 +336,7 @@ class CheckpointHooks:
         self.ema = ema
         self.counters = counters  # updated in place on load: the loop holds the same dict
         self.history = history
+        self.stream: Any = None  # a streaming run's loader: its gathered positions go into each checkpoint
 
     def save(self, models: list, weights: list, folder: str) -> None:
         """Write this run's state into ``folder``; ``weights`` is emptied so accelerate writes no full model."""
@@ -335,6 +346,8 @@ class CheckpointHooks:
             save_ema_state(Path(folder) / "ema.safetensors", self.ema.state_dict())
         (Path(folder) / "counters.json").write_text(json.dumps(self.counters))
         self.history.save(Path(folder))
+        if self.stream is not None:
+            save_stream_state(self.stream, folder)
         weights.clear()
 
     def load(self, models: list, folder: str) -> None:
@@ -363,6 +376,10 @@ def resume(state: TrainingState, resume_path: Path | None) -> None:
     state.global_step = checkpoint_step(resume_path)
     state.first_epoch = state.global_step // state.updates_per_epoch
     state.skip_batches = (state.global_step % state.updates_per_epoch) * state.args.gradient_accumulation_steps
+    if is_streaming(state.args):  # the stream starts at the recorded sample: nothing to skip
+        load_stream_state(state.data.dataloader, resume_path, state.accelerator.process_index,
+                          state.accelerator.num_processes)
+        state.first_epoch, state.skip_batches = 0, 0
 
 
 def start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> None:
