@@ -19,52 +19,53 @@ never the embedders or the output layer outside them:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
 PRESETS = ("attn", "attn+ff", "all-linear")
-#: the repeated blocks of the diffusers flow transformers (SD3: ``transformer_blocks``; FLUX.1 / Chroma: both)
-_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.\d+\.(.+)")
-_ATTENTION = re.compile(r"attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
-_FEED_FORWARD = re.compile(r"(ff|ff_context)\.net\.(0\.proj|2)|proj_mlp")
-_SINGLE_OUT = re.compile(r"single_transformer_blocks\.\d+\.proj_out")
 
 
-def _selected(preset: str, path: str, inner: str) -> bool:
-    if _ATTENTION.fullmatch(inner):
-        return True
-    if preset == "attn":
-        return False
-    if _FEED_FORWARD.fullmatch(inner) or _SINGLE_OUT.fullmatch(path):
-        return True
-    return preset == "all-linear"
+@dataclass(frozen=True)
+class BlockPatterns:
+    """Where a transformer's repeated blocks are and which of their ``Linear`` modules the presets add (regular
+    expressions, matched in full). ``block`` matches a module path with one group, the path inside the block; the
+    defaults are the diffusers SD3 / FLUX.1 / Chroma transformers'."""
+
+    block: str = r"(?:transformer_blocks|single_transformer_blocks)\.\d+\.(.+)"
+    attention: str = r"attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    # a single block's MLP input proj_mlp and joint output proj_out (FLUX.1 / Chroma; no block of SD3 has either)
+    feed_forward: str = r"(ff|ff_context)\.net\.(0\.proj|2)|proj_mlp|proj_out"
 
 
-def preset_modules(preset: str, denoiser: torch.nn.Module) -> tuple[str, ...]:
+FLOW_BLOCKS = BlockPatterns()
+
+
+def preset_modules(preset: str, denoiser: torch.nn.Module, patterns: BlockPatterns = FLOW_BLOCKS) -> tuple[str, ...]:
     """The full paths of the block ``Linear`` modules of ``denoiser`` that ``preset`` selects, in model order."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    paths = []
-    for path, module in denoiser.named_modules():
-        match = _BLOCK.fullmatch(path)
-        if match and isinstance(module, torch.nn.Linear) and _selected(preset, path, match[2]):
-            paths.append(path)
-    return tuple(paths)
+    selected = {"attn": (patterns.attention,), "attn+ff": (patterns.attention, patterns.feed_forward),
+                "all-linear": (".+",)}[preset]
+    return tuple(path for path, module in denoiser.named_modules()
+                 if isinstance(module, torch.nn.Linear) and (inner := re.fullmatch(patterns.block, path))
+                 and any(p and re.fullmatch(p, inner[1]) for p in selected))
 
 
-def resolve_lora_layers(spec: str | None, denoiser: torch.nn.Module,
-                        default: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+def resolve_lora_layers(spec: str | None, denoiser: torch.nn.Module, default: tuple[str, ...],
+                        patterns: BlockPatterns = FLOW_BLOCKS) -> tuple[tuple[str, ...], str]:
     """``(target modules, label)`` for ``--lora_layers spec``: ``default`` when ``spec`` is empty, a preset
     expanded by :func:`preset_modules`, or the comma list as given. ``label`` is what the model card names: the
     preset, or the comma list. Raises ``ValueError`` for a list without a name, or a preset that selects nothing."""
-    if not spec:
+    if not spec or not spec.strip():
         return default, ",".join(default)
     spec = spec.strip()
     if spec in PRESETS:
-        modules = preset_modules(spec, denoiser)
+        modules = preset_modules(spec, denoiser, patterns)
         if not modules:
             raise ValueError(f"--lora_layers {spec}: the preset selects no Linear module of the "
-                             f"{type(denoiser).__name__} (no transformer_blocks / single_transformer_blocks)")
+                             f"{type(denoiser).__name__}'s repeated blocks; name modules instead (e.g. "
+                             f"{','.join(default[:2])})")
         return modules, spec
     names = tuple(x.strip() for x in spec.split(",") if x.strip())
     if not names:

@@ -10,7 +10,6 @@ padded to its longest prompt). The conventions of the flow, the shift and the fi
 from __future__ import annotations
 
 import argparse
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ from ..config import InputError
 from ..lora import is_dora, save_diffusers_lora
 from ..task import ModelTask
 from .flow_transformers import FlowTask
-
-#: the ``--lora_layers`` presets (the names the SD3 / FLUX.1 tasks take)
-PRESETS = ("attn", "attn+ff", "all-linear")
+from .lora_presets import BlockPatterns, resolve_lora_layers
 
 
 def pad_prompts(rows: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -79,29 +76,13 @@ class TextDiTTask(FlowTask):
 
     def resolve_lora_layers(self, spec: str | None) -> tuple[tuple[str, ...], str]:
         """``(target modules, card label)`` of ``--lora_layers``: the family default, a comma list as given, or a
-        preset expanded to the full paths of the ``Linear`` modules of the transformer's repeated blocks
-        (``block_pattern``) that it selects: ``attn`` (``attention_pattern``), ``attn+ff`` (and
-        ``feed_forward_pattern``), ``all-linear`` (every ``Linear`` of the blocks, modulations included)."""
-        if not spec or not spec.strip():
-            default = self.default_lora_layers()
-            return default, ",".join(default)
-        spec = spec.strip()
-        if spec not in PRESETS:
-            names = tuple(x.strip() for x in spec.split(",") if x.strip())
-            if not names:
-                raise InputError(f"--lora_layers {spec!r}: name modules (comma-separated) or a preset "
-                                 f"({', '.join(PRESETS)}).")
-            return names, ",".join(names)
-        patterns = {"attn": (self.attention_pattern,), "attn+ff": (self.attention_pattern, self.feed_forward_pattern),
-                    "all-linear": (".+",)}[spec]
-        modules = tuple(path for path, module in self.denoiser.named_modules()
-                        if isinstance(module, torch.nn.Linear) and (m := re.fullmatch(self.block_pattern, path))
-                        and any(re.fullmatch(p, m[1]) for p in patterns))
-        if not modules:
-            raise InputError(f"--lora_layers {spec}: the preset selects no Linear module of this "
-                             f"{type(self.denoiser).__name__}; name modules instead (e.g. "
-                             f"{','.join(self.default_lora_layers()[:2])}).")
-        return modules, spec
+        preset (:mod:`.lora_presets`) over this family's blocks: ``block_pattern``, ``attention_pattern``,
+        ``feed_forward_pattern``."""
+        patterns = BlockPatterns(self.block_pattern, self.attention_pattern, self.feed_forward_pattern)
+        try:
+            return resolve_lora_layers(spec, self.denoiser, self.default_lora_layers(), patterns)
+        except ValueError as error:
+            raise InputError(f"{error}.") from error
 
     @property
     def family(self) -> str:
