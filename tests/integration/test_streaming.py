@@ -16,6 +16,10 @@ import functools
 import http.server
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -159,12 +163,33 @@ def test_shards_over_http_give_the_local_batches(assets, tmp_path):
         server.shutdown()
 
 
+def test_samples_without_caption_or_image_are_skipped_and_reported(tmp_path):
+    rng = np.random.default_rng(1)
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for key, files in [("ok1", {"png": _png(rng, (RES, RES)), "txt": b"one"}),
+                           ("nocap", {"png": _png(rng, (RES, RES))}),
+                           ("broken", {"png": b"not a png", "txt": b"broken"}),
+                           ("ok2", {"png": _png(rng, (RES, RES)), "json": b'{"caption": "two"}'})]:
+            for ext, data in files.items():
+                _add(tar, f"{key}.{ext}", data)
+    ds = stream(str(tmp_path / "mixed.tar"), buckets=None)
+    assert [c for b in epoch(ds) for c in b["caption"]] == ["one", "two"]
+    assert [n.split(":")[-1] for n, _ in ds.report.missing_captions] == ["nocap"]
+    assert [n.split(":")[-1] for n, _ in ds.report.bad_images] == ["broken"]
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        _add(tar, "a.png", b"not a png")
+        _add(tar, "a.txt", b"caption")
+    with pytest.raises(StreamError, match="no usable sample in 1 shard"):
+        next(iter(stream(str(tmp_path / "bad.tar"))))
+
+
 def test_a_failing_shard_is_retried_then_named(assets, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(shards_module, "BACKOFF_SECONDS", 0.0)
     spec = write_shards(tmp_path / "bad", num_shards=2, per_shard=4)
     names = expand_shards(spec)
-    data = Path(names[1]).read_bytes()
+    data, before = Path(names[1]).read_bytes(), stream(spec).fingerprint()
     Path(names[1]).write_bytes(data[: len(data) // 2])  # cut mid-member
+    assert stream(spec).fingerprint() != before  # the run identity sees the new size
     with pytest.raises(StreamError) as error:
         epoch(stream(spec, retries=2))
     message = str(error.value)
@@ -224,3 +249,35 @@ def test_streaming_needs_max_train_steps(assets, tmp_path):
     flags.remove("3")
     with pytest.raises(SystemExit, match="a streamed dataset has no known length: give --max_train_steps"):
         parse_args(flags)
+
+
+def _launch_two(assets, out, steps, *extra):
+    """The UNet script on two CPU processes (DDP over gloo), as ``accelerate launch`` starts it."""
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "examples" / "accelerate_configs" / "ddp_multi_gpu.yaml"), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", str(port), str(root / "train_scripts" /
+                                                                             "train_lora_unet.py"),
+           *_flags(assets, out, steps, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_own_shards_and_resume_bitwise(assets, tmp_path):
+    _launch_two(assets, tmp_path / "full", 4)
+    out = tmp_path / "out"
+    _launch_two(assets, out, 3)
+    positions = json.loads((out / "checkpoint-3" / "stream_state.json").read_text())["positions"]
+    assert len(positions) == 2 and positions[0] != positions[1]  # rank i reads shards i::2
+    _launch_two(assets, out, 4, "--resume_from_checkpoint", "latest")
+    losses = [json.loads((d / "training_summary.json").read_text())["losses"] for d in (tmp_path / "full", out)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "pytorch_lora_weights.safetensors") for d in (tmp_path / "full", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

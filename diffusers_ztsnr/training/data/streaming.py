@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..arguments import InputError
 from .buckets import nearest_bucket
 from .dataset import collate_fn
 from .images import Size
-from .shards import RawSample, read_with_retries
+from .shards import RawSample, StreamError, read_with_retries
 from .transforms import ImageTransform, _exif_transposed
 
 logger = logging.getLogger(__package__)
@@ -78,8 +79,8 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
     def __init__(self, source: Any, *, transform: ImageTransform, batch_size: int, seed: int = 0,
                  buckets: Sequence[Size] | None = None, rank: int = 0, world: int = 1, retries: int = 3) -> None:
         if world > len(source.names):
-            raise ValueError(f"{len(source.names)} shard(s) for {world} processes: give at least one shard per "
-                             "process (rank i reads shards i, i + world, ...)")
+            raise InputError(f"{len(source.names)} shard(s) for {world} processes: give at least one shard per "
+                             "process in --train_data_shards (rank i reads shards i, i + world, ...)")
         self.source, self.transform, self.batch_size, self.seed = source, transform, int(batch_size), int(seed)
         self.buckets = [tuple(b) for b in buckets] if buckets else None
         self.rank, self.world, self.retries = rank, world, retries
@@ -100,9 +101,17 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         state = StreamState.from_dict(self.state.to_dict())
-        while True:
-            yield from self.epoch_batches(state)
+        yield from self.epoch_batches(state)
+        while True:  # whole epochs from here on: one without a batch would loop for ever
             state = StreamState(state.epoch + 1)
+            served = False
+            for batch in self.epoch_batches(state):
+                served = True
+                yield batch
+            if not served:
+                names = [self.source.names[i] for i in self.shard_order(state.epoch)]
+                raise StreamError(f"no usable sample in {len(names)} shard(s) ({', '.join(names[:3])}...): every "
+                                  "sample lacks a caption or a readable image (see the warnings above)")
 
     def epoch_batches(self, state: StreamState) -> Iterator[dict[str, Any]]:
         """The batches of ``state.epoch`` from ``state`` on, each with the state after it."""
