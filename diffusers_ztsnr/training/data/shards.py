@@ -39,8 +39,8 @@ _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _TAR_END = 1024  # two zero blocks end a tar archive
 
 
-class StreamError(RuntimeError):
-    """A shard could not be read after its retries (the message names it)."""
+class StreamError(InputError):
+    """A shard could not be read after its retries (the message names it; the scripts print it as one line)."""
 
 
 @dataclass
