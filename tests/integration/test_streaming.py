@@ -72,7 +72,7 @@ def write_shards(folder: Path, num_shards: int = 3, per_shard: int = 5) -> str:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
-    return {**tiny_assets(root, "sd15"), "shards": write_shards(root / "shards")}
+    return {**tiny_assets(root, "sd15", "sd3"), "shards": write_shards(root / "shards")}
 
 
 def stream(spec, *, batch_size=2, rank=0, world=1, buckets=SIZES, retries=0, seed=3):
@@ -117,6 +117,26 @@ def test_a_stream_started_mid_epoch_yields_the_remaining_batches(assets):
     first, second = pixels(full), pixels(epoch(ds, StreamState(1)))
     assert first.keys() == second.keys()  # each epoch serves every sample; crops and flips are drawn anew
     assert sum(not torch.equal(first[k], second[k]) for k in first) >= 5
+
+
+def test_a_worker_process_gives_the_same_batches_and_positions(assets):
+    from diffusers_ztsnr.training.data.streaming import StreamLoader
+
+    runs = []
+    for workers in (0, 1):
+        loader = StreamLoader(stream(assets["shards"]), num_workers=workers)
+        loader.start_at({"epoch": 0, "cursor": [1, 2], "pending": []})
+        batches, positions = [], []
+        for batch in loader:
+            batches.append(batch)
+            positions.append(loader.position)
+            if len(batches) == 6:  # past the end of epoch 0
+                break
+        runs.append((batches, positions))
+    (a, pa), (b, pb) = runs
+    assert pa == pb and pa[-1]["epoch"] == 1
+    assert all(x["caption"] == y["caption"] and torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in
+               zip(a, b, strict=True))
 
 
 def _flags(assets, out, steps, *extra):
@@ -226,6 +246,18 @@ def test_a_datasets_folder_streams(assets, tmp_path):
                    "--streaming", "--output_dir", str(tmp_path / "out"), "--resolution", str(RES),
                    "--train_batch_size", "2", "--max_train_steps", "3", "--report_to", "none", "--center_crop"])
     assert result["global_step"] == 3 and len(result["losses"]) == 3 and all(np.isfinite(result["losses"]))
+
+
+def test_the_flow_script_streams_shards(assets, tmp_path):
+    from diffusers_ztsnr.training.flow import main as flow_main
+
+    flags = _flags(assets, tmp_path / "flow", 2)
+    flags[flags.index(str(assets["sd15"]))] = str(assets["sd3"])
+    for flag in ("--prediction_type", "v_prediction", "--zero_terminal_snr"):
+        flags.remove(flag)
+    result = flow_main(flags)
+    assert result["global_step"] == 2 and all(np.isfinite(result["losses"]))
+    assert (tmp_path / "flow" / "checkpoint-2" / "stream_state.json").is_file()
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
