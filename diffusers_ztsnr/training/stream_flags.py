@@ -22,9 +22,9 @@ def add_stream_flags(parser: argparse.ArgumentParser) -> None:
     """``--train_data_shards``, ``--streaming`` and ``--stream_retries``."""
     a = parser.add_argument
     a("--train_data_shards", type=str, nargs="+", default=None,
-      help="webdataset-style tar shards to stream instead of --train_data_dir: local paths or http(s) URLs, "
-           "{000000..000009} ranges expanded; each sample is <key>.jpg|png|webp with <key>.txt or <key>.json. "
-           "Needs --max_train_steps.")
+      help="webdataset-style tar shards to stream instead of --train_data_dir: local paths, http(s) URLs or "
+           "fsspec URLs (s3://...), {000000..000009} ranges expanded; each sample is <key>.jpg|png|webp with "
+           "<key>.txt or <key>.json. Needs --max_train_steps.")
     a("--streaming", action="store_true",
       help="stream --dataset_name (datasets' streaming=True) instead of loading it whole; needs --max_train_steps.")
     a("--stream_retries", type=int, default=3,

@@ -165,7 +165,7 @@ def test_an_interrupted_streaming_run_resumes_bitwise(assets, tmp_path):
     assert identity["data"] == stream(assets["shards"]).fingerprint()
 
 
-def test_shards_over_http_give_the_local_batches(assets, tmp_path):
+def test_shards_over_http_or_fsspec_give_the_local_batches(assets, tmp_path):
     folder = Path(expand_shards(assets["shards"])[0]).parent
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a, **k: None
@@ -179,6 +179,8 @@ def test_shards_over_http_give_the_local_batches(assets, tmp_path):
         sizes = [shards_module.shard_size(n) for n in expand_shards(url)]
         assert sizes == [Path(n).stat().st_size for n in expand_shards(assets["shards"])]  # Content-Length
         assert remote.fingerprint() != local.fingerprint()
+        via_fsspec = stream("file://" + assets["shards"])  # other schemes go through fsspec
+        assert [b["caption"] for b in epoch(via_fsspec)] == [b["caption"] for b in epoch(local)]
     finally:
         server.shutdown()
 

@@ -1,5 +1,6 @@
 """Sample sources for streaming: webdataset-style tar shards (local paths or http(s) URLs) and ``datasets``
-streaming datasets, read shard by shard, with retries.
+streaming datasets, read shard by shard, with retries. http(s) URLs are read with ``urllib`` as a stream; other
+URL schemes (``s3://``, ``gs://``, ``file://``) through ``fsspec``.
 
 A tar shard follows the webdataset convention: the files of one sample share a key, the path up to the first dot
 of the file name (``a/0001.jpg`` and ``a/0001.txt`` are sample ``a/0001``); the files of a sample are adjacent in
@@ -77,8 +78,22 @@ def is_url(name: str) -> bool:
     return name.startswith(("http://", "https://"))
 
 
+def _fsspec_url(name: str) -> bool:
+    """Another scheme (``s3://``, ``gs://``, ``file://``, ...): read through ``fsspec`` (installed with datasets)."""
+    return "://" in name and not is_url(name)
+
+
 def shard_size(name: str, timeout: float = 30.0) -> int:
-    """A shard's size in bytes: the local file's, or the HTTP ``Content-Length`` of a HEAD request (-1 unknown)."""
+    """A shard's size in bytes: the local file's, the HTTP ``Content-Length`` of a HEAD request (-1 unknown), or
+    what ``fsspec`` reports for other schemes."""
+    if _fsspec_url(name):
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(name)
+            return int(fs.size(path))
+        except (OSError, ValueError) as error:
+            raise InputError(f"--train_data_shards {name}: {error}") from None
     if not is_url(name):
         try:
             return Path(name).expanduser().stat().st_size
@@ -93,6 +108,10 @@ def shard_size(name: str, timeout: float = 30.0) -> int:
 
 
 def _open(name: str, timeout: float = 60.0) -> BinaryIO:
+    if _fsspec_url(name):
+        import fsspec
+
+        return fsspec.open(name, "rb").open()
     if is_url(name):
         return urllib.request.urlopen(name, timeout=timeout)  # noqa: S310 - http(s) only (is_url)
     return open(Path(name).expanduser(), "rb")
@@ -177,7 +196,7 @@ class TarShards:
     def fingerprint(self) -> str:
         """A hash of the shard names (local paths resolved) and sizes (file size or HTTP Content-Length): the
         contents are not read."""
-        record = [[n if is_url(n) else str(Path(n).expanduser().resolve()), shard_size(n)] for n in self.names]
+        record = [[n if "://" in n else str(Path(n).expanduser().resolve()), shard_size(n)] for n in self.names]
         return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
 
 
