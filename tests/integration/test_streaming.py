@@ -147,13 +147,14 @@ def _flags(assets, out, steps, *extra):
 
 
 def test_an_interrupted_streaming_run_resumes_bitwise(assets, tmp_path):
-    full = main(_flags(assets, tmp_path / "full", 9))
+    dropout = ("--caption_dropout", "0.3")  # drawn per step, as for a folder
+    full = main(_flags(assets, tmp_path / "full", 9, *dropout))
     out = tmp_path / "out"
-    main(_flags(assets, out, 3))
+    main(_flags(assets, out, 3, *dropout))
     positions = json.loads((out / "checkpoint-3" / "stream_state.json").read_text())["positions"]
     assert len(positions) == 1 and positions[0]["epoch"] == 0
     assert positions[0]["pending"]  # samples waiting in a bucket buffer: the resume must re-read them
-    resumed = main(_flags(assets, out, 9, "--resume_from_checkpoint", "latest"))
+    resumed = main(_flags(assets, out, 9, *dropout, "--resume_from_checkpoint", "latest"))
     summary = json.loads((out / "training_summary.json").read_text())
     assert len(resumed["losses"]) == 6 and summary["losses"] == full["losses"]  # 9 steps: over an epoch boundary
     from safetensors.torch import load_file
@@ -244,6 +245,14 @@ def test_a_transient_failure_resumes_at_the_sample_it_owed(assets, monkeypatch):
 
 
 def test_a_datasets_folder_streams(assets, tmp_path):
+    from diffusers_ztsnr.training.data.shards import HubStream
+
+    rows = [json.loads(line) for line in (assets["data"] / "metadata.jsonl").read_text().splitlines()]
+    source = HubStream(str(assets["data"]), None, "train", "image", "text")
+    samples = [s for shard in range(len(source.names)) for s in source.read(shard, 0)]
+    assert [s.caption for s in samples] == [r["text"] for r in rows]
+    assert all(Image.open(io.BytesIO(s.image)).size == (RES, RES) for s in samples)
+    assert [s.offset for s in source.read(0, 2)] == [2, 3]
     result = main(["--pretrained_model_name_or_path", str(assets["sd15"]), "--dataset_name", str(assets["data"]),
                    "--streaming", "--output_dir", str(tmp_path / "out"), "--resolution", str(RES),
                    "--train_batch_size", "2", "--max_train_steps", "3", "--report_to", "none", "--center_crop"])
