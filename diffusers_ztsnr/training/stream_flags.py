@@ -21,7 +21,7 @@ STREAM_STATE_FILE = "stream_state.json"
 def add_stream_flags(parser: argparse.ArgumentParser) -> None:
     """``--train_data_shards``, ``--streaming`` and ``--stream_retries``."""
     a = parser.add_argument
-    a("--train_data_shards", type=str, nargs="+", default=None,
+    a("--train_data_shards", type=shard_spec, nargs="+", default=None,
       help="webdataset-style tar shards to stream instead of --train_data_dir: local paths, http(s) URLs or "
            "fsspec URLs (s3://...), {000000..000009} ranges expanded; each sample is <key>.jpg|png|webp with "
            "<key>.txt or <key>.json. Needs --max_train_steps.")
@@ -29,6 +29,22 @@ def add_stream_flags(parser: argparse.ArgumentParser) -> None:
       help="stream --dataset_name (datasets' streaming=True) instead of loading it whole; needs --max_train_steps.")
     a("--stream_retries", type=int, default=3,
       help="times a failed shard (read error, truncated tar, HTTP error) is retried before the run stops.")
+
+
+def shard_spec(value: str) -> str | list[str]:
+    """One ``--train_data_shards`` value: a path or URL, or a JSON list of them (a ``--config`` file's list)."""
+    if not value.startswith("["):
+        return value
+    try:
+        names = json.loads(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a JSON list of shards ({error})") from error
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise argparse.ArgumentTypeError("give a non-empty list of shard paths or URLs")
+    return names
+
+
+shard_spec.structured = True  # a --config file may give a list (arguments.config_tokens)
 
 
 def is_streaming(args: argparse.Namespace) -> bool:
@@ -68,7 +84,8 @@ def load_stream(args: argparse.Namespace) -> Any:
     from .data.streaming import StreamingImageCaptionDataset
 
     if args.train_data_shards:
-        source: Any = TarShards(expand_shards(args.train_data_shards), args.caption_column)
+        specs = [n for v in args.train_data_shards for n in ([v] if isinstance(v, str) else v)]
+        source: Any = TarShards(expand_shards(specs), args.caption_column)
     else:
         source = HubStream(args.dataset_name, args.dataset_config_name, "train", args.image_column,
                            args.caption_column, args.cache_dir)

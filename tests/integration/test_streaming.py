@@ -286,6 +286,19 @@ def test_bad_streaming_flags_are_one_line_errors(assets, tmp_path, capsys, extra
     assert expected in line and "\n" not in line
 
 
+def test_a_config_file_lists_shards(assets, tmp_path):
+    import yaml
+
+    from diffusers_ztsnr.training.stream_flags import load_stream
+
+    names = expand_shards(assets["shards"])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train_data_shards": [names[2], assets["shards"].replace("000002", "000001")]}))
+    flags = _flags(assets, tmp_path / "o", 3, "--config", str(config))
+    del flags[2:4]  # the file's list replaces the flag
+    assert load_stream(parse_args(flags)).source.names == [names[2], names[0], names[1]]
+
+
 def test_streaming_needs_max_train_steps(assets, tmp_path):
     flags = _flags(assets, tmp_path / "o", 3)
     flags.remove("--max_train_steps")
