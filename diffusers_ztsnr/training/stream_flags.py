@@ -64,6 +64,7 @@ def stream_flag_problems(args: argparse.Namespace) -> list[str]:
         return problems
     if args.max_train_steps is None:
         problems.append("a streamed dataset has no known length: give --max_train_steps")
+    problems += _missing_shards(args)
     refused = {"cache_latents": "caching needs a finite dataset", "datasets": "a datasets: list is map-style",
                "with_prior_preservation": "class images are map-style", "max_train_samples": "cut the shard list",
                "masked_loss": "masks are not read from shards", "mask_column": "masks are not read from shards",
@@ -73,6 +74,22 @@ def stream_flag_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--{flag} does not work with streaming data ({why}): drop it, or train from "
                             "--train_data_dir")
     return problems
+
+
+def _missing_shards(args: argparse.Namespace) -> list[str]:
+    """Local shards that do not exist (URLs are checked when the run fingerprints them)."""
+    from .data.shards import expand_shards
+
+    specs = [n for v in args.train_data_shards or [] for n in ([v] if isinstance(v, str) else v)]
+    try:
+        names = expand_shards(specs)
+    except ValueError as error:
+        return [str(error)]
+    missing = [n for n in names if "://" not in n and not Path(n).expanduser().is_file()]
+    if not missing:
+        return []
+    more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
+    return [f"--train_data_shards {missing[0]}: no such file{more}"]
 
 
 def load_stream(args: argparse.Namespace) -> Any:

@@ -276,6 +276,7 @@ def test_the_flow_script_streams_shards(assets, tmp_path):
     (["--cache_latents", "--center_crop"], "--cache_latents does not work with streaming data (caching needs"),
     (["--train_data_dir", "x"], "--train_data_shards replaces --train_data_dir"),
     (["--stream_retries", "-1"], "--stream_retries must be >= 0"),
+    (["--train_data_shards", "no-{0..3}.tar"], "--train_data_shards no-0.tar: no such file (and 3 more of 4)"),
 ])
 def test_bad_streaming_flags_are_one_line_errors(assets, tmp_path, capsys, extra, expected):
     flags = _flags(assets, tmp_path / "o", 3, *extra)

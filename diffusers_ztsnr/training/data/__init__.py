@@ -3,9 +3,10 @@
 PIL + numpy + torch (no torchvision); sizes are always ``(height, width)``. ``loading`` (with ``metadata``) reads
 an imagefolder or Hub dataset; ``validation`` opens every image once and skips bad rows up front; ``transforms``
 converts, resizes, crops and flips; ``buckets`` groups images by aspect ratio; ``dataset`` serves items and
-collates batches; ``cache`` and ``cached_dataset`` store and serve encodings. Every random choice of an item comes
-from ``(seed, epoch, index)``, so results do not depend on worker count, order or rank. The design and the fault
-table are in docs/training-unet.md, section "Training data".
+collates batches; ``cache`` and ``cached_dataset`` store and serve encodings; ``shards`` and ``streaming`` read tar
+shards or a ``datasets`` stream batch by batch, for data that does not fit on one disk. Every random choice of an
+item comes from ``(seed, epoch, index)``, so results do not depend on worker count, order or rank. The design and
+the fault table are in docs/training-unet.md, section "Training data".
 
     raw = load_image_caption_dataset(train_data_dir="data/")
     ds = ImageCaptionDataset(raw, resolution=1024, center_crop=False, random_flip=True, buckets=make_buckets(1024))
