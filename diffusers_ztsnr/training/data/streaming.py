@@ -85,7 +85,10 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
         self.buckets = [tuple(b) for b in buckets] if buckets else None
         self.rank, self.world, self.retries = rank, world, retries
         self.state = StreamState()
+        #: the samples skipped so far, filled by :class:`StreamLoader` in the training process (from a worker's
+        #: batches too): ``(name, reason)`` pairs
         self.report = StreamReport()
+        self._skipped: list[tuple[str, str, str]] = []  # (kind, name, reason) since the last batch
 
     @property
     def resolution(self) -> int:
@@ -149,7 +152,7 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
         name = f"{self.source.names[sample.shard]}:{sample.key}"
         if sample.caption is None or (isinstance(sample.caption, list) and not sample.caption):
             if log:
-                self.report.missing_captions.append((name, "no caption"))
+                self._skipped.append(("missing_captions", name, "no caption"))
                 logger.warning("sample %s has no caption (.txt or .json); skipped", name)
             return None
         try:
@@ -160,7 +163,7 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
             return _exif_transposed(image)  # buckets by the upright size, as the map-style dataset does
         except Exception as error:  # any decode failure: the sample is skipped, as in the map-style dataset
             if log:
-                self.report.bad_images.append((name, f"{type(error).__name__}: {error}"))
+                self._skipped.append(("bad_images", name, f"{type(error).__name__}: {error}"))
                 logger.warning("sample %s has no readable image (%s); skipped", name, error)
             return None
 
@@ -179,6 +182,7 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
         pending = sorted(where for group in buffers.values() for where, _, _ in group)
         batch = collate_fn(examples)
         batch["stream_state"] = StreamState(epoch, cursor, [list(p) for p in pending]).to_dict()
+        batch["stream_skipped"], self._skipped = self._skipped, []
         return batch
 
 
@@ -206,6 +210,8 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             self.position = batch.pop("stream_state")
+            for kind, name, reason in batch.pop("stream_skipped"):
+                getattr(self.dataset.report, kind).append((name, reason))
             yield batch
 
     def gather(self, accelerator: Any) -> None:
