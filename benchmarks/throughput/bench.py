@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .children import in_child
 from .ours import run_ours
+from .plain_family import run_plain_family
 from .plain_flow import run_plain_flow, run_plain_flux
 from .plain_unet import run_plain
 from .trainer_settings import (
@@ -20,7 +21,7 @@ from .trainer_settings import (
     ROWS,
 )
 
-PLAIN = {"unet": run_plain, "flow": run_plain_flow, "flux": run_plain_flux}
+PLAIN = {"unet": run_plain, "flow": run_plain_flow, "flux": run_plain_flux, "family": run_plain_family}
 
 
 def _summary(runs: dict[str, list[dict]]) -> dict[str, dict]:
