@@ -29,6 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusers_ztsnr.training.arguments import InputError
 from diffusers_ztsnr.training.data import ImageTransform
 from diffusers_ztsnr.training.data import shards as shards_module
 from diffusers_ztsnr.training.data.shards import StreamError, TarShards, expand_shards
@@ -97,6 +98,8 @@ def test_an_epoch_serves_every_sample_once_in_one_bucket_per_batch(assets):
     assert sum(len(b["caption"]) == 2 for b in batches) >= 5  # full batches; leftovers close the epoch
     ranks = [[c for b in epoch(stream(assets["shards"], rank=r, world=2)) for c in b["caption"]] for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 15
+    with pytest.raises(InputError, match=r"3 shard\(s\) for 4 processes"):
+        stream(assets["shards"], world=4)
     order = stream(assets["shards"], rank=0, world=2)
     assert {tuple(order.shard_order(e)) for e in range(6)} != {tuple(order.shard_order(0))}  # shuffled per epoch
 

@@ -23,6 +23,7 @@ import os
 import re
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -101,8 +102,12 @@ def shard_size(name: str, timeout: float = 30.0) -> int:
             raise InputError(f"--train_data_shards {name}: {error.strerror or error}") from None
     request = urllib.request.Request(name, method="HEAD")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
             return int(response.headers.get("Content-Length", -1))
+    except urllib.error.HTTPError as error:
+        if error.code in (405, 501):  # a server without HEAD: the size stays unknown, the name still counts
+            return -1
+        raise InputError(f"--train_data_shards {name}: {error}") from None
     except OSError as error:
         raise InputError(f"--train_data_shards {name}: {error}") from None
 

@@ -80,7 +80,8 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
                  buckets: Sequence[Size] | None = None, rank: int = 0, world: int = 1, retries: int = 3) -> None:
         if world > len(source.names):
             raise InputError(f"{len(source.names)} shard(s) for {world} processes: give at least one shard per "
-                             "process in --train_data_shards (rank i reads shards i, i + world, ...)")
+                             "process (--train_data_shards, or the data files of a streamed --dataset_name); rank i "
+                             "reads shards i, i + world, ...")
         self.source, self.transform, self.batch_size, self.seed = source, transform, int(batch_size), int(seed)
         self.buckets = [tuple(b) for b in buckets] if buckets else None
         self.rank, self.world, self.retries = rank, world, retries
