@@ -55,6 +55,7 @@ from .step import (
     read_step_health,
     step_generator,
 )
+from .stream_flags import is_streaming
 from .task import ModelTask
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def after_step(state: TrainingState, stepper: OptimizerStep, progress: tqdm, los
     if checkpoint or validation:
         stepper.check_weights(step - 1)
     if checkpoint:
-        if hasattr(state.data.dataloader, "gather"):  # a stream: every rank's position goes into the checkpoint
+        if is_streaming(args):  # every rank's stream position goes into the checkpoint (a collective call)
             state.data.dataloader.gather(accelerator)
         write_checkpoint(accelerator, state.output_dir, step, args.checkpoints_total_limit)
     if validation:
