@@ -344,3 +344,16 @@ def test_two_processes_read_their_own_shards_and_resume_bitwise(assets, tmp_path
 
     a, b = (load_file(d / "pytorch_lora_weights.safetensors") for d in (tmp_path / "full", out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_runs_recorded_before_the_streaming_flags_still_resume(assets, tmp_path):
+    from diffusers_ztsnr.training.identity import describe_changes, training_flags
+
+    flags = _flags(assets, tmp_path / "o", 3)
+    del flags[2:4]
+    current = training_flags(parse_args([*flags, "--train_data_dir", str(assets["data"])]))
+    assert current["train_data_shards"] is None and "stream_retries" not in current  # retries: resume-insensitive
+    old = {k: v for k, v in current.items() if k not in ("train_data_shards", "streaming")}
+    assert describe_changes({"flags": old}, {"flags": current}) == []
+    streamed = training_flags(parse_args(_flags(assets, tmp_path / "o", 3)))
+    assert describe_changes({"flags": old}, {"flags": streamed}) != []  # a switch to shards is another run
