@@ -1,6 +1,6 @@
 """The flow scheduler in the flow pipelines beyond SD3 and FLUX.1: SD3.5, FLUX.1 Kontext (with and without a
-reference image), Chroma, Lumina 2, Z-Image, FLUX.2 Klein, Qwen-Image and Sana (whose own scheduler is DPM-Solver++
-with flow sigmas); tiny random models of the real architectures, offline."""
+reference image), Chroma, Lumina 2, Z-Image, FLUX.2 Klein, FLUX.2 dev, Qwen-Image and Sana (whose own scheduler is
+DPM-Solver++ with flow sigmas); tiny random models of the real architectures, offline."""
 
 import numpy as np
 import pytest
@@ -19,14 +19,15 @@ from diffusers_ztsnr.testing.tiny_flow_builders import (
     build_sd35,
     build_z_image,
 )
+from diffusers_ztsnr.testing.tiny_flux2_builders import build_flux2
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 
 BUILDERS = {"sd35": build_sd35, "flux-kontext": build_flux_kontext, "chroma": build_chroma, "lumina2": build_lumina2,
-            "z-image": build_z_image, "flux2-klein": build_flux2_klein, "qwen-image": build_qwen_image,
-            "sana": build_sana}
+            "z-image": build_z_image, "flux2-klein": build_flux2_klein, "flux2": build_flux2,
+            "qwen-image": build_qwen_image, "sana": build_sana}
 #: pipelines that pass sigmas of their own (and mu) to set_timesteps
-PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image", "flux2-klein", "qwen-image"}
+PASS_SIGMAS = {"flux-kontext", "chroma", "lumina2", "z-image", "flux2-klein", "flux2", "qwen-image"}
 SIZE, STEPS = 32, 4
 
 
