@@ -11,7 +11,8 @@ per ComfyUI's ``comfy/lora.py`` ``model_lora_keys_unet``:
   ``z_image_to_diffusers`` (q, k and v as row slices of the native fused ``attention.qkv``; ``to_out.0`` ->
   ``attention.out``; ``all_x_embedder.2-1`` -> ``x_embedder``; ...). ComfyUI's ``lora_unet_`` names would be the
   native fused ones, which diffusers' Z-Image converter does not read; these names are read by both.
-* ``flux2-klein``: BFL names ``lora_unet_double_blocks_N_{img,txt}_{attn_qkv,attn_proj,mlp_0,mlp_2}``,
+* ``flux2-klein`` and ``flux2`` (FLUX.2 dev, the same transformer class): BFL names
+  ``lora_unet_double_blocks_N_{img,txt}_{attn_qkv,attn_proj,mlp_0,mlp_2}``,
   ``lora_unet_single_blocks_N_{linear1,linear2}`` and the global ``img_in``, ``txt_in``, ``time_in_*``,
   ``double_stream_modulation_{img,txt}_lin``, ``single_stream_modulation_lin``, ``final_layer_*`` (ComfyUI's Flux2 is
   its Flux model; the generic ``lora_unet_`` rule applies). Separate q, k, v LoRAs are joined into one of rank
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 from .lora_keys import KohyaSlot, _fuse, _swap_halves
 from .markers import marker_metadata
 
-DIT_FAMILIES = ("qwen-image", "z-image", "flux2-klein")
+DIT_FAMILIES = ("qwen-image", "z-image", "flux2-klein", "flux2")
 _Z_IMAGE_MODULE = re.compile(
     r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.to_[qkv]|attention\.to_out\.0|feed_forward\.w[123]"
     r"|adaLN_modulation\.0)|all_final_layer\.2-1\.(linear|adaLN_modulation\.1)|all_x_embedder\.2-1|cap_embedder\.1"
@@ -81,7 +82,7 @@ def comfyui_slot(family: str, path: str) -> KohyaSlot:
         slot = KohyaSlot(f"lora_unet_{path.replace('.', '_')}")
     elif family == "z-image":
         slot = KohyaSlot(f"diffusion_model.{path}") if _Z_IMAGE_MODULE.fullmatch(path) else None
-    elif family == "flux2-klein":
+    elif family in ("flux2-klein", "flux2"):
         slot = _flux2_slot(path)
     else:
         raise ValueError(f"family={family!r}; allowed: {', '.join(DIT_FAMILIES)}")

@@ -125,8 +125,9 @@ ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                  "sd3": "stable-diffusion-3", "flux": "flux-1",
                  # musubi-tuner's ids (its sai_model_spec.py; Klein's there add the size, -4b / -9b)
                  "qwen-image": "Qwen-Image", "z-image": "Z-Image", "flux2-klein": "Flux.2-klein",
+                 "flux2": "Flux.2-dev",
                  "chroma": "chroma"}  # sd-scripts' ARCH_FLUX_1_CHROMA
-FLOW_FAMILIES = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "chroma")
+FLOW_FAMILIES = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "flux2", "chroma")
 FLOW_ARCHITECTURES = tuple(ARCHITECTURES[f] for f in FLOW_FAMILIES)
 
 

@@ -1,5 +1,6 @@
-"""FLUX.2 Klein (``Flux2KleinPipeline``, ``Flux2Transformer2DModel``): FLUX.2's transformer on three stacked hidden
-layers of a Qwen3 decoder, trained with LoRA as a rectified flow.
+"""FLUX.2 Klein (``Flux2KleinPipeline``) and FLUX.2 dev (``Flux2Pipeline``), one ``Flux2Transformer2DModel`` on
+three stacked hidden layers of a decoder LM (Qwen3 for Klein, Mistral Small 3.1 for dev), trained with LoRA as a
+rectified flow.
 
 As ``Flux2KleinPipeline`` (diffusers 0.42) calls it: each prompt is the user turn of Qwen's chat template
 (``enable_thinking=False``), padded to ``max_sequence_length``; the hidden layers ``text_encoder_out_layers``
@@ -13,7 +14,10 @@ noise and the loss are the same, and the resolution-dependent shift counts the 2
 pipeline's own sampling shift, ``compute_empirical_mu``, also depends on the step count; with ``--timestep_shift
 auto`` training uses the scheduler config's linear ``mu`` (diffusers' Klein script trains unshifted).
 
-``Flux2Pipeline`` (FLUX.2 dev) conditions on Mistral 3 through its processor and is not trained here.
+FLUX.2 dev differs where ``Flux2Pipeline`` does: the prompt is the user turn after the pipeline's system message in
+Mistral's chat template (``format_input``), its hidden layers (10, 20, 30) are stacked, and the transformer is
+guidance-distilled: it takes ``guidance`` = ``--guidance_scale`` (default 4.0, the pipeline's ``guidance_scale``
+default) for every sample, ``torch.full([1], g).expand(B)`` in float32 as the pipeline builds it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import torch
 
 from .text_dit import TextDiTTask
 
-#: the pipeline's default ``text_encoder_out_layers``, for Klein's 36-layer Qwen3
+#: the pipelines' default ``text_encoder_out_layers``: Klein's (for its 36-layer Qwen3) and dev's (Mistral, 40 layers)
 KLEIN_TEXT_LAYERS = (9, 18, 27)
+DEV_TEXT_LAYERS = (10, 20, 30)
+#: ``Flux2Pipeline.__call__``'s ``guidance_scale`` default
+DEV_GUIDANCE = 4.0
 
 
 def klein_lora_layers(num_single_layers: int) -> tuple[str, ...]:
@@ -35,11 +42,12 @@ def klein_lora_layers(num_single_layers: int) -> tuple[str, ...]:
             *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)))
 
 
-def text_layers(num_hidden_layers: int, stacked: int) -> tuple[int, ...]:
-    """The hidden layers Klein stacks: the pipeline's (9, 18, 27) when the encoder has them, else (small test
+def text_layers(num_hidden_layers: int, stacked: int,
+                defaults: tuple[int, ...] = KLEIN_TEXT_LAYERS) -> tuple[int, ...]:
+    """The hidden layers to stack: the pipeline's ``defaults`` when the encoder has them, else (small test
     models) its last ``stacked`` layers."""
-    if num_hidden_layers >= max(KLEIN_TEXT_LAYERS) and stacked == len(KLEIN_TEXT_LAYERS):
-        return KLEIN_TEXT_LAYERS
+    if num_hidden_layers >= max(defaults) and stacked == len(defaults):
+        return defaults
     return tuple(range(num_hidden_layers - stacked + 1, num_hidden_layers + 1))
 
 
@@ -55,12 +63,13 @@ class Flux2KleinTask(TextDiTTask):
     attention_pattern = (r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
                          r"|to_qkv_mlp_proj|to_out)")
     feed_forward_pattern = r"(ff|ff_context)\.linear_(in|out)"
+    default_text_layers = KLEIN_TEXT_LAYERS
 
     def __init__(self, args):
         super().__init__(args)
-        width = self.text_encoders[0].config.hidden_size
-        stacked = self.denoiser.config.joint_attention_dim // width
-        self.text_layers = text_layers(self.text_encoders[0].config.num_hidden_layers, stacked)
+        config = self.text_encoders[0].config.get_text_config()
+        stacked = self.denoiser.config.joint_attention_dim // config.hidden_size
+        self.text_layers = text_layers(config.num_hidden_layers, stacked, self.default_text_layers)
 
     def default_lora_layers(self) -> tuple[str, ...]:
         return klein_lora_layers(self.denoiser.config.num_single_layers)
@@ -91,11 +100,38 @@ class Flux2KleinTask(TextDiTTask):
         embeds = cond["prompt_embeds"].to(device, weight_dtype)
         latent_ids = pipe._prepare_latent_ids(patches).to(device)
         tokens = pipe._pack_latents(patches)
-        out = model(hidden_states=tokens, timestep=s.to(device, torch.float32), guidance=None,
+        guidance = None
+        if self.guidance is not None:  # as Flux2Pipeline.__call__ builds it
+            guidance = torch.full([1], float(self.guidance), device=device, dtype=torch.float32).expand(len(tokens))
+        out = model(hidden_states=tokens, timestep=s.to(device, torch.float32), guidance=guidance,
                     encoder_hidden_states=embeds, txt_ids=pipe._prepare_text_ids(embeds).to(device),
                     img_ids=latent_ids, return_dict=False)[0]
-        out = pipe._unpack_latents_with_ids(out[:, :tokens.shape[1]], latent_ids, *patches.shape[2:])
-        return pipe._unpatchify_latents(out)
+        return pipe._unpatchify_latents(self._unpack(out[:, :tokens.shape[1]], latent_ids, patches))
+
+    def _unpack(self, tokens: torch.Tensor, ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[B, h*w, C]`` back to ``[B, C, h, w]`` by their position ids, as the pipeline unpacks."""
+        return self.pipeline_class._unpack_latents_with_ids(tokens, ids, *patches.shape[2:])
 
     def validation_kwargs(self, args) -> dict[str, Any]:
         return {**super().validation_kwargs(args), "text_encoder_out_layers": self.text_layers}
+
+
+class Flux2Task(Flux2KleinTask):
+    """FLUX.2 dev: LoRA on the guidance-distilled transformer; Mistral 3 stays frozen."""
+
+    pipelines = ("Flux2Pipeline",)
+    family_name = "flux2"
+    family_title = "FLUX.2 dev"
+    default_text_layers = DEV_TEXT_LAYERS
+    default_guidance = DEV_GUIDANCE
+
+    def default_lora_layers(self) -> tuple[str, ...]:
+        """diffusers' train_dreambooth_lora_flux2.py default targets: the double blocks' image-stream attention
+        projections (the single blocks' fused projections have other names)."""
+        return ("to_k", "to_q", "to_v", "to_out.0")
+
+    def _unpack(self, tokens: torch.Tensor, ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        return self.pipeline_class._unpack_latents_with_ids(tokens, ids)  # dev's reads the size from the ids
+
+    def validation_kwargs(self, args) -> dict[str, Any]:
+        return {**super().validation_kwargs(args), "guidance_scale": self.guidance}

@@ -21,6 +21,7 @@ FLOW_TASKS: dict[str, tuple[str, str]] = {
     "ZImagePipeline": ("z_image", "ZImageTask"),
     "QwenImagePipeline": ("qwen_image", "QwenImageTask"),
     "Flux2KleinPipeline": ("flux2", "Flux2KleinTask"),
+    "Flux2Pipeline": ("flux2", "Flux2Task"),
 }
 
 

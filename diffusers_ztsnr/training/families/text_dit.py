@@ -51,13 +51,16 @@ class TextDiTTask(FlowTask):
     block_pattern = r"transformer_blocks\.\d+\.(.+)"
     attention_pattern = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     feed_forward_pattern = ""
+    #: the guidance value a guidance-distilled transformer is fed when ``--guidance_scale`` is not given (the
+    #: pipeline's ``guidance_scale`` default); None: the transformer has no guidance input and the flag is an error
+    default_guidance: float | None = None
 
     def __init__(self, args: argparse.Namespace):
         # refused before any weight loads
         if args.train_text_encoder:
             raise InputError(f"--train_text_encoder: {self.family_title}'s text encoder stays frozen here, as in "
                              "diffusers' LoRA scripts for it; drop --train_text_encoder.")
-        if args.guidance_scale is not None:
+        if args.guidance_scale is not None and self.default_guidance is None:
             raise InputError(f"--guidance_scale {args.guidance_scale}: {self.family_title} "
                              f"({self.pipelines[0]}) takes no guidance embedding; drop --guidance_scale.")
         limit = self.max_sequence_length_limit
@@ -67,7 +70,7 @@ class TextDiTTask(FlowTask):
         ModelTask.__init__(self, args)  # not FlowTask's: no CLIP, no pooled projections, no guidance embedding
         self.is_flux = False
         self.trainable_text_encoders = {}
-        self.guidance = None
+        self.guidance = self.default_guidance if args.guidance_scale is None else args.guidance_scale
         self.max_sequence_length = args.max_sequence_length or self.default_max_sequence_length
         self.lora_layers, self.lora_layers_label = self.resolve_lora_layers(args.lora_layers)
 
