@@ -348,8 +348,9 @@ def flow_parser(description: str) -> TrainingArgumentParser:
     add_timestep_shift_argument(parser, "auto", flow_model=True)
     a = parser.add_argument
     a("--guidance_scale", type=float, default=None,
-      help=f"guidance value fed to a guidance-distilled transformer (Flux dev) while training and validating "
-           f"(default {DEFAULT_FLUX_GUIDANCE}); an error for models without a guidance embedding.")
+      help=f"guidance value fed to a guidance-distilled transformer (FLUX.1 / FLUX.2 dev) while training and "
+           f"validating (default {DEFAULT_FLUX_GUIDANCE}; FLUX.2 dev: 4.0, its pipeline's); an error for models "
+           "without a guidance embedding.")
     a("--lora_layers", type=str, default=None,
       help="comma-separated module names to put LoRA on, or a preset: attn, attn+ff, all-linear (default: the "
            "family's choice in diffusers' training example; see docs/training-flow.md).")
