@@ -69,8 +69,8 @@ def runs(assets, tmp_path_factory):
     return done
 
 
-def load_task(assets, kind):
-    args = flow_args(argv(assets, kind, "unused", 1))
+def load_task(assets, kind, *extra):
+    args = flow_args(argv(assets, kind, "unused", 1, *extra))
     pipe_class = json.loads((assets[kind] / "model_index.json").read_text())["_class_name"]
     return flow_task_class(pipe_class)(args)
 
@@ -126,6 +126,7 @@ def test_training_lowers_the_loss_and_diffusers_applies_every_trained_delta(kind
     assert grid.shape[-1] == 3 and grid.std() > 1.0 and (out / "validation").is_dir()
     card = (out / "README.md").read_text()
     assert f"in the names ComfyUI maps for {TITLES[kind]}" in card and "sd-scripts' key format" not in card
+    assert ("guidance_scale=4.0" in card) == (kind == "flux2")  # FLUX.2 dev's distilled guidance: the pipeline's
     assert ZTSNRFlowMatchScheduler.from_pretrained(out, subfolder="scheduler").config.use_dynamic_shifting
 
 
@@ -282,8 +283,8 @@ def pipeline_step(kind, task, noise, prompt):
 @pytest.mark.parametrize("kind", BUILDERS)
 def test_the_task_calls_the_transformer_as_the_pipeline_does(kind, assets):
     """The pipeline's own Euler step equals ``x + (s1 - s0) * predict(x, s0)`` with the task's prompt encoding,
-    packing, ids, time and sign: training and sampling see the same model."""
-    task = load_task(assets, kind)
+    packing, ids, time and sign (and FLUX.2 dev's guidance): training and sampling see the same model."""
+    task = load_task(assets, kind, *(["--guidance_scale", "2.5"] if kind == "flux2" else []))
     task.pipe.set_progress_bar_config(disable=True)
     prompt = "a red disc on a dark background"
     shape = task.encode_images(torch.zeros(1, 3, RES, RES)).shape
