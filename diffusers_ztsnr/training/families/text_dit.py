@@ -1,5 +1,6 @@
-"""What Qwen-Image, Z-Image and FLUX.2 Klein share: one frozen decoder-LM text encoder, no pooled embedding, no
-guidance input in their pipelines' text-to-image calls, prompt encodings padded to a fixed length with a mask.
+"""What Qwen-Image, Z-Image, FLUX.2 Klein and FLUX.2 dev share: one frozen decoder-LM text encoder, no pooled
+embedding, prompt encodings padded to a fixed length with a mask; no guidance input except a guidance-distilled
+transformer's (FLUX.2 dev: ``default_guidance``).
 
 Every encoding is padded to ``--max_sequence_length`` tokens (zeros) with ``prompt_mask`` marking the prompt's
 own tokens, so that cached encodings of different captions stack into one batch and caption dropout swaps whole
