@@ -4,7 +4,7 @@ Run: ``python benchmarks/train_throughput_families.py`` (``--families sd35 konte
 N1 N2``, ``--json PATH``; about 5 minutes for all six on a 2-core machine). CPU, Linux (forked runs).
 
 Families: SD3.5 (RMS-normed q/k, dual attention), FLUX.1 Kontext (text-to-image rows, no reference image), Chroma,
-Qwen-Image, Z-Image and FLUX.2 Klein, each the tiny offline model of ``diffusers_ztsnr.testing.tiny_flow_builders``
+Qwen-Image, Z-Image, FLUX.2 Klein and FLUX.2 dev, each the tiny offline model of ``diffusers_ztsnr.testing``
 (random weights, local tokenizers) at 32 px, batch 4, rank 4, fp32, one torch thread. Rows, per family, on the same
 data and LoRA targets (the family's default, diffusers' example's):
 
@@ -40,16 +40,17 @@ from throughput.bench import bench_model  # noqa: E402
 from throughput.children import preimport  # noqa: E402
 from throughput.trainer_settings import ROW_CACHED, ROW_PLAIN, ROW_UNCACHED, ROWS  # noqa: E402
 
-FAMILIES = ("sd35", "kontext", "chroma", "qwen-image", "z-image", "flux2-klein")
+FAMILIES = ("sd35", "kontext", "chroma", "qwen-image", "z-image", "flux2-klein", "flux2")
 RESOLUTION = 32
 
 
 def build_pipelines(root: Path, families: list[str]) -> dict[str, str]:
     from diffusers_ztsnr.testing import tiny_flow_builders as builders
+    from diffusers_ztsnr.testing.tiny_flux2_builders import build_flux2
 
     make = {"sd35": builders.build_sd35, "kontext": builders.build_flux_kontext, "chroma": builders.build_chroma,
             "qwen-image": builders.build_qwen_image, "z-image": builders.build_z_image,
-            "flux2-klein": builders.build_flux2_klein}
+            "flux2-klein": builders.build_flux2_klein, "flux2": build_flux2}
     folders = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

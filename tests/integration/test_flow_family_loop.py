@@ -1,6 +1,6 @@
-"""The shared loop on every newer flow family (SD3.5, FLUX.1 Kontext, Chroma, Qwen-Image, Z-Image, FLUX.2 Klein):
-aspect-ratio buckets hand each transformer non-square latents, a second run hits the encodings cache and trains
-exactly as the run that built it, and two DDP processes end with identical LoRA weights."""
+"""The shared loop on every newer flow family (SD3.5, FLUX.1 Kontext, Chroma, Qwen-Image, Z-Image, FLUX.2 Klein
+and dev): aspect-ratio buckets hand each transformer non-square latents, a second run hits the encodings cache and
+trains exactly as the run that built it, and two DDP processes end with identical LoRA weights."""
 
 import json
 import os
@@ -14,12 +14,15 @@ import pytest
 from PIL import Image
 
 from diffusers_ztsnr.testing import tiny_flow_builders as builders
+from diffusers_ztsnr.testing.tiny_flux2_builders import build_flux2
 from diffusers_ztsnr.training.flow import main as flow_main
 
 REPO = Path(__file__).resolve().parents[2]
 BUILDERS = {"sd35": builders.build_sd35, "kontext": builders.build_flux_kontext, "chroma": builders.build_chroma,
             "qwen-image": builders.build_qwen_image, "z-image": builders.build_z_image,
-            "flux2-klein": builders.build_flux2_klein}
+            "flux2-klein": builders.build_flux2_klein, "flux2": build_flux2}
+#: FLUX.2 dev's system message alone is about 230 character-level tokens of the tiny tokenizer
+EXTRA = {"flux2": ("--max_sequence_length", "288")}
 SIZES = [(48, 32), (48, 32), (32, 48), (32, 48)]  # landscape and portrait: two buckets at 32 px
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
@@ -47,7 +50,8 @@ def assets(tmp_path_factory):
 def argv(assets, kind, out, steps, *extra):
     return ["--pretrained_model_name_or_path", str(assets[kind]), "--train_data_dir", str(assets["data"]),
             "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2", "--max_train_steps",
-            str(steps), "--rank", "4", "--learning_rate", "1e-3", "--report_to", "none", "--bucketing", *extra]
+            str(steps), "--rank", "4", "--learning_rate", "1e-3", "--report_to", "none", "--bucketing",
+            *EXTRA.get(kind, ()), *extra]
 
 
 @pytest.mark.parametrize("kind", BUILDERS)
