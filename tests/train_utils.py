@@ -1,5 +1,9 @@
 """Shared by the training tests: tiny offline models + demo data, and the whole demo set as one batch."""
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -8,6 +12,25 @@ from diffusers_ztsnr.testing.tiny import save_tiny_pipeline
 from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
 
 RES = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def two_process_run(script: str, args: list[str], out: Path, port: int) -> dict:
+    """``train_scripts/<script> args`` (``args`` name ``--output_dir out``) under ``accelerate launch`` as two CPU
+    processes (DDP over gloo); asserts it exited 0 with equal LoRA checksums on both ranks and returns its
+    training summary.
+
+    accelerate's own ``--cpu --num_processes 2`` starts one process unless MPI is installed (its multi-CPU launcher
+    is mpirun); ``--multi_gpu`` with ACCELERATE_USE_CPU=true starts them with torchrun instead."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(REPO / "train_scripts" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    return summary
 
 
 def tiny_assets(root: Path, *kinds: str, num_images: int = 4) -> dict[str, Path]:

@@ -3,11 +3,7 @@ and dev): aspect-ratio buckets hand each transformer non-square latents, a secon
 trains exactly as the run that built it, and two DDP processes end with identical LoRA weights."""
 
 import json
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +12,8 @@ from PIL import Image
 from diffusers_ztsnr.testing import tiny_flow_builders as builders
 from diffusers_ztsnr.testing.tiny_flux2_builders import build_flux2
 from diffusers_ztsnr.training.flow import main as flow_main
+from tests.train_utils import two_process_run
 
-REPO = Path(__file__).resolve().parents[2]
 BUILDERS = {"sd35": builders.build_sd35, "kontext": builders.build_flux_kontext, "chroma": builders.build_chroma,
             "qwen-image": builders.build_qwen_image, "z-image": builders.build_z_image,
             "flux2-klein": builders.build_flux2_klein, "flux2": build_flux2}
@@ -74,13 +70,6 @@ def ddp_params():
 @pytest.mark.parametrize("kind", ddp_params())
 def test_two_processes_hold_identical_weights(assets, tmp_path, kind):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           str(REPO / "train_scripts" / "train_lora_flow.py"),
-           *argv(assets, kind, out, 3, "--checkpointing_steps", "2")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    args = argv(assets, kind, out, 3, "--checkpointing_steps", "2")
+    summary = two_process_run("train_lora_flow.py", args, out, port=29531)
     assert summary["global_step"] == 3 and (out / "pytorch_lora_weights.safetensors").is_file()

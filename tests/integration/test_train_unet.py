@@ -1,9 +1,6 @@
 """train_lora_unet.py end to end on tiny SD1.5- and SDXL-style models (CPU, seconds per run)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.training import objectives
 from diffusers_ztsnr.training.unet import main
-from tests.train_utils import tiny_assets, whole_dataset_batch
+from tests.train_utils import tiny_assets, two_process_run, whole_dataset_batch
 
 RES = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -231,23 +228,14 @@ def test_flag_errors_and_config_files(assets, tmp_path):
 
 
 def test_two_processes_hold_identical_weights(assets, tmp_path):
-    """Two CPU processes, DDP over gloo: equal LoRA on both ranks, one writer.
-
-    accelerate's own ``--cpu --num_processes 2`` starts one process unless MPI is installed (its multi-CPU
-    launcher is mpirun); ``--multi_gpu`` with ACCELERATE_USE_CPU=true starts them with torchrun instead."""
+    """Two CPU processes, DDP over gloo (:func:`tests.train_utils.two_process_run`): equal LoRA on both ranks, one
+    writer."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(REPO / "train_scripts" / "train_lora_unet.py"),
-           "--pretrained_model_name_or_path", str(assets["sd15"]), "--train_data_dir", str(assets["data"]),
-           "--resolution", str(RES), "--center_crop", "--train_batch_size", "2", "--max_train_steps", "3",
-           "--prediction_type", "v_prediction", "--zero_terminal_snr", "--report_to", "none",
-           "--checkpointing_steps", "2", "--output_dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    args = ["--pretrained_model_name_or_path", str(assets["sd15"]), "--train_data_dir", str(assets["data"]),
+            "--resolution", str(RES), "--center_crop", "--train_batch_size", "2", "--max_train_steps", "3",
+            "--prediction_type", "v_prediction", "--zero_terminal_snr", "--report_to", "none",
+            "--checkpointing_steps", "2", "--output_dir", str(out)]
+    summary = two_process_run("train_lora_unet.py", args, out, port=29517)
     assert summary["global_step"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
