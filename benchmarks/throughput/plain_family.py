@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .plain_flow import _flow_dataloader, _sigmas
+from .plain_flow import _flow_dataloader, _sigmas, example_flow_loss
 from .plain_loop import example_batches, optimizer_step, prepare, run_result
 
 
@@ -47,7 +47,7 @@ def run_plain_family(pipeline: str, data: str, resolution: int, batch_size: int,
     """One plain run of ``steps`` optimizer steps (logit-normal times, as the examples' default)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     start = time.perf_counter()
     accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
@@ -76,10 +76,7 @@ def run_plain_family(pipeline: str, data: str, resolution: int, batch_size: int,
             noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
             predict = task.predictor(transformer, batch, torch.float32, "flow")
             model_pred = predict(noisy_model_input, sigmas.flatten(), conditioning)
-            weighting = compute_loss_weighting_for_sd3(weighting_scheme="logit_normal", sigmas=sigmas)
-            target = noise - model_input
-            loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
-            loss = loss.mean()
+            loss = example_flow_loss(model_pred, noise, model_input, sigmas, "logit_normal")
             optimizer_step(accelerator, loss, lora_layers, optimizer, lr_scheduler)
         if accelerator.sync_gradients:
             loss_value = loss.detach().item()

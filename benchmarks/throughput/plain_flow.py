@@ -68,6 +68,18 @@ def _sigmas(noise_scheduler_copy, device, timesteps, n_dim: int, dtype) -> torch
     return sigma.reshape(sigma.shape + (1,) * (n_dim - sigma.ndim))
 
 
+def example_flow_loss(model_pred: torch.Tensor, noise: torch.Tensor, model_input: torch.Tensor,
+                      sigmas: torch.Tensor, weighting_scheme: str) -> torch.Tensor:
+    """The examples' loss: ``compute_loss_weighting_for_sd3`` times the squared error to ``noise - x0``, averaged
+    per sample, then over the batch."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+    target = noise - model_input
+    per_sample = ((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(len(noise), -1)).mean(1)
+    return per_sample.mean()
+
+
 def _plain_flow_loop(pipeline: str, data: str, resolution: int, batch_size: int, rank: int, steps: int, *,
                      transformer_class, lora_targets: list[str], weighting_scheme: str, text_encoders: list,
                      encode_prompts, predict) -> dict:
@@ -78,7 +90,7 @@ def _plain_flow_loop(pipeline: str, data: str, resolution: int, batch_size: int,
     ``noise - x0``, ``compute_loss_weighting_for_sd3``, MSE."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     start = time.perf_counter()
     accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
@@ -109,10 +121,7 @@ def _plain_flow_loop(pipeline: str, data: str, resolution: int, batch_size: int,
                              dtype=model_input.dtype)
             noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
             model_pred = predict(transformer, noisy_model_input, timesteps, embeddings)
-            weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
-            target = noise - model_input
-            loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
-            loss = loss.mean()
+            loss = example_flow_loss(model_pred, noise, model_input, sigmas, weighting_scheme)
             optimizer_step(accelerator, loss, lora_layers, optimizer, lr_scheduler)
         if accelerator.sync_gradients:
             loss_value = loss.detach().item()
