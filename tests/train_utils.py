@@ -1,4 +1,5 @@
-"""Shared by the training tests: tiny offline models + demo data, and the whole demo set as one batch."""
+"""Shared by the training tests: tiny offline models + demo data, the whole demo set as one batch and its
+fixed-noise flow-matching loss."""
 
 import json
 import os
@@ -7,8 +8,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from diffusers_ztsnr.testing.demo_data import make_demo_dataset
 from diffusers_ztsnr.testing.tiny import save_tiny_pipeline
+from diffusers_ztsnr.training import objectives
 from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_image_caption_dataset
 
 RES = 32
@@ -47,3 +51,24 @@ def whole_dataset_batch(data_dir: Path, resolution: int = RES) -> dict:
     ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=data_dir), image_column="image",
                              caption_column="text", resolution=resolution, center_crop=True)
     return collate_fn([ds[i] for i in range(len(ds))])
+
+
+def fixed_batch_flow_loss(task, batch: dict, lora_dir: Path | None = None, draws: int = 8) -> float:
+    """Flow-matching loss of ``task.pipe``'s transformer (+ the LoRA in ``lora_dir``, loaded with diffusers'
+    ``load_lora_weights``) on ``batch``, with fixed noise and uniform times (generator seed 123, ``draws`` draws),
+    through the task's own encoders and predictor (Kontext's with the batch's reference images)."""
+    if lora_dir:
+        task.pipe.load_lora_weights(lora_dir)
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        latents = task.encode_images(batch["pixel_values"])
+        cond = task.encode_prompts(batch["caption"], "cpu")
+        predict = task.predictor(task.pipe.transformer, batch, torch.float32, "flow")
+        for _ in range(draws):
+            noise = torch.randn(latents.shape, generator=g)
+            s = objectives.sample_flow_sigmas(len(latents), g, "none")
+            noisy = objectives.noisy_latents(latents, noise, 1 - s, s)
+            pred = predict(noisy, s, cond)
+            total += objectives.flow_matching_loss(pred, "flow_prediction", noisy, latents, noise, 1 - s, s).item()
+    return total / draws

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from diffusers_ztsnr import ZTSNRFlowMatchScheduler
 from diffusers_ztsnr.testing.demo_data import make_demo_dataset
 from diffusers_ztsnr.testing.tiny_flow_builders import build_chroma, build_flux_kontext, build_sd35
-from diffusers_ztsnr.training import objectives
 from diffusers_ztsnr.training.checkpointing import load_tensor_state
 from diffusers_ztsnr.training.data import collate_fn, load_image_caption_dataset
 from diffusers_ztsnr.training.data.reference import ReferenceImageDataset
@@ -34,7 +33,7 @@ from diffusers_ztsnr.training.flow import main as flow_main
 from diffusers_ztsnr.training.flow import parse_args as flow_args
 from tests.integration.interop.conventions import apply_kohya, comfyui_key_map, expected_native, native_error
 from tests.integration.interop.support import TOLERANCE, TrainedLora, count, diffusers_applied, max_error
-from tests.train_utils import whole_dataset_batch
+from tests.train_utils import fixed_batch_flow_loss, whole_dataset_batch
 
 RES, STEPS, RESUME_FROM = 32, 16, 14
 #: kind -> (builder, pipeline class, kohya family, modules the default --lora_layers puts LoRA on in the tiny model)
@@ -128,26 +127,11 @@ def fixed_batch(assets, kind):
     return collate_fn([ds[i] for i in range(len(ds))])
 
 
-def fixed_batch_loss(assets, kind, lora_dir, draws=8):
-    """The flow-matching loss of the base transformer (+ LoRA) on the whole dataset, fixed noise and times, through
-    the family task's own encoders and predictor (Kontext's with the references)."""
-    task = make_flow_task(flow_args(argv(assets, kind, "unused", 1)))
-    if lora_dir:
-        task.pipe.load_lora_weights(lora_dir)
-    batch = fixed_batch(assets, kind)
-    g = torch.Generator().manual_seed(123)
-    total = 0.0
-    with torch.no_grad():
-        latents = task.encode_images(batch["pixel_values"])
-        cond = task.encode_prompts(batch["caption"], "cpu")
-        predict = task.predictor(task.denoiser, batch, torch.float32, "flow")
-        for _ in range(draws):
-            noise = torch.randn(latents.shape, generator=g)
-            s = objectives.sample_flow_sigmas(len(latents), g, "none")
-            noisy = objectives.noisy_latents(latents, noise, 1 - s, s)
-            pred = predict(noisy, s, cond)
-            total += objectives.flow_matching_loss(pred, "flow_prediction", noisy, latents, noise, 1 - s, s).item()
-    return total / draws
+def fixed_batch_loss(assets, kind, lora_dir):
+    """The fixed-batch flow loss of the base transformer (+ LoRA) through the family task (Kontext's with the
+    references)."""
+    return fixed_batch_flow_loss(make_flow_task(flow_args(argv(assets, kind, "unused", 1))), fixed_batch(assets, kind),
+                                 lora_dir)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -22,7 +22,7 @@ from diffusers_ztsnr.training.objectives import flow_matching
 from diffusers_ztsnr.training.unet import UNetTask
 from diffusers_ztsnr.training.unet import main as unet_main
 from diffusers_ztsnr.training.unet import parse_args as unet_args
-from tests.train_utils import tiny_assets, two_process_run, whole_dataset_batch
+from tests.train_utils import fixed_batch_flow_loss, tiny_assets, two_process_run, whole_dataset_batch
 
 RES = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -48,35 +48,16 @@ def run(assets, out, model="sd3", steps=4, *extra):
     return flow_main(argv(assets, out, model, steps, *extra))
 
 
-def fixed_batch_flow_loss(assets, model, lora_dir, draws=8):
-    """Flow-matching loss of the base transformer (+ LoRA) on the whole dataset, fixed noise and times."""
-    task = FlowTask(flow_args(argv(assets, "unused", model, 1)))  # the script's own encoders and predict()
-    pipe = task.pipe
-    if lora_dir:
-        pipe.load_lora_weights(lora_dir)
-    batch = whole_dataset_batch(assets["data"])
-    g = torch.Generator().manual_seed(123)
-    total = 0.0
-    with torch.no_grad():
-        latents = task.encode_images(batch["pixel_values"])
-        cond = task.encode_prompts(batch["caption"], "cpu")
-        for _ in range(draws):
-            noise = torch.randn(latents.shape, generator=g)
-            s = objectives.sample_flow_sigmas(len(latents), g, "none")
-            noisy = objectives.noisy_latents(latents, noise, 1 - s, s)
-            pred = task.predict(pipe.transformer, noisy, s, cond, torch.float32)
-            total += objectives.flow_matching_loss(pred, "flow_prediction", noisy, latents, noise, 1 - s, s).item()
-    return total / draws
-
-
 @pytest.mark.parametrize("model", ["sd3", "flux"])
 def test_training_lowers_the_flow_loss_and_the_lora_loads(assets, tmp_path, model):
     out = tmp_path / "out"
     result = run(assets, out, model, 30, "--validation_prompt", "a red disc", "--num_validation_images", "2",
                  "--validation_inference_steps", "3", "--validation_steps", "100")
     assert result["global_step"] == 30 and np.isfinite(result["losses"]).all()
-    before = fixed_batch_flow_loss(assets, model, None)
-    after = fixed_batch_flow_loss(assets, model, out)
+    batch = whole_dataset_batch(assets["data"])
+    # the script's own encoders and predict(), on the base transformer and then with the LoRA
+    before = fixed_batch_flow_loss(FlowTask(flow_args(argv(assets, "unused", model, 1))), batch)
+    after = fixed_batch_flow_loss(FlowTask(flow_args(argv(assets, "unused", model, 1))), batch, out)
     # measured on this fixed batch, seeds 0 and 1, ATen's default and AVX2 kernels: sd3 0.907-0.914, flux 0.778-0.779
     assert after < 0.95 * before, (before, after)
     # the LoRA loads with diffusers' own loader and changes the pipeline's output
