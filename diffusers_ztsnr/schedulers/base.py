@@ -13,6 +13,7 @@ The config side (diffusers' keys, our settings, the stock counterpart) is :mod:`
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,9 +23,40 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..parameterization import MODEL_PREDICTION_TYPES, linear_combination, solve_coefficients
+from ..combination import Combination, plan_combination
+from ..parameterization import MODEL_PREDICTION_TYPES, solve_coefficients
 from ..solvers import Level, Update
 from .interop import StockInterop
+
+#: a step whose coefficients are all at most this in magnitude runs in a half-precision latent's own dtype
+NATIVE_COEFFICIENT_BOUND = 2.0
+#: plans kept per scheduler across ``set_timesteps`` calls (a few grids' worth)
+MAX_PLANS = 4096
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One grid step, planned: ``x0 = p x + q y`` (``y`` the model output) and the update's sample
+    ``u.x x + u.x0 x0 + u.previous_x0 x0_prev + u.noise noise`` with ``x0`` folded in, as fused kernels over
+    ``(x, y)`` and ``(x, y, x0_prev, noise)``.
+
+    ``in_latent_dtype``: every coefficient is at most :data:`NATIVE_COEFFICIENT_BOUND` in magnitude, so
+    half-precision latents are combined in their own dtype (each pass computes in float32 and rounds once, to
+    within a unit in the last place of the latent's largest term: its own storage precision) instead of being
+    upcast, which costs a cast pass per tensor. Steps that amplify (an epsilon model's ``1 / alpha``, the
+    extrapolated last step) are upcast to float32."""
+
+    level: Level
+    update: Update
+    x0: Combination
+    sample: Combination
+    in_latent_dtype: bool
+
+    @classmethod
+    def build(cls, level: Level, p: float, q: float, u: Update) -> StepPlan:
+        coefficients = (u.x + u.x0 * p, u.x0 * q, u.previous_x0, u.noise)
+        bounded = max(abs(c) for c in (p, q, *coefficients)) <= NATIVE_COEFFICIENT_BOUND
+        return cls(level, u, plan_combination((p, q)), plan_combination(coefficients), bounded)
 
 
 @dataclass
@@ -33,6 +65,14 @@ class ZTSNRSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # BaseOutput's (the non-None fields become the dict's keys) without its generic walk over dataclass
+        # fields, which costs as much as a sampling step's other Python
+        for name in ("prev_sample", "pred_original_sample"):
+            value = self.__dict__[name]
+            if value is not None:
+                OrderedDict.__setitem__(self, name, value)
 
 
 class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
@@ -66,10 +106,14 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
             levels = self._epsilon_zero_snr_start(levels)
         self.timesteps = timesteps.to(device)
         self.num_inference_steps = len(timesteps)
-        self._levels = levels.tolist()
+        self._levels: list[Level] = [tuple(level) for level in levels.tolist()]
         self._step_index = None
-        self._previous: tuple[torch.Tensor, tuple[float, float]] | None = None
-        self._coefficient_cache: dict[tuple[int, Level | None], tuple[float, float, Update]] = {}
+        self._previous: tuple[torch.Tensor, Level] | None = None
+        # plans depend on the levels and the config only, so they outlive the grid: a pipeline that samples again
+        # with the same step count plans nothing (register_to_config installs a new config object)
+        if getattr(self, "_plans_config", None) is not self.config or len(self._plans) > MAX_PLANS:
+            self._plans: dict[tuple[Level, Level, Level | None], StepPlan] = {}
+            self._plans_config = self.config
 
     def _epsilon_zero_snr_start(self, levels: torch.Tensor) -> torch.Tensor:
         clamp = self.config.epsilon_zero_snr_clamp
@@ -133,7 +177,8 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         **kwargs: Any,
     ) -> ZTSNRSchedulerOutput | tuple:
         """Advance ``sample`` from ``timestep`` to the next grid point given the model's output in
-        ``config.prediction_type``. Works internally in float32 (or float64) whatever the latent dtype."""
+        ``config.prediction_type``. Returns latents in ``sample``'s dtype; float16 / bfloat16 latents are combined
+        in their own dtype where the step's coefficients are bounded (see :class:`StepPlan`), else in float32."""
         self._check_grid_set()
         unsupported = {k: v for k, v in kwargs.items() if k not in ("variance_noise", "eta") and v}
         if unsupported:
@@ -162,22 +207,23 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         i = self._step_index
         if i >= self.num_inference_steps:
             raise IndexError("step called more times than the grid has steps; call set_timesteps again.")
-        work = torch.promote_types(sample.dtype, torch.float32)
-        x = sample if sample.dtype == work else sample.to(work)  # .to is a no-op then, but not a free one
-        y = model_output if model_output.dtype == work else model_output.to(work)
-        previous_x0 = self._previous[0] if self._previous else None
-        p, q, u = self._coefficients(i, rule_parameters)
-        x0 = linear_combination((p, x), (q, y))
-        terms = [(u.x + u.x0 * p, x), (u.x0 * q, y)]  # x0 folded in: as few kernels as the rule allows
-        if u.previous_x0:
-            terms.append((u.previous_x0, previous_x0))
-        if u.noise:
+        steps = self._step_plan(i, rule_parameters)
+        x, y = sample, model_output
+        if x.dtype != y.dtype or not x.is_floating_point() or (x.element_size() < 4 and not steps.in_latent_dtype):
+            work = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+            x, y = x.to(work), y.to(work)
+        x0 = steps.x0((x, y))
+        noise = None
+        if steps.update.noise:
             noise = variance_noise
             if noise is None:
-                noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
-            terms.append((u.noise, noise.to(work)))
-        prev = linear_combination(*terms)
-        self._previous = (x0, tuple(self._levels[i]))
+                noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = noise.to(x.dtype)
+        previous_x0 = self._previous[0] if self._previous else None
+        if previous_x0 is not None and previous_x0.dtype != x.dtype:
+            previous_x0 = previous_x0.to(x.dtype)
+        prev = steps.sample((x, y, previous_x0, noise))  # x0 folded in: as few passes as the rule allows
+        self._previous = (x0, steps.level)
         self._step_index = i + 1
         if prev.dtype != sample.dtype:
             prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
@@ -185,19 +231,19 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
             return (prev, x0)
         return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def _coefficients(self, i: int, rule_parameters: dict[str, Any]) -> tuple[float, float, Update]:
-        """``x0 = p x + q y`` at grid point ``i`` and the update to point ``i + 1``: pure functions of the grid, so
-        kept for the grid's lifetime (a sampling loop's Python cost), unless the step passes rule parameters."""
+    def _step_plan(self, i: int, rule_parameters: dict[str, Any]) -> StepPlan:
+        """The step from grid point ``i`` to ``i + 1`` (planned once per levels and config, unless the step passes
+        rule parameters)."""
+        level, next_level = self._levels[i], self._levels[i + 1]
         previous_level = self._previous[1] if self._previous else None
-        key = (i, previous_level)
-        cached = self._coefficient_cache.get(key) if not rule_parameters else None
-        if cached is None:
-            level, next_level = tuple(self._levels[i]), tuple(self._levels[i + 1])
+        key = (level, next_level, previous_level)
+        plan = self._plans.get(key) if not rule_parameters else None
+        if plan is None:
             p, q, _, _ = solve_coefficients(self.config.prediction_type, level[0], level[1])
-            cached = (p, q, self._update_rule(level, next_level, previous_level, **rule_parameters))
+            plan = StepPlan.build(level, p, q, self._update_rule(level, next_level, previous_level, **rule_parameters))
             if not rule_parameters:
-                self._coefficient_cache[key] = cached
-        return cached
+                self._plans[key] = plan
+        return plan
 
     def _update_rule(self, level: Level, next_level: Level, previous_level: Level | None,
                      **rule_parameters: Any) -> Update:
