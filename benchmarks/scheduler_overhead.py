@@ -17,10 +17,13 @@ DDIM vs DDIMScheduler (``clip_sample=False``, the SD configs' value), Euler vs E
 ancestral Euler vs EulerAncestralDiscreteScheduler, DPM-Solver++(2M) vs DPMSolverMultistepScheduler,
 our flow scheduler with ``solver_order`` 1 and 2 vs FlowMatchEulerDiscreteScheduler.
 
-Also run with fp16 latents (and fp16 model output). Our ``step`` upcasts to float32 internally for
-fp16 inputs and casts the result back; diffusers' Euler-type schedulers upcast too, its DDIM works in
-the input dtype. ``finite`` tells whether the loop's final latent is finite (the fake model output is
-not a real model, so this is informational only). A scheduler that raises shows ``crash (Type)``.
+Also run with fp16 latents (and fp16 model output). Our ``step`` combines them in fp16 (float32
+arithmetic inside each pass, one rounding per pass) where the step's coefficients are bounded, and in
+float32 where they amplify (an epsilon model's ``1 / alpha``); diffusers' Euler-type schedulers upcast,
+its DDIM works in the input dtype. Each timed loop reuses the scheduler, as a pipeline does from its
+second image on; the "first run" column times a new scheduler's first loop. ``finite`` tells whether
+the loop's final latent is finite (the fake model output is not a real model, so this is informational
+only). A scheduler that raises shows ``crash (Type)``.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class Runner:
     """One scheduler, one dtype: times full sampling loops with a fixed fake model output."""
 
     def __init__(self, make: Callable[[], object], dtype: torch.dtype, steps: int, device: torch.device):
-        self.scheduler = make()
+        self.make, self.scheduler = make, make()
         self.dtype, self.steps, self.device = dtype, steps, device
         g = torch.Generator().manual_seed(0)
         self.noise = torch.randn(SHAPE, generator=g).to(device, dtype)
@@ -108,6 +111,7 @@ class Runner:
         self.takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         self.step_us: list[float] = []
         self.set_us: list[float] = []
+        self.cold_us: list[float] = []
         self.finite = True
         self.error: str | None = None
 
@@ -120,7 +124,16 @@ class Runner:
             self.error = f"crash ({type(exc).__name__})"
 
     def _run(self, record: bool) -> None:
-        s, out, scale = self.scheduler, self.model_output, self.scale
+        set_us, step_us = self._time_loop(self.scheduler)
+        if record:
+            self.set_us.append(set_us)
+            self.step_us.append(step_us)
+            # a new scheduler's first loop: what a pipeline's first image pays (ours plans each step of a new grid)
+            self.cold_us.append(self._time_loop(self.make())[1])
+
+    def _time_loop(self, s) -> tuple[float, float]:
+        """µs of ``set_timesteps``, and µs per step of one sampling loop."""
+        out, scale = self.model_output, getattr(s, "scale_model_input", None)
         kw = dict(generator=torch.Generator().manual_seed(1)) if self.takes_generator else {}
         t0 = time.perf_counter()
         s.set_timesteps(self.steps, device=self.device)
@@ -135,10 +148,8 @@ class Runner:
             x = s.step(out, t, x, **kw).prev_sample
         synchronize(self.device)  # a GPU runs the steps asynchronously: time them, not their launch
         t3 = time.perf_counter()
-        if record:
-            self.set_us.append((t1 - t0) * 1e6)
-            self.step_us.append((t3 - t2) * 1e6 / self.steps)
         self.finite = self.finite and bool(torch.isfinite(x).all())
+        return (t1 - t0) * 1e6, (t3 - t2) * 1e6 / self.steps
 
 
 def synchronize(device: torch.device) -> None:
@@ -168,10 +179,12 @@ def pair_result(pair: Pair, dtype_name: str, ours: Runner, theirs: Runner) -> di
         ok = runner.error is None and runner.step_us
         med[name] = statistics.median(runner.step_us) if ok else None
         med[name + "_set"] = statistics.median(runner.set_us) if ok else None
+        med[name + "_cold"] = statistics.median(runner.cold_us) if ok else None
     ratio = med["ours"] / med["theirs"] if med["ours"] and med["theirs"] else None
     return dict(
         pair=pair.label, dtype=dtype_name, ours_us=med["ours"], theirs_us=med["theirs"], ratio=ratio,
         ours_set_timesteps_us=med["ours_set"], theirs_set_timesteps_us=med["theirs_set"],
+        ours_first_run_us=med["ours_cold"], theirs_first_run_us=med["theirs_cold"],
         ours_error=ours.error, theirs_error=theirs.error, ours_finite=ours.finite,
         theirs_finite=theirs.finite, ours_runs_us=ours.step_us, theirs_runs_us=theirs.step_us,
     )
@@ -196,7 +209,7 @@ def time_pairs(dtype_name: str, steps: int, repeats: int, device: torch.device) 
 def print_table(results: list[dict]) -> None:
     header = [
         "pair (ours vs diffusers)", "latent dtype", "ours µs/step", "diffusers µs/step", "ours/diffusers",
-        "set_timesteps µs (ours / diffusers)", "finite (ours / diffusers)",
+        "first run µs/step (ours / diffusers)", "set_timesteps µs (ours / diffusers)", "finite (ours / diffusers)",
     ]
     body = []
     for res in results:
@@ -205,15 +218,19 @@ def print_table(results: list[dict]) -> None:
         body.append([
             res["pair"], res["dtype"], ours_cell, theirs_cell,
             "—" if res["ratio"] is None else f"{res['ratio']:.2f}",
+            f"{fmt(res['ours_first_run_us'])} / {fmt(res['theirs_first_run_us'])}",
             f"{fmt(res['ours_set_timesteps_us'])} / {fmt(res['theirs_set_timesteps_us'])}",
             f"{'yes' if res['ours_finite'] else 'no'} / {'yes' if res['theirs_finite'] else 'no'}",
         ])
     print(markdown_table(header, body))
     print()
     print("Legend: µs/step = median over runs of (loop time / steps), each step = scale_model_input (if the")
-    print("scheduler has one) + step; ours/diffusers < 1 means ours is faster. set_timesteps is timed once per")
-    print("run and not included. Ours upcasts fp16 latents to float32 inside step. finite = the final latent")
-    print("of a loop with a constant fake model output is finite (informational). crash (X) = raised X.")
+    print("scheduler has one) + step, of a scheduler sampling again with the same step count (a pipeline's")
+    print("second image on); ours/diffusers < 1 means ours is faster. first run = a new scheduler's first loop")
+    print("(ours plans each step of a new grid then). set_timesteps is timed once per run and not included.")
+    print("fp16: ours combines in the latent dtype where a step's coefficients are bounded, else in float32.")
+    print("finite = the final latent of a loop with a constant fake model output is finite (informational).")
+    print("crash (X) = raised X.")
 
 
 def main(argv: list[str] | None = None) -> int:
