@@ -293,11 +293,14 @@ def hyperparameter_lines(run: RunFacts, lora_layers: Sequence[str] | None = None
 
 
 def render_flow_card(run: RunFacts, *, weighting_scheme: str, timestep_shift: float | str, precondition_outputs: bool,
-                     lora_layers: Sequence[str], guidance_scale: float | None, family: str) -> str:
-    """The card of an SD3 / Flux transformer LoRA trained with flow matching; ``guidance_scale`` (a
-    guidance-distilled transformer's embedding input) is passed in the snippet when set."""
+                     lora_layers: Sequence[str], guidance_scale: float | None, family: str,
+                     max_sequence_length: int | None = None) -> str:
+    """The card of a flow-matching transformer LoRA; ``guidance_scale`` (a guidance-distilled transformer's
+    embedding input) and ``max_sequence_length`` (the prompt length trained at, where it is not the pipeline's
+    default) are passed in the snippet when set."""
     preconditioned = ", x0-preconditioned outputs" if precondition_outputs else ""
-    call_kwargs = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+    call_kwargs = {name: value for name, value in (("guidance_scale", guidance_scale),
+                                                   ("max_sequence_length", max_sequence_length)) if value is not None}
     return (
         f"{card_header(run, card_tags(False, False, flow_matching=True))}\n"
         f"Trained with diffusers-ztsnr's {inline_code(run.script)}: flow matching (velocity `eps - x0`), "

@@ -275,7 +275,23 @@ def test_flow_snippet_passes_guidance_only_to_guidance_distilled_transformers(ma
     task, _ = make_card.built[kind, ()]
     positional, keywords = sampling_call(card)
     assert positional == ['say "hi"']
+    keywords.pop("max_sequence_length", None)  # the test below
     assert keywords == ({} if task.guidance is None else {"guidance_scale": task.guidance})
+
+
+@pytest.mark.parametrize(("kind", "flags", "length"), [
+    ("sd3", (), 77),  # the script's SD3 default (diffusers' SD3 LoRA example's); StableDiffusion3Pipeline's is 256
+    ("sd3", ("--max_sequence_length", "256"), None),
+    ("flux", (), None),  # 512, FluxPipeline's default
+    ("flux", ("--max_sequence_length", "64"), 64),
+])
+def test_flow_snippet_samples_at_the_trained_sequence_length(make_card, kind, flags, length):
+    card = make_card(kind, *flags)
+    (code,) = [code for info, code in markdown_blocks(split_card(card)[2])[1] if info == "python"]
+    compile(code, "README.md", "exec")
+    assert ("max_sequence_length" in code) == (length is not None)
+    assert (f"max_sequence_length={length}" in code) == (length is not None)
+    assert sampling_call(card)[1].get("max_sequence_length") == length
 
 
 # --- true to the run --------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def test_training_lowers_the_loss_and_diffusers_applies_every_trained_delta(kind
     card = (out / "README.md").read_text()
     assert f"in the names ComfyUI maps for {TITLES[kind]}" in card and "sd-scripts' key format" not in card
     assert ("guidance_scale=4.0" in card) == (kind == "flux2")  # FLUX.2 dev's distilled guidance: the pipeline's
+    assert f"max_sequence_length={SEQ.get(kind, 48)}" in card  # trained on that many tokens, not the default 512
     assert ZTSNRFlowMatchScheduler.from_pretrained(out, subfolder="scheduler").config.use_dynamic_shifting
 
 

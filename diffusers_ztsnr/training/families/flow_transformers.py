@@ -11,6 +11,7 @@ on packed 2x2 latent patches.
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -182,4 +183,14 @@ class FlowTask(ModelTask):
         return render_flow_card(run, weighting_scheme=args.weighting_scheme, timestep_shift=args.timestep_shift,
                                 precondition_outputs=bool(args.precondition_outputs),
                                 lora_layers=(self.lora_layers_label,),
-                                guidance_scale=self.guidance, family=self.family)
+                                guidance_scale=self.guidance, family=self.family,
+                                max_sequence_length=self.snippet_sequence_length())
+
+    def snippet_sequence_length(self) -> int | None:
+        """The run's ``max_sequence_length`` where the pipeline's ``__call__`` takes one with another default, else
+        None. Prompts are encoded padded (or cut) to that many tokens, and the LoRA learnt that conditioning (FLUX.2
+        and SD3 attend to every pad token): the card samples at the length trained and validated at."""
+        parameter = inspect.signature(self.pipeline_class.__call__).parameters.get("max_sequence_length")
+        if parameter is None or parameter.default == self.max_sequence_length:
+            return None
+        return self.max_sequence_length
