@@ -65,13 +65,23 @@ def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in SECRET_FLAGS}
 
 
+def _resolved(value: Any, key: str) -> Any:
+    """``value`` as an absolute path when it names a local path (always for ``output_dir``), else as given."""
+    if isinstance(value, str) and (key == "output_dir" or Path(value).exists()):
+        return str(Path(os.path.expanduser(value)).resolve())
+    return value
+
+
 def training_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that change training, local paths resolved (an absolute and a relative spelling are equal)."""
+    """The flags that change training, local paths resolved (an absolute and a relative spelling are equal), the
+    folders of a ``datasets:`` list's entries too (a resume from another working directory is the same run)."""
     flags = {k: v for k, v in vars(args).items() if k not in RESUME_INSENSITIVE}
     for key in PATH_FLAGS:
-        value = flags.get(key)
-        if isinstance(value, str) and (key == "output_dir" or Path(value).exists()):
-            flags[key] = str(Path(os.path.expanduser(value)).resolve())
+        if key in flags:
+            flags[key] = _resolved(flags[key], key)
+    if flags.get("datasets"):
+        flags["datasets"] = [{key: _resolved(value, key) if key in PATH_FLAGS else value
+                              for key, value in entry.items()} for entry in flags["datasets"]]
     return flags
 
 

@@ -221,6 +221,30 @@ def test_the_same_run_resumes_under_another_spelling_of_its_paths(assets, tmp_pa
     assert resumed["global_step"] == 3 and len(resumed["losses"]) == 1
 
 
+def test_a_datasets_list_resumes_from_another_working_directory(assets, tmp_path, monkeypatch):
+    """A ``datasets:`` entry's relative folder is recorded resolved: the same folder from another directory is the
+    same run, and a different folder is not."""
+    shutil.copytree(assets["data"], tmp_path / "data")
+    shutil.copytree(assets["data"], tmp_path / "other")
+    (tmp_path / "elsewhere").mkdir()
+
+    def datasets_run(folder, *extra, steps):
+        args = argv(assets["sd15"], Path(), tmp_path / "out", "--datasets", json.dumps([{"train_data_dir": folder}]),
+                    *extra, steps=steps)
+        del args[args.index("--train_data_dir"):args.index("--train_data_dir") + 2]
+        return unet.main(args)
+
+    monkeypatch.chdir(tmp_path)
+    datasets_run("data", steps=2)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"holds a different run \(--datasets .*other"):
+        datasets_run("../other", "--resume_from_checkpoint", "latest", steps=3)
+    resumed = datasets_run("../data", "--resume_from_checkpoint", "latest", steps=3)
+    assert resumed["global_step"] == 3 and len(resumed["losses"]) == 1
+    recorded = json.loads((tmp_path / "out" / "run_identity.json").read_text())["flags"]["datasets"]
+    assert recorded == [{"train_data_dir": str((tmp_path / "data").resolve())}]
+
+
 def test_a_second_run_on_the_same_output_dir_is_refused_with_the_holders_pid(assets, tmp_path):
     out = tmp_path / "out"
     with lock_folder(out), pytest.raises(FolderInUseError, match=rf"--output_dir {out} is in use by another "
