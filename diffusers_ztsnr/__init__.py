@@ -16,6 +16,7 @@ from .schedulers import (
     ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
+    ZTSNRUniPCMultistepScheduler,
 )
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ for _cls in (
     ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
+    ZTSNRUniPCMultistepScheduler,
 ):
     _cls.__module__ = __name__
 del _cls
@@ -41,6 +43,7 @@ __all__ = [
     "ZTSNREulerAncestralScheduler",
     "ZTSNREulerScheduler",
     "ZTSNRFlowMatchScheduler",
+    "ZTSNRUniPCMultistepScheduler",
     "convert",
     "flow_mu",
     "from_x0_eps",

@@ -8,6 +8,7 @@ from diffusers_ztsnr import (
     ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
+    ZTSNRUniPCMultistepScheduler,
 )
 from diffusers_ztsnr.analytic import AnalyticModel, GaussianMixture, flow_levels, vp_levels
 
@@ -16,7 +17,8 @@ MEAN = torch.tensor([0.5, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
 VARIANCE = torch.tensor([1.0, 1.0, 0.5, 0.25, 0.12, 0.06, 0.04, 0.03], dtype=torch.float64)
 GAUSSIAN = GaussianMixture.gaussian(MEAN, VARIANCE)
 
-VP_ODE_CLASSES = [ZTSNRDDIMScheduler, ZTSNREulerScheduler, ZTSNRDPMSolverMultistepScheduler]
+VP_ODE_CLASSES = [ZTSNRDDIMScheduler, ZTSNREulerScheduler, ZTSNRDPMSolverMultistepScheduler,
+                  ZTSNRUniPCMultistepScheduler]
 VP_CLASSES = [*VP_ODE_CLASSES, ZTSNREulerAncestralScheduler]
 ALL_CLASSES = [*VP_CLASSES, ZTSNRFlowMatchScheduler]
 

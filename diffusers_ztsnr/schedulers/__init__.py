@@ -5,6 +5,7 @@ from .ddim import ZTSNRDDIMScheduler
 from .euler import ZTSNREulerAncestralScheduler, ZTSNREulerScheduler
 from .flow import ZTSNRFlowMatchScheduler
 from .multistep import ZTSNRDPMSolverMultistepScheduler
+from .unipc import ZTSNRUniPCMultistepScheduler
 
 __all__ = [
     "ZTSNRSchedulerBase",
@@ -14,4 +15,5 @@ __all__ = [
     "ZTSNREulerAncestralScheduler",
     "ZTSNRDPMSolverMultistepScheduler",
     "ZTSNRFlowMatchScheduler",
+    "ZTSNRUniPCMultistepScheduler",
 ]

@@ -13,7 +13,7 @@ from ..spacing import SPACINGS, check_num_inference_steps, discrete_timesteps, k
 from .base import ZTSNRSchedulerBase
 
 VP_CLASS_NAMES = ("ZTSNRDDIMScheduler", "ZTSNREulerScheduler", "ZTSNREulerAncestralScheduler",
-                  "ZTSNRDPMSolverMultistepScheduler")
+                  "ZTSNRDPMSolverMultistepScheduler", "ZTSNRUniPCMultistepScheduler")
 #: ``final_sigmas_type``: the last step goes to clean data ("zero") or to the schedule's timestep 0 ("sigma_min")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 

@@ -33,7 +33,7 @@ STEPS = 4
 # Runs in a fresh interpreter (python -I): diffusers only. argv[1]: JSON {"vp": {name: folder}, "flow": {...},
 # "ours_pipeline": folder, "stock_pipeline": folder}. Prints one JSON report.
 STOCK_ONLY = r'''
-import importlib.abc, json, logging, sys, warnings
+import importlib.abc, inspect, json, logging, sys, warnings
 
 
 class NoPackage(importlib.abc.MetaPathFinder):
@@ -78,9 +78,11 @@ def describe(scheduler, noise):
     timesteps = scheduler.timesteps.tolist()
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # the flow sampler has neither
     scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # UniPC's step takes none
+    kwargs = dict(generator=torch.Generator().manual_seed(0)) if takes_generator else {}
     for t in scheduler.timesteps:
         model_output = 0.1 * scale(x, t)
-        x = scheduler.step(model_output, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        x = scheduler.step(model_output, t, x, **kwargs).prev_sample
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_") or k == "_ztsnr_config"}
     return dict(class_name=type(scheduler).__name__, config=config, timesteps=timesteps,
                 loop_finite=bool(torch.isfinite(x).all()))

@@ -11,6 +11,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from diffusers_ztsnr import (
@@ -19,6 +20,7 @@ from diffusers_ztsnr import (
     ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
+    ZTSNRUniPCMultistepScheduler,
     solvers,
 )
 from diffusers_ztsnr.analytic import AnalyticModel, GaussianMixture, flow_levels, vp_levels
@@ -90,6 +92,22 @@ def test_dpmsolver_equals_diffusers(monkeypatch):
     model = AnalyticModel(GAUSSIAN, vp_levels(ours.schedule.alphas_cumprod), "v_prediction")
     a, b = run_pair(ours, theirs, model, 20, theirs_scale=1.0)
     torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("n", [5, 10, 25])
+def test_unipc_equals_diffusers_unipc_bh2(monkeypatch, n):
+    """Predictor and UniC corrector, step by step as diffusers takes them (its last step is first order, its
+    corrector re-takes every step that follows a model evaluation at SNR > 0); the two differ from DPM-Solver++
+    by far more than from each other."""
+    monkeypatch.setattr(solvers, "MIN_STEP_RATIO", 0.0)  # diffusers has no step-ratio guard
+    kw = dict(prediction_type="v_prediction", timestep_spacing="trailing", **SD)
+    ours = ZTSNRUniPCMultistepScheduler(**kw, final_step="first_order")
+    model = AnalyticModel(GAUSSIAN, vp_levels(ours.schedule.alphas_cumprod), "v_prediction")
+    a, b = run_pair(ours, UniPCMultistepScheduler(**kw), model, n)
+    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+    predictor_only, _ = run_pair(ZTSNRDPMSolverMultistepScheduler(**kw, final_step="first_order"),
+                                 UniPCMultistepScheduler(**kw), model, n)
+    assert float((predictor_only - b).abs().max()) > 50 * float((a - b).abs().max())
 
 
 @pytest.mark.parametrize("config,n,mu", [("sd3.json", 28, None), ("flux.json", 20, 1.05), ("flux.json", 4, 0.6)])
