@@ -146,7 +146,8 @@ def _add_grade(sub) -> None:
     which = grade.add_mutually_exclusive_group(required=True)
     which.add_argument("--sigmas", type=_sigma_list, help="noise levels, decreasing: sigma/alpha on the VP path "
                        "(k-diffusion / ComfyUI sigmas, inf = SNR 0), flow time s in (0, 1] on the flow path")
-    which.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="a ComfyUI scheduler, or ours (logsnr)")
+    which.add_argument("--scheduler", choices=SCHEDULER_NAMES,
+                       help="a ComfyUI scheduler, or ours (logsnr; logsnr_warped, UniPC's)")
     grade.add_argument("--steps", type=int, default=20, help="model evaluations, with --scheduler")
     grade.add_argument("--path", choices=("vp", "flow"), default="vp",
                        help="vp: SD's schedule, v-prediction; flow: a flow-matching model")

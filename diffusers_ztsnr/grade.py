@@ -3,13 +3,14 @@
 A schedule is a decreasing list of noise levels: on the VP path ``sigma/alpha`` (k-diffusion's and ComfyUI's
 ``sigmas``; ``inf`` is the zero-SNR start, a final 0 is allowed), on the flow path the flow time ``s`` in (0, 1]
 (``s = 1`` pure noise). :func:`grade` samples the image-like Gaussian
-(:func:`diffusers_ztsnr.analytic.image_like_gaussian`) with its exact model on that list, with DPM-Solver++(2M)
-or Euler, and returns each band's ``log(output std / data std)``: exact numbers, no sampling noise
+(:func:`diffusers_ztsnr.analytic.image_like_gaussian`) with its exact model on that list, with DPM-Solver++(2M),
+UniPC or Euler, and returns each band's ``log(output std / data std)``: exact numbers, no sampling noise
 (:func:`diffusers_ztsnr.analytic.sampler_gain`). Band 0 is the global brightness, the last band the finest detail.
 
 :func:`named_sigmas` builds the lists of ComfyUI's schedulers on SD's schedule (``karras``, ``exponential``,
-``simple``, ``sgm_uniform``, ``beta``) and of this package's defaults (``logsnr``); formulas from Karras et al.
-2022 (eq. 5, ``rho = 7``), k-diffusion's ``get_sigmas_exponential`` and ComfyUI's ``comfy/samplers.py``.
+``simple``, ``sgm_uniform``, ``beta``) and of this package's defaults (``logsnr``; ``logsnr_warped``, UniPC's);
+formulas from Karras et al. 2022 (eq. 5, ``rho = 7``), k-diffusion's ``get_sigmas_exponential`` and ComfyUI's
+``comfy/samplers.py``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 
 from .analytic import AnalyticModel, flow_levels, image_like_band_stds, image_like_gaussian, sampler_gain, vp_levels
 from .schedule import FlowPath, VPSchedule
-from .spacing import discrete_timesteps, flow_logsnr_grid
+from .spacing import discrete_timesteps, flow_logsnr_grid, logsnr_grid
 
-SCHEDULER_NAMES = ("karras", "exponential", "simple", "sgm_uniform", "beta", "logsnr")
-SAMPLERS = ("dpmpp_2m", "euler")
+SCHEDULER_NAMES = ("karras", "exponential", "simple", "sgm_uniform", "beta", "logsnr", "logsnr_warped")
+#: our DPM-Solver++(2M), UniPC (its default: order 3) and Euler
+SAMPLERS = ("dpmpp_2m", "unipc", "euler")
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
@@ -83,6 +85,8 @@ def _vp_levels(name: str, steps: int, schedule: VPSchedule) -> torch.Tensor:
     T = schedule.num_train_timesteps
     if name == "logsnr":  # the integer grid our VP schedulers sample
         return _ve(schedule, discrete_timesteps(schedule, steps, "logsnr").double())
+    if name == "logsnr_warped":  # fractional, as the schedulers that take fractional timesteps sample it
+        return _ve(schedule, logsnr_grid(schedule, steps, warped=True))
     table = _ve(schedule, torch.arange(T, dtype=torch.float64))
     zero_start = math.isinf(float(table[-1]))
     count, top = (steps - 1, T - 2) if zero_start else (steps, T - 1)
@@ -95,6 +99,8 @@ def _vp_levels(name: str, steps: int, schedule: VPSchedule) -> torch.Tensor:
 
 def _flow_levels(name: str, steps: int, shift: float) -> torch.Tensor:
     path, T = FlowPath().shifted(shift), 1000
+    if name == "logsnr_warped":
+        raise ValueError("logsnr_warped is a VP spacing; the flow path's own grid is logsnr")
     if name == "logsnr":
         return flow_logsnr_grid(path, steps, T)
     table = path.sigma(torch.arange(1, T + 1, dtype=torch.float64) / T)  # timesteps 1 .. T
@@ -105,7 +111,12 @@ def grade(sigmas: list[float], path: str = "vp", zero_terminal_snr: bool = True,
           num_bands: int = 8) -> torch.Tensor:
     """Each band's ``log(output std / data std)`` after sampling the exact model on ``sigmas`` (see the module
     docstring for the units). 0 is exact; -0.1 is 10% too narrow."""
-    from .schedulers import ZTSNRDPMSolverMultistepScheduler, ZTSNREulerScheduler, ZTSNRFlowMatchScheduler
+    from .schedulers import (
+        ZTSNRDPMSolverMultistepScheduler,
+        ZTSNREulerScheduler,
+        ZTSNRFlowMatchScheduler,
+        ZTSNRUniPCMultistepScheduler,
+    )
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -114,10 +125,13 @@ def grade(sigmas: list[float], path: str = "vp", zero_terminal_snr: bool = True,
     if levels and levels[-1] == 0:
         levels = levels[:-1]
     if path == "flow":
+        if sampler == "unipc":
+            raise ValueError("the flow path has no UniPC sampler here; use dpmpp_2m or euler")
         scheduler = ZTSNRFlowMatchScheduler(shift=1.0, solver_order=2 if sampler == "dpmpp_2m" else 1)
         model = AnalyticModel(data, flow_levels(), "flow_prediction")
     else:
-        cls = ZTSNRDPMSolverMultistepScheduler if sampler == "dpmpp_2m" else ZTSNREulerScheduler
+        cls = {"dpmpp_2m": ZTSNRDPMSolverMultistepScheduler, "unipc": ZTSNRUniPCMultistepScheduler,
+               "euler": ZTSNREulerScheduler}[sampler]
         scheduler = cls(**SD_SCHEDULE, prediction_type="v_prediction", rescale_betas_zero_snr=zero_terminal_snr)
         model = AnalyticModel(data, vp_levels(scheduler.schedule.alphas_cumprod), "v_prediction")
     gain = sampler_gain(scheduler, model, sigmas=levels)

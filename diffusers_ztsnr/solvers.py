@@ -3,10 +3,10 @@
 A rule maps the noise levels ``(alpha, sigma)`` of the current and next grid points to the
 coefficients of a linear combination (:class:`Update`)::
 
-    x_next = x * u.x + x0 * u.x0 + previous_x0 * u.previous_x0 + earlier_x0 * u.earlier_x0 + noise * u.noise
+    x_next = x * u.x + x0 * u.x0 + previous_x0 * u.previous_x0 + sum(e * x0_e for e, x0_e in earlier) + noise * u.noise
 
-where ``x0`` is the model's prediction (``previous_x0`` and ``earlier_x0`` those of the last two grid points)
-converted to data (see :mod:`diffusers_ztsnr.parameterization`).
+where ``x0`` is the model's prediction (``previous_x0`` that of the previous grid point, ``u.earlier_x0`` the
+weights of those before it, most recent first) converted to data (see :mod:`diffusers_ztsnr.parameterization`).
 One rule therefore serves the VP path, the flow path and a VP model run at flow times, and a scheduler
 can fold the conversion ``x0 = p * x + q * output`` into the same combination. The coefficients are
 written with ratios of noise levels, so nothing divides by ``alpha``: the first step from SNR 0
@@ -31,14 +31,14 @@ MIN_STEP_RATIO = 0.5
 
 @dataclass(frozen=True)
 class Update:
-    """Coefficients of ``x_next = x * x + x0 * x0 + previous_x0 * previous_x0 + earlier_x0 * earlier_x0 +
-    noise * noise``."""
+    """Coefficients of ``x``, ``x0``, the previous point's x0, noise, and (``earlier_x0``) the x0 predictions of
+    the points before the previous one, most recent first."""
 
     x: float
     x0: float
     previous_x0: float = 0.0
     noise: float = 0.0
-    earlier_x0: float = 0.0
+    earlier_x0: tuple[float, ...] = ()
 
 
 def ddim_update(level: Level, next_level: Level, eta: float = 0.0) -> Update:
@@ -147,55 +147,3 @@ def second_order_ratio(level: Level, next_level: Level, previous_level: Level | 
     ratio = (lam - math.log(previous_level[0] / previous_level[1])) / (math.log(alpha_n / sigma_n) - lam)
     return ratio if ratio >= MIN_STEP_RATIO else None
 
-
-def unipc_update(
-    level: Level, next_level: Level, previous_level: Level | None = None, earlier_level: Level | None = None,
-    final_step: str = "first_order", order: int = 2,
-) -> Update:
-    """UniPC (Zhao et al. 2023, arXiv:2302.04867) in data-prediction form with ``B(h) = e^h - 1`` ("bh2"): the UniC
-    corrector at this point, then the predictor, which for bh2 at order 2 is DPM-Solver++(2M) (midpoint).
-
-    The corrector re-takes the step that led here, from the previous corrected sample, now also using this point's
-    x0 prediction (:func:`unic_correction`); the model is not evaluated again at the corrected sample. The
-    correction is a combination of the last three x0 predictions, folded into this step's update through its ``x``
-    coefficient (so a last step that ignores ``x``, the extrapolated one, is unchanged). ``order=1``: the first-order
-    predictor (and last step) after the order-1 corrector."""
-    if order == 1:
-        earlier_level, final_step = None, "first_order"
-    predictor = dpmpp_2m_update(level, next_level, previous_level if order == 2 else None, "midpoint", final_step)
-    correction = unic_correction(level, previous_level, earlier_level)
-    if correction is None or predictor.x == 0:
-        return predictor
-    c_x0, c_previous, c_earlier = correction
-    return Update(x=predictor.x, x0=predictor.x0 + predictor.x * c_x0,
-                  previous_x0=predictor.previous_x0 + predictor.x * c_previous, earlier_x0=predictor.x * c_earlier)
-
-
-def unic_correction(level: Level, previous_level: Level | None,
-                    earlier_level: Level | None) -> tuple[float, float, float] | None:
-    """UniC's move of the sample at ``level``: coefficients of (its x0, the previous x0, the one before), or
-    ``None`` where the step that led here started at SNR 0 or nowhere (its ``h`` is not finite).
-
-    With ``h`` the log-SNR length of the step that led here and ``A = alpha (1 - e^{-h})``, the corrected sample is
-    the uncorrected one plus ``A * (corrector residual - predictor residual)``. Order 1 (that step was first order):
-    residual ``0.5 * (x0 - previous_x0)``, the trapezoid in x0. Order 2: ``rho_0 * D1 + rho_1 * (x0 - previous_x0)``
-    with ``D1 = (earlier_x0 - previous_x0) / r``, ``r = -h_prev / h``, and ``rho`` solving UniC's 2x2 system
-    ``[[1, 1], [r, 1]] rho = [phi_2, 2 phi_3] / B(h)`` in ``hh = -h``; the predictor's residual was ``0.5 * D1``."""
-    if previous_level is None or previous_level[0] == 0:
-        return None
-    (alpha_p, sigma_p), (alpha, sigma) = previous_level, level
-    decay = (alpha_p * sigma) / (sigma_p * alpha)  # e^{-h}
-    a = alpha * (1 - decay)
-    ratio = second_order_ratio(previous_level, level, earlier_level)
-    if ratio is None:
-        return (0.5 * a, -0.5 * a, 0.0)
-    hh = -math.log(alpha / sigma) + math.log(alpha_p / sigma_p)
-    b_h = math.expm1(hh)
-    phi_2 = b_h / hh - 1
-    phi_3 = phi_2 / hh - 0.5
-    b1, b2 = phi_2 / b_h, 2 * phi_3 / b_h
-    r = -ratio
-    rho_0 = (b1 - b2) / (1 - r)
-    rho_1 = b1 - rho_0
-    d1 = a * (rho_0 - 0.5) / r  # weight of D1 * r, i.e. of (earlier_x0 - previous_x0)
-    return (a * rho_1, -a * rho_1 - d1, d1)

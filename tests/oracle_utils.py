@@ -41,12 +41,12 @@ def model_for(scheduler, data: GaussianMixture, prediction_type: str) -> Analyti
 def exact_deterministic_output(scheduler, z: torch.Tensor, data: GaussianMixture = GAUSSIAN) -> torch.Tensor:
     """What an ODE sampler converges to from latent ``z`` on ``scheduler``'s current grid: the exact flow
     from the first to the last grid level, then the last step to clean data: the posterior mean there (the
-    first-order step, or a zero-length one), or, for a second-order sampler extrapolating its last step to zero
-    noise, the exact flow's own end."""
+    first-order step, or a zero-length one), or, for a multistep sampler of order 2 or more extrapolating its last
+    step to zero noise, the exact flow's own end."""
     first, last = tuple(scheduler._levels[0]), tuple(scheduler._levels[-2])
     x_last = data.ode_transport(z, first, last)
     extrapolates = (getattr(scheduler.config, "final_step", None) == "extrapolate"
-                    and scheduler.config.get("solver_order", 1) == 2 and scheduler._levels[-1][1] == 0)
+                    and scheduler.config.get("solver_order", 1) >= 2 and scheduler._levels[-1][1] == 0)
     if extrapolates:
         return data.ode_transport(z, first, tuple(scheduler._levels[-1]))
     return data.posterior_mean(x_last, *last)

@@ -37,8 +37,8 @@ MAX_PLANS = 4096
 @dataclass(frozen=True)
 class StepPlan:
     """One grid step, planned: ``x0 = p x + q y`` (``y`` the model output) and the update's sample
-    ``u.x x + u.x0 x0 + u.previous_x0 x0_prev + u.earlier_x0 x0_earlier + u.noise noise`` with ``x0`` folded in,
-    as fused kernels over ``(x, y)`` and ``(x, y, x0_prev, x0_earlier, noise)``.
+    ``u.x x + u.x0 x0 + u.noise noise + u.previous_x0 x0_prev + sum(u.earlier_x0 * earlier x0s)`` with ``x0``
+    folded in, as fused kernels over ``(x, y)`` and ``(x, y, noise, x0_prev, *earlier x0s)``.
 
     ``in_latent_dtype``: every coefficient is at most :data:`NATIVE_COEFFICIENT_BOUND` in magnitude, so
     half-precision latents are combined in their own dtype (each pass computes in float32 and rounds once, to
@@ -54,7 +54,7 @@ class StepPlan:
 
     @classmethod
     def build(cls, level: Level, p: float, q: float, u: Update) -> StepPlan:
-        coefficients = (u.x + u.x0 * p, u.x0 * q, u.previous_x0, u.earlier_x0, u.noise)
+        coefficients = (u.x + u.x0 * p, u.x0 * q, u.noise, u.previous_x0, *u.earlier_x0)
         bounded = max(abs(c) for c in (p, q, *coefficients)) <= NATIVE_COEFFICIENT_BOUND
         return cls(level, u, plan_combination((p, q)), plan_combination(coefficients), bounded)
 
@@ -83,9 +83,9 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
     init_noise_sigma = 1.0
     #: "vp" or "flow": the path the latents live on
     path: ClassVar[str] = "vp"
-    #: x0 predictions of earlier grid points the update uses: 1 (the previous one), or 2 (its
-    #: :meth:`_update_rule` then also takes ``earlier_level``)
-    history_length: ClassVar[int] = 1
+    #: x0 predictions of earlier grid points the update uses: 1 (the previous one), or more (its
+    #: :meth:`_update_rule` then also takes ``earlier_levels``, those before the previous one, most recent first)
+    history_length: int = 1
 
     @staticmethod
     def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -111,8 +111,7 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(timesteps)
         self._levels: list[Level] = [tuple(level) for level in levels.tolist()]
         self._step_index = None
-        self._previous: tuple[torch.Tensor, Level] | None = None
-        self._earlier: tuple[torch.Tensor, Level] | None = None
+        self._history: list[tuple[torch.Tensor, Level]] = []  # (x0, level) of the last grid points, latest first
         # plans depend on the levels and the config only, so they outlive the grid: a pipeline that samples again
         # with the same step count plans nothing (register_to_config installs a new config object)
         if getattr(self, "_plans_config", None) is not self.config or len(self._plans) > MAX_PLANS:
@@ -223,10 +222,9 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
             if noise is None:
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             noise = noise.to(x.dtype)
-        history = [h[0] if h else None for h in (self._previous, self._earlier)]
-        history = [h.to(x.dtype) if h is not None and h.dtype != x.dtype else h for h in history]
-        prev = steps.sample((x, y, *history, noise))  # x0 folded in: as few passes as the rule allows
-        self._previous, self._earlier = (x0, steps.level), self._previous
+        history = [h if h.dtype == x.dtype else h.to(x.dtype) for h, _ in self._history]
+        prev = steps.sample((x, y, noise, *history))  # x0 folded in: as few passes as the rule allows
+        self._history = [(x0, steps.level), *self._history[: self.history_length - 1]]
         self._step_index = i + 1
         if prev.dtype != sample.dtype:
             prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
@@ -237,9 +235,9 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
     def _step_plan(self, i: int, rule_parameters: dict[str, Any]) -> StepPlan:
         """The step from grid point ``i`` to ``i + 1``, planned once per levels, rule parameters and config."""
         level, next_level = self._levels[i], self._levels[i + 1]
-        previous_level = self._previous[1] if self._previous else None
-        if self.history_length == 2:
-            rule_parameters = {**rule_parameters, "earlier_level": self._earlier[1] if self._earlier else None}
+        previous_level = self._history[0][1] if self._history else None
+        if self.history_length > 1:
+            rule_parameters = {**rule_parameters, "earlier_levels": tuple(level for _, level in self._history[1:])}
         key = (level, next_level, previous_level, *rule_parameters.items())
         plan = self._plans.get(key)
         if plan is None:

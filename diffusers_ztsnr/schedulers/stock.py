@@ -63,7 +63,8 @@ FOREIGN_CONFIG_KEYS: dict[str, Any] = {
 
 # Our values of diffusers keys that diffusers' classes reject, and the value written in their place: one the
 # stock class samples the same model correctly with (the zero-SNR start is kept).
-STAND_INS: dict[str, dict[Any, Any]] = {"timestep_spacing": {"logsnr": "trailing", "flow": "trailing"}}
+STAND_INS: dict[str, dict[Any, Any]] = {
+    "timestep_spacing": {"logsnr": "trailing", "logsnr_warped": "trailing", "flow": "trailing"}}
 
 # The private key of scheduler_config.json that holds what a stock key cannot: diffusers drops "_" keys from a
 # class's arguments without a warning and keeps them in ``config``, so they survive a stock load and save.

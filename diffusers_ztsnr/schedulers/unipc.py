@@ -8,24 +8,27 @@ from typing import Any
 from diffusers import UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from ..solvers import FINAL_STEPS, unipc_update
+from ..solvers import FINAL_STEPS
+from ..unipc_rules import unipc_update
 from .vp import FractionalVPSchedulerBase
 
 
 class ZTSNRUniPCMultistepScheduler(FractionalVPSchedulerBase):
-    """UniPC (Zhao et al. 2023): DPM-Solver++(2M) as predictor and the UniC corrector, which re-takes each step
-    with the x0 prediction at its end, at no extra model evaluation. Drop-in for
-    ``diffusers.UniPCMultistepScheduler`` with ``predict_x0=True, solver_type="bh2"`` (its defaults).
+    """UniPC (Zhao et al. 2023, bh2): the UniP predictor and the UniC corrector, which re-takes each step with the
+    x0 prediction at its end, at no extra model evaluation (:mod:`diffusers_ztsnr.unipc_rules`). Drop-in for
+    ``diffusers.UniPCMultistepScheduler`` with ``predict_x0=True, solver_type="bh2"`` (its defaults); with
+    ``solver_order=2, timestep_spacing="trailing", final_step="first_order"`` it is that scheduler step for step.
 
-    Written with ``e^{-h}`` as a ratio of noise levels like
-    :class:`~diffusers_ztsnr.schedulers.multistep.ZTSNRDPMSolverMultistepScheduler`, so the first step from SNR 0
-    is finite (the step that follows it is not corrected: its ``h`` is infinite); the last step to clean data is
-    ``final_step`` (default: the extrapolation of the last two x0 predictions). ``solver_order=1`` is the
-    first-order predictor with the order-1 corrector (the trapezoid in x0).
+    Defaults, chosen by the exact Gaussian oracle (see the benchmarks page): ``solver_order=3`` (third order only
+    on log-SNR steps up to :data:`~diffusers_ztsnr.unipc_rules.MAX_THIRD_ORDER_STEP`, second order on longer ones)
+    on ``timestep_spacing="logsnr_warped"`` (the log-SNR grid, denser toward clean data), and the last step to clean
+    data extrapolating the last two x0 predictions (``final_step="extrapolate"``). As in diffusers, prefer
+    ``solver_order=2`` under strong classifier-free guidance, whose amplified x0 differences the third-order
+    terms extrapolate. Ratios of noise levels throughout, so the first step from SNR 0 is finite (the step after
+    it is not corrected: its ``h`` is infinite).
     """
 
     stock_class = UniPCMultistepScheduler
-    history_length = 2
 
     @register_to_config
     def __init__(
@@ -36,10 +39,10 @@ class ZTSNRUniPCMultistepScheduler(FractionalVPSchedulerBase):
         beta_schedule: str = "scaled_linear",
         trained_betas: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
-        timestep_spacing: str = "logsnr",
+        timestep_spacing: str = "logsnr_warped",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
-        solver_order: int = 2,
+        solver_order: int = 3,
         predict_x0: bool = True,
         solver_type: str = "bh2",
         disable_corrector: Sequence[int] = [],  # noqa: B006 (diffusers' default, kept through its JSON round trip)
@@ -50,7 +53,7 @@ class ZTSNRUniPCMultistepScheduler(FractionalVPSchedulerBase):
         **kwargs: Any,
     ):
         self._check_stock_kwargs(kwargs)
-        self._check_choice("solver_order", solver_order, (1, 2))
+        self._check_choice("solver_order", solver_order, (1, 2, 3))
         self._check_choice("final_step", final_step, FINAL_STEPS)
         self._check_choice("predict_x0", predict_x0, (True,))
         self._check_choice("solver_type", solver_type, ("bh2",))
@@ -59,6 +62,10 @@ class ZTSNRUniPCMultistepScheduler(FractionalVPSchedulerBase):
                              "or use ZTSNRDPMSolverMultistepScheduler for the predictor alone.")
         self._setup_fractional()
 
-    def _update_rule(self, level, next_level, previous_level, earlier_level=None):
-        cfg = self.config
-        return unipc_update(level, next_level, previous_level, earlier_level, cfg.final_step, cfg.solver_order)
+    @property
+    def history_length(self) -> int:
+        return self.config.solver_order  # the corrector of an order-p step uses p earlier x0 predictions
+
+    def _update_rule(self, level, next_level, previous_level, earlier_levels=()):
+        levels = [*reversed(earlier_levels), *([previous_level] if previous_level else []), level]
+        return unipc_update(levels, next_level, self.config.solver_order, self.config.final_step)

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from ..parameterization import from_x0_eps
 from ..schedule import VPSchedule
-from ..spacing import SPACINGS, check_num_inference_steps, discrete_timesteps, karras_grid
+from ..spacing import SPACINGS, check_num_inference_steps, discrete_timesteps, karras_grid, logsnr_grid
 from .base import ZTSNRSchedulerBase
 
 VP_CLASS_NAMES = ("ZTSNRDDIMScheduler", "ZTSNREulerScheduler", "ZTSNREulerAncestralScheduler",
@@ -107,6 +107,9 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
         elif getattr(self.config, "use_karras_sigmas", False):
             check_num_inference_steps(num_inference_steps, T)
             grid = karras_grid(self.schedule, num_inference_steps)
+        elif self.config.timestep_spacing == "logsnr_warped" and self.fractional_timesteps:
+            check_num_inference_steps(num_inference_steps, T)
+            grid = logsnr_grid(self.schedule, num_inference_steps, warped=True)  # not rounded: nearly 0 is dense
         else:
             grid = discrete_timesteps(
                 self.schedule, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset

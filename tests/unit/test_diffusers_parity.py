@@ -1,6 +1,7 @@
 """Where diffusers is right we equal it numerically; where it is wrong, a test shows we are right."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from diffusers_ztsnr import (
     ZTSNRFlowMatchScheduler,
     ZTSNRUniPCMultistepScheduler,
     solvers,
+    unipc_rules,
 )
 from diffusers_ztsnr.analytic import AnalyticModel, GaussianMixture, flow_levels, vp_levels
 from diffusers_ztsnr.testing.released_schedulers import SCHEDULER_CONFIGS_DIR
@@ -101,13 +103,36 @@ def test_unipc_equals_diffusers_unipc_bh2(monkeypatch, n):
     by far more than from each other."""
     monkeypatch.setattr(solvers, "MIN_STEP_RATIO", 0.0)  # diffusers has no step-ratio guard
     kw = dict(prediction_type="v_prediction", timestep_spacing="trailing", **SD)
-    ours = ZTSNRUniPCMultistepScheduler(**kw, final_step="first_order")
+    ours = ZTSNRUniPCMultistepScheduler(**kw, solver_order=2, final_step="first_order")
     model = AnalyticModel(GAUSSIAN, vp_levels(ours.schedule.alphas_cumprod), "v_prediction")
     a, b = run_pair(ours, UniPCMultistepScheduler(**kw), model, n)
     torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
     predictor_only, _ = run_pair(ZTSNRDPMSolverMultistepScheduler(**kw, final_step="first_order"),
                                  UniPCMultistepScheduler(**kw), model, n)
     assert float((predictor_only - b).abs().max()) > 50 * float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("n", [6, 12, 25])
+def test_unipc_third_order_equals_diffusers_until_it_lowers_the_order(monkeypatch, n):
+    """UniP-3 and UniC-3, step by step; diffusers lowers the order of its last two steps (``lower_order_final``),
+    we do not (our last step is ``final_step``), so the trajectories are compared up to there."""
+    monkeypatch.setattr(solvers, "MIN_STEP_RATIO", 0.0)  # diffusers has no step-ratio guard
+    monkeypatch.setattr(unipc_rules, "MAX_THIRD_ORDER_STEP", math.inf)  # nor a longest third-order step
+    kw = dict(prediction_type="v_prediction", timestep_spacing="trailing", solver_order=3, **SD)
+    ours, theirs = ZTSNRUniPCMultistepScheduler(**kw, final_step="first_order"), UniPCMultistepScheduler(**kw)
+    model = AnalyticModel(GAUSSIAN, vp_levels(ours.schedule.alphas_cumprod), "v_prediction")
+    ours.set_timesteps(n)
+    theirs.set_timesteps(n)
+    a = b = torch.randn(64, GAUSSIAN.dim, generator=torch.Generator().manual_seed(0))
+    for t in ours.timesteps[: n - 2]:
+        a, b = ours.step(model(a, t), t, a).prev_sample, theirs.step(model(b, t), t, b).prev_sample
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    second = ZTSNRUniPCMultistepScheduler(**{**kw, "solver_order": 2})
+    second.set_timesteps(n)
+    c = torch.randn(64, GAUSSIAN.dim, generator=torch.Generator().manual_seed(0))
+    for t in second.timesteps[: n - 2]:
+        c = second.step(model(c, t), t, c).prev_sample
+    assert float((c - b).abs().max()) > 100 * float((a - b).abs().max())
 
 
 @pytest.mark.parametrize("config,n,mu", [("sd3.json", 28, None), ("flux.json", 20, 1.05), ("flux.json", 4, 0.6)])

@@ -49,6 +49,10 @@ def test_grade_measures_the_lighting_curse_and_its_fix():
     fixed = grade(named_sigmas("logsnr", 20))
     assert math.exp(float(curse[0])) < 0.5  # SD's schedule: less than half the brightness std comes out
     assert float(fixed.abs().max()) < 0.03  # every band within 3% on the ZTSNR schedule
+    unipc = grade(named_sigmas("logsnr_warped", 20), sampler="unipc")
+    assert float(unipc.abs().max()) < 0.01 < float(fixed.abs().max())  # UniPC's defaults: within 1% at 20
+    with pytest.raises(ValueError, match="VP spacing"):
+        named_sigmas("logsnr_warped", 10, path="flow")
     flow = grade(named_sigmas("logsnr", 10, path="flow"), path="flow")
     assert float(flow.abs().max()) <= 0.15
     assert float(grade(named_sigmas("simple", 10, path="flow"), path="flow").abs().max()) > 0.5
