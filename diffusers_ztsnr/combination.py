@@ -16,8 +16,8 @@ reused for every call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,29 +33,48 @@ class Combination:
 
     ``start`` is ``()`` (all coefficients are 0), ``(k,)`` (``tensors[k]`` itself), ``(k, c)`` (``c *
     tensors[k]``) or ``(i, j, w)`` (``torch.lerp(tensors[i], tensors[j], w)``); ``adds`` are ``(k, c)`` pairs.
+    Calling it runs a function built once from the plan (a sampling step's Python is part of its cost).
     """
 
     start: tuple
     adds: tuple[tuple[int, float], ...] = ()
+    run: Callable[[Sequence[torch.Tensor | None]], torch.Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", _compile(self.start, self.adds))
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        start, adds = self.start, self.adds
-        if len(start) == 1:
-            acc = tensors[start[0]]
-            if not adds:
-                return acc
-            k, c = adds[0]
-            acc = torch.add(acc, tensors[k], alpha=c)  # out of place: the taken tensor is the caller's
-            adds = adds[1:]
-        elif len(start) == 2:
-            acc = tensors[start[0]] * start[1]
-        elif len(start) == 3:
-            acc = torch.lerp(tensors[start[0]], tensors[start[1]], start[2])
-        else:
-            return torch.zeros_like(tensors[0])
-        for k, c in adds:
-            acc.add_(tensors[k], alpha=c)
+        return self.run(tensors)
+
+
+def _compile(start: tuple, adds: tuple[tuple[int, float], ...]) -> Callable:
+    if not start:
+        return lambda t: torch.zeros_like(t[0])
+    if len(start) == 1:
+        (k,) = start
+        if not adds:
+            return lambda t: t[k]
+        (a, c), rest = adds[0], adds[1:]
+        first = lambda t: torch.add(t[k], t[a], alpha=c)  # noqa: E731 (out of place: the taken tensor is the caller's)
+    elif len(start) == 2:
+        k, c0 = start
+        first, rest = (lambda t: t[k] * c0), adds
+    else:
+        i, j, w = start
+        first, rest = (lambda t: torch.lerp(t[i], t[j], w)), adds
+    if not rest:
+        return first
+    if len(rest) == 1:
+        (b, cb), = rest
+        return lambda t: first(t).add_(t[b], alpha=cb)
+
+    def run(t):
+        acc = first(t)
+        for m, cm in rest:
+            acc.add_(t[m], alpha=cm)
         return acc
+
+    return run
 
 
 def plan_combination(coefficients: Sequence[float]) -> Combination:

@@ -111,7 +111,9 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(timesteps)
         self._levels: list[Level] = [tuple(level) for level in levels.tolist()]
         self._step_index = None
-        self._history: list[tuple[torch.Tensor, Level]] = []  # (x0, level) of the last grid points, latest first
+        # x0 predictions of the last grid points and their levels, latest first
+        self._history: list[torch.Tensor] = []
+        self._history_levels: tuple[Level, ...] = ()
         # plans depend on the levels and the config only, so they outlive the grid: a pipeline that samples again
         # with the same step count plans nothing (register_to_config installs a new config object)
         if getattr(self, "_plans_config", None) is not self.config or len(self._plans) > MAX_PLANS:
@@ -182,10 +184,10 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         """Advance ``sample`` from ``timestep`` to the next grid point given the model's output in
         ``config.prediction_type``. Returns latents in ``sample``'s dtype; float16 / bfloat16 latents are combined
         in their own dtype where the step's coefficients are bounded (see :class:`StepPlan`), else in float32."""
-        self._check_grid_set()
-        unsupported = {k: v for k, v in kwargs.items() if k not in ("variance_noise", "eta") and v}
-        if unsupported:
-            raise TypeError(f"{type(self).__name__}.step does not support {sorted(unsupported)}.")
+        if kwargs:
+            unsupported = {k: v for k, v in kwargs.items() if k not in ("variance_noise", "eta") and v}
+            if unsupported:
+                raise TypeError(f"{type(self).__name__}.step does not support {sorted(unsupported)}.")
         return self._advance(model_output, timestep, sample, generator, return_dict, kwargs.get("variance_noise"))
 
     def _check_grid_set(self) -> None:
@@ -222,9 +224,13 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
             if noise is None:
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             noise = noise.to(x.dtype)
-        history = [h if h.dtype == x.dtype else h.to(x.dtype) for h, _ in self._history]
+        history = self._history
+        if history and history[0].dtype != x.dtype:
+            history = [h.to(x.dtype) for h in history]
         prev = steps.sample((x, y, noise, *history))  # x0 folded in: as few passes as the rule allows
-        self._history = [(x0, steps.level), *self._history[: self.history_length - 1]]
+        keep = self.history_length - 1
+        self._history = [x0, *history[:keep]]
+        self._history_levels = (steps.level, *self._history_levels[:keep])
         self._step_index = i + 1
         if prev.dtype != sample.dtype:
             prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
@@ -235,9 +241,10 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
     def _step_plan(self, i: int, rule_parameters: dict[str, Any]) -> StepPlan:
         """The step from grid point ``i`` to ``i + 1``, planned once per levels, rule parameters and config."""
         level, next_level = self._levels[i], self._levels[i + 1]
-        previous_level = self._history[0][1] if self._history else None
-        if self.history_length > 1:
-            rule_parameters = {**rule_parameters, "earlier_levels": tuple(level for _, level in self._history[1:])}
+        levels = self._history_levels
+        previous_level = levels[0] if levels else None
+        if len(levels) > 1:
+            rule_parameters = {**rule_parameters, "earlier_levels": levels[1:]}
         key = (level, next_level, previous_level, *rule_parameters.items())
         plan = self._plans.get(key)
         if plan is None:
