@@ -24,7 +24,8 @@ Tables: the VP path (v-prediction, SD's ``scaled_linear`` schedule rescaled to z
 on ``trailing`` spacing, ``karras`` rows add ``use_karras_sigmas``; DDIM with ``clip_sample=False``, the SD configs'
 value); the flow path with SD3's config (shift 3) and with Flux's dynamic shift at 1024 px (``mu`` = 1.15) under
 the sigmas ``FluxPipeline`` passes. A scheduler that raises is shown as ``crash (ExceptionType)``. Our defaults'
-targets are printed after each table. No performance assertions.
+targets are printed after each table (VP: ``ZTSNRUniPCMultistepScheduler``'s defaults). No performance
+assertions.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from diffusers_ztsnr import (
     ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
+    ZTSNRUniPCMultistepScheduler,
 )
 from diffusers_ztsnr.analytic import AnalyticModel, flow_levels, image_like_gaussian, sampler_gain, vp_levels
 from diffusers_ztsnr.schedule import flow_mu
@@ -70,7 +72,7 @@ FLOW_DPM = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_sh
 #: |log gain| every band of our default must stay within, per NFE
 TARGETS = {"vp": {5: 0.25, 10: 0.05, 20: 0.01, 30: 0.005}, "sd3": {10: 0.15, 20: 0.05, 30: 0.03},
            "flux": {10: 0.15, 20: 0.05, 30: 0.03}}
-DEFAULT_ROW = {"vp": "ours DPM++2M (default)", "sd3": "ours FlowMatch (default)",
+DEFAULT_ROW = {"vp": "ours UniPC (default)", "sd3": "ours FlowMatch (default)",
                "flux": "ours FlowMatch, use_pipeline_sigmas=False"}
 
 
@@ -95,7 +97,12 @@ def heun_grid(nfe: int) -> dict:
 
 def vp_rows() -> list[Row]:
     ours = [
-        ("ours DPM++2M (default)", ZTSNRDPMSolverMultistepScheduler, {}),
+        ("ours UniPC (default)", ZTSNRUniPCMultistepScheduler, {}),
+        ("ours UniPC solver_order=2", ZTSNRUniPCMultistepScheduler, {"solver_order": 2}),
+        ("ours UniPC timestep_spacing=logsnr", ZTSNRUniPCMultistepScheduler, {"timestep_spacing": "logsnr"}),
+        ("ours UniPC final_step=first_order", ZTSNRUniPCMultistepScheduler, {"final_step": "first_order"}),
+        ("ours DPM++2M", ZTSNRDPMSolverMultistepScheduler, {}),
+        ("ours DPM++2M logsnr_warped", ZTSNRDPMSolverMultistepScheduler, {"timestep_spacing": "logsnr_warped"}),
         ("ours DPM++2M final_step=first_order", ZTSNRDPMSolverMultistepScheduler, {"final_step": "first_order"}),
         ("ours DPM++2M final_step=trapezoid", ZTSNRDPMSolverMultistepScheduler, {"final_step": "trapezoid"}),
         ("ours DDIM (default)", ZTSNRDDIMScheduler, {}),
@@ -111,6 +118,7 @@ def vp_rows() -> list[Row]:
         ("diffusers DPM++2M karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
         ("diffusers UniPC trailing", UniPCMultistepScheduler, {}),
         ("diffusers UniPC karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+        ("diffusers UniPC order 3 trailing", UniPCMultistepScheduler, {"solver_order": 3}),
     ]
     rows = [Row(label, lambda c=cls, k=kw: c(**OURS_VP, **k), "ours-vp") for label, cls, kw in ours]
     rows += [Row(label, lambda c=cls, k=kw: c(**THEIRS_VP, **k), "theirs-vp") for label, cls, kw in theirs]

@@ -14,7 +14,8 @@ other load, the ratio ours/theirs is the figure to read.
 Pairs (same config for both: v_prediction; VP ones on SD's ``scaled_linear`` schedule rescaled to zero
 terminal SNR with ``timestep_spacing="trailing"``; flow ones ``shift=3.0``):
 DDIM vs DDIMScheduler (``clip_sample=False``, the SD configs' value), Euler vs EulerDiscreteScheduler,
-ancestral Euler vs EulerAncestralDiscreteScheduler, DPM-Solver++(2M) vs DPMSolverMultistepScheduler,
+ancestral Euler vs EulerAncestralDiscreteScheduler, DPM-Solver++(2M) vs DPMSolverMultistepScheduler, UniPC
+(ours at its defaults, order 3) vs UniPCMultistepScheduler (order 2),
 our flow scheduler with ``solver_order`` 1 and 2 vs FlowMatchEulerDiscreteScheduler.
 
 Also run with fp16 latents (and fp16 model output). Our ``step`` combines them in fp16 (float32
@@ -79,6 +80,11 @@ PAIRS = [
         "DPM++2M",
         lambda: diffusers_ztsnr.ZTSNRDPMSolverMultistepScheduler(**VP),
         lambda: diffusers.DPMSolverMultistepScheduler(**VP),
+    ),
+    Pair(
+        "UniPC",
+        lambda: diffusers_ztsnr.ZTSNRUniPCMultistepScheduler(**VP),
+        lambda: diffusers.UniPCMultistepScheduler(**VP),
     ),
     Pair(
         "Flow order 1 vs FlowMatchEuler",
