@@ -29,6 +29,7 @@ from diffusers_ztsnr import (  # noqa: E402
     ZTSNREulerAncestralScheduler,
     ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
+    ZTSNRUniPCMultistepScheduler,
 )
 from diffusers_ztsnr.testing.tiny import load_tiny_pipeline, make_tiny_pipeline  # noqa: E402
 
@@ -37,7 +38,8 @@ STEPS = 3
 PROMPT = "a photo of a cat"
 VP_KINDS = ("sd15", "sdxl")
 FLOW_KINDS = ("sd3", "flux")
-VP_CLASSES = (ZTSNRDDIMScheduler, ZTSNREulerScheduler, ZTSNREulerAncestralScheduler, ZTSNRDPMSolverMultistepScheduler)
+VP_CLASSES = (ZTSNRDDIMScheduler, ZTSNREulerScheduler, ZTSNREulerAncestralScheduler, ZTSNRDPMSolverMultistepScheduler,
+              ZTSNRUniPCMultistepScheduler)
 # VP latents of the tiny SD 1.5 / SDXL pipelines at 64 x 64 px
 VP_LATENT_SHAPE = (1, 4, SIZE // 2, SIZE // 2)
 
