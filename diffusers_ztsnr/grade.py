@@ -21,7 +21,7 @@ import torch
 
 from .analytic import AnalyticModel, flow_levels, image_like_band_stds, image_like_gaussian, sampler_gain, vp_levels
 from .schedule import FlowPath, VPSchedule
-from .spacing import discrete_timesteps, flow_logsnr_grid, logsnr_grid
+from .spacing import flow_logsnr_grid, logsnr_grid
 
 SCHEDULER_NAMES = ("karras", "exponential", "simple", "sgm_uniform", "beta", "logsnr", "logsnr_warped")
 #: our DPM-Solver++(2M), UniPC (its default: order 3) and Euler
@@ -83,10 +83,8 @@ def _formula(name: str, count: int, high: float, low: float, table: torch.Tensor
 
 def _vp_levels(name: str, steps: int, schedule: VPSchedule) -> torch.Tensor:
     T = schedule.num_train_timesteps
-    if name == "logsnr":  # the integer grid our VP schedulers sample
-        return _ve(schedule, discrete_timesteps(schedule, steps, "logsnr").double())
-    if name == "logsnr_warped":  # fractional, as the schedulers that take fractional timesteps sample it
-        return _ve(schedule, logsnr_grid(schedule, steps, warped=True))
+    if name in ("logsnr", "logsnr_warped"):  # fractional, as the schedulers that take fractional timesteps sample it
+        return _ve(schedule, logsnr_grid(schedule, steps, warped=name == "logsnr_warped"))
     table = _ve(schedule, torch.arange(T, dtype=torch.float64))
     zero_start = math.isinf(float(table[-1]))
     count, top = (steps - 1, T - 2) if zero_start else (steps, T - 1)

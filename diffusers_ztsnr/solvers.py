@@ -20,6 +20,7 @@ and the ancestral Euler step of k-diffusion *is* DDIM with ``eta = 1``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 Level = tuple[float, float]
@@ -64,8 +65,8 @@ FINAL_STEPS = ("extrapolate", "trapezoid", "first_order")
 
 
 def extrapolated_final_update(level: Level, next_level: Level, previous_level: Level) -> Update:
-    """The last step, to clean data ``(alpha_n, 0)``: the x0 predictions of the last two levels extrapolated to zero
-    noise.
+    """The last step, to clean data ``(alpha_n, 0)``: the x0 predictions at ``level`` and at an earlier
+    ``previous_level`` extrapolated to zero noise (the schedulers pair the last with :func:`final_anchor_index`'s).
 
     With ``tau = sigma / alpha``, Tweedie's formula for the path ``y = x / alpha = x0 + tau * eps`` is
     ``x0_pred = y + tau**2 * score(y)``, and along the probability-flow ODE ``y`` itself moves by ``O(tau**2)``
@@ -83,6 +84,29 @@ def extrapolated_final_update(level: Level, next_level: Level, previous_level: L
     tau2, tau2_prev = (sigma / alpha) ** 2, (sigma_p / alpha_p) ** 2
     w = tau2_prev / (tau2_prev - tau2)
     return Update(x=0.0, x0=alpha_n * w, previous_x0=alpha_n * (1 - w))
+
+
+#: the extrapolated last step pairs the last x0 prediction with the latest earlier one whose ``(sigma/alpha)**2`` is
+#: at least this times the last one's, so that its weight ``tau_prev**2 / (tau_prev**2 - tau**2)`` is at most this:
+#: with the previous point of a fine grid (1000 steps: weight 113) it would multiply the difference of two nearby
+#: predictions, and so any error in them, by that much
+FINAL_ANCHOR_RATIO = 2.0
+
+
+def final_anchor_index(levels: Sequence[Level]) -> int | None:
+    """For a grid of model levels ending with clean data (``levels[-1]`` has ``sigma = 0``): the latest index before
+    the last model evaluation whose ``(sigma/alpha)**2`` is at least :data:`FINAL_ANCHOR_RATIO` times the last one's,
+    or ``None`` (no such point at SNR > 0, or a grid that does not end at clean data)."""
+    if len(levels) < 3 or levels[-1][1] != 0 or levels[-2][0] == 0:
+        return None
+    tau2 = (levels[-2][1] / levels[-2][0]) ** 2
+    for j in range(len(levels) - 3, -1, -1):
+        alpha, sigma = levels[j]
+        if alpha == 0:
+            return None
+        if (sigma / alpha) ** 2 >= FINAL_ANCHOR_RATIO * tau2:
+            return j
+    return None
 
 
 def trapezoid_final_update(level: Level, next_level: Level) -> Update:

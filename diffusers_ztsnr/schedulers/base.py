@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..combination import Combination, plan_combination
 from ..parameterization import MODEL_PREDICTION_TYPES, solve_coefficients
-from ..solvers import Level, Update
+from ..solvers import Level, Update, final_anchor_index
 from .interop import StockInterop
 
 #: a step whose coefficients are all at most this in magnitude runs in a half-precision latent's own dtype
@@ -111,14 +111,19 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(timesteps)
         self._levels: list[Level] = [tuple(level) for level in levels.tolist()]
         self._step_index = None
+        self._begin_index = None  # as diffusers: an img2img start set for one run does not carry into the next
         # x0 predictions of the last grid points and their levels, latest first
         self._history: list[torch.Tensor] = []
         self._history_levels: tuple[Level, ...] = ()
+        # the earlier x0 an extrapolated last step uses, kept when the loop passes its grid point
+        self._anchor_index, self._anchor = final_anchor_index(self._levels), None
         # plans depend on the levels and the config only, so they outlive the grid: a pipeline that samples again
-        # with the same step count plans nothing (register_to_config installs a new config object)
-        if getattr(self, "_plans_config", None) is not self.config or len(self._plans) > MAX_PLANS:
-            self._plans: dict[tuple[Level, Level, Level | None], StepPlan] = {}
-            self._plans_config = self.config
+        # with the same step count plans nothing; a changed config starts afresh (read as attributes, as the rules
+        # read it: diffusers' FrozenDict takes attribute writes, which leave its items as they were)
+        config = {key: getattr(self.config, key, value) for key, value in self.config.items()}
+        if getattr(self, "_plans_config", None) != config or len(self._plans) > MAX_PLANS:
+            self._plans: dict[tuple, StepPlan] = {}
+            self._plans_config = config
 
     def _epsilon_zero_snr_start(self, levels: torch.Tensor) -> torch.Tensor:
         clamp = self.config.epsilon_zero_snr_clamp
@@ -212,7 +217,8 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         i = self._step_index
         if i >= self.num_inference_steps:
             raise IndexError("step called more times than the grid has steps; call set_timesteps again.")
-        steps = self._step_plan(i, rule_parameters)
+        history, levels = self._earlier_predictions(i)
+        steps = self._step_plan(i, levels, rule_parameters)
         x, y = sample, model_output
         if x.dtype != y.dtype or not x.is_floating_point() or (x.element_size() < 4 and not steps.in_latent_dtype):
             work = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
@@ -224,13 +230,14 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
             if noise is None:
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             noise = noise.to(x.dtype)
-        history = self._history
         if history and history[0].dtype != x.dtype:
             history = [h.to(x.dtype) for h in history]
         prev = steps.sample((x, y, noise, *history))  # x0 folded in: as few passes as the rule allows
         keep = self.history_length - 1
-        self._history = [x0, *history[:keep]]
+        self._history = [x0, *self._history[:keep]]
         self._history_levels = (steps.level, *self._history_levels[:keep])
+        if i == self._anchor_index:
+            self._anchor = (x0, steps.level)
         self._step_index = i + 1
         if prev.dtype != sample.dtype:
             prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
@@ -238,10 +245,21 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
             return (prev, x0)
         return ZTSNRSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def _step_plan(self, i: int, rule_parameters: dict[str, Any]) -> StepPlan:
-        """The step from grid point ``i`` to ``i + 1``, planned once per levels, rule parameters and config."""
+    def _earlier_predictions(self, i: int) -> tuple[list[torch.Tensor], tuple[Level, ...]]:
+        """The x0 predictions (and levels) of earlier grid points the step from ``i`` uses, latest first. The last
+        step to clean data takes the anchor (:func:`~diffusers_ztsnr.solvers.final_anchor_index`) in place of the
+        previous point, so that its extrapolation never multiplies a short interval's difference by more than
+        :data:`~diffusers_ztsnr.solvers.FINAL_ANCHOR_RATIO`."""
+        history, levels = self._history, self._history_levels
+        anchor = self._anchor
+        if anchor is not None and i == self.num_inference_steps - 1 and levels and levels[0] != anchor[1]:
+            return [anchor[0], *history[1:]], (anchor[1], *levels[1:])
+        return history, levels
+
+    def _step_plan(self, i: int, levels: tuple[Level, ...], rule_parameters: dict[str, Any]) -> StepPlan:
+        """The step from grid point ``i`` to ``i + 1`` after the points of ``levels`` (latest first), planned once
+        per levels, rule parameters and config."""
         level, next_level = self._levels[i], self._levels[i + 1]
-        levels = self._history_levels
         previous_level = levels[0] if levels else None
         if len(levels) > 1:
             rule_parameters = {**rule_parameters, "earlier_levels": levels[1:]}

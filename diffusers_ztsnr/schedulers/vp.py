@@ -107,9 +107,11 @@ class VPSchedulerBase(ZTSNRSchedulerBase):
         elif getattr(self.config, "use_karras_sigmas", False):
             check_num_inference_steps(num_inference_steps, T)
             grid = karras_grid(self.schedule, num_inference_steps)
-        elif self.config.timestep_spacing == "logsnr_warped" and self.fractional_timesteps:
+        elif self.config.timestep_spacing in ("logsnr", "logsnr_warped") and self.fractional_timesteps:
+            # not rounded to integers: rounding fixes the last steps at t = 3, 2, 1, 0 whatever the step count, which
+            # stops the error from falling past about 100 steps
             check_num_inference_steps(num_inference_steps, T)
-            grid = logsnr_grid(self.schedule, num_inference_steps, warped=True)  # not rounded: nearly 0 is dense
+            grid = logsnr_grid(self.schedule, num_inference_steps, warped=self.config.timestep_spacing != "logsnr")
         else:
             grid = discrete_timesteps(
                 self.schedule, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset

@@ -351,7 +351,7 @@ def test_one_step_from_pure_noise_is_the_data_mean(cls, kwargs, set_kwargs, pred
     for beta_schedule in BETA_SCHEDULES if cls.path == "vp" else ["-"]:
         s = ztsnr_scheduler(cls, prediction_type, beta_schedule, **kwargs)
         s.set_timesteps(1, **set_kwargs)
-        assert s._levels[0][0] == 0.0 and s._levels[-1] == [1.0, 0.0]  # from pure noise to clean data
+        assert s._levels[0][0] == 0.0 and s._levels[-1] == (1.0, 0.0)  # from pure noise to clean data
         model = AnalyticModel(DATA, vp_levels(s.schedule.alphas_cumprod) if s.path == "vp" else flow_levels(T),
                               prediction_type)
         x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
@@ -497,7 +497,7 @@ def test_static_shift_starts_exactly_at_pure_noise(shift, shift_terminal):
     ``shift``): alpha = 1 - s < 0, a math domain error in DPM-Solver++, and no SNR-0 error for epsilon."""
     s = ZTSNRFlowMatchScheduler(prediction_type="v_prediction", shift=shift, shift_terminal=shift_terminal)
     s.set_timesteps(3)
-    assert s._levels[0] == [0.0, 1.0] and all(0 <= a <= 1 for a, _ in s._levels)
+    assert s._levels[0] == (0.0, 1.0) and all(0 <= a <= 1 for a, _ in s._levels)
     model = AnalyticModel(DATA, flow_levels(T), "v_prediction")
     assert bool(torch.isfinite(sample_checked(s, model, torch.float16, 0, {})).all())
     with pytest.raises(ValueError, match=EPSILON_AT_SNR0):

@@ -135,7 +135,7 @@ CLI = [
     (["inspect", "diffusers_ztsnr/testing/scheduler_configs/sd15.json", "--steps", "0"],
      "num_inference_steps=0 must lie in [1, num_train_timesteps=1000]"),
     (["inspect", "diffusers_ztsnr/testing/scheduler_configs/sd15.json", "--spacing", "even"],
-     "spacing='even'; allowed: linspace, leading, trailing, logsnr, flow"),
+     "spacing='even'; allowed: linspace, leading, trailing, logsnr, logsnr_warped, flow"),
     (["checkpoint-settings", "missing.safetensors"], "no checkpoint file at missing.safetensors"),
     (["train"], "invalid choice: 'train'"),
 ]
