@@ -147,11 +147,11 @@ def probe_conversion(pipe, lora_dir: str | Path, data: str | Path | None = None,
     output folder ``lora_dir`` into it and probe again (images with ``guidance_rescale=0.7``, Lin et al.'s value
     for zero-terminal-SNR models). ``probe_kwargs``: :func:`probe`'s ``draws``, ``resolution``, ``steps``,
     ``images``, ``seed``. The pipeline keeps the LoRA and the scheduler afterwards."""
-    from .schedulers import ZTSNRDPMSolverMultistepScheduler
+    from .schedulers import ZTSNRUniPCMultistepScheduler
 
     base = probe(pipe, prompts, guidance_scale=guidance_scale, **probe_kwargs)
     pipe.load_lora_weights(str(lora_dir))
-    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
+    pipe.scheduler = ZTSNRUniPCMultistepScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
     converted = probe(pipe, prompts, guidance_scale=guidance_scale, guidance_rescale=0.7, **probe_kwargs)
     data_range = data_brightness_range(data) if data else None
     ok, reasons = verdict(converted, base, data_range)

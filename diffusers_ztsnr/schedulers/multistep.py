@@ -57,6 +57,14 @@ class ZTSNRDPMSolverMultistepScheduler(FractionalVPSchedulerBase):
         self._check_choice("solver_type", solver_type, ("midpoint", "heun"))
         self._setup_fractional()
 
+    @classmethod
+    def _translated_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A UniPC config's ``solver_type`` (``bh1``, ``bh2``) names no DPM-Solver variant: read as ``midpoint``, as
+        diffusers' DPM-Solver reads it."""
+        if config.get("solver_type") in ("bh1", "bh2", "logrho"):
+            return {**config, "solver_type": "midpoint"}
+        return config
+
     def _update_rule(self, level, next_level, previous_level):
         if self.config.solver_order == 1:
             previous_level = None

@@ -62,6 +62,14 @@ class ZTSNRUniPCMultistepScheduler(FractionalVPSchedulerBase):
                              "or use ZTSNRDPMSolverMultistepScheduler for the predictor alone.")
         self._setup_fractional()
 
+    @classmethod
+    def _translated_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A DPM-Solver config's ``solver_type`` (``midpoint``, ``heun``) names no UniPC variant: read as ``bh2``, as
+        diffusers' UniPC reads it."""
+        if config.get("solver_type") in ("midpoint", "heun", "logrho"):
+            return {**config, "solver_type": "bh2"}
+        return config
+
     @property
     def history_length(self) -> int:
         return self.config.solver_order  # the corrector of an order-p step uses p earlier x0 predictions

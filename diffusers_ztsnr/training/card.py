@@ -277,7 +277,7 @@ def render_unet_card(run: RunFacts, *, base_prediction_type: str, prediction_typ
         "## Sampling\n\n"
         f"This {run.noun} was trained for **{markdown_text(prediction_type)}**{schedule}:\n"
         "sample it with the scheduler config shipped in `scheduler/`, which sets that up.\n\n"
-        f"{sampling_snippet(run, 'ZTSNRDPMSolverMultistepScheduler', call_kwargs)}"
+        f"{sampling_snippet(run, 'ZTSNRUniPCMultistepScheduler', call_kwargs)}"
         f"{flow_note}\n"
         f"{kohya_note(prediction_type, zero_terminal_snr, family, run.adapter)}"
     )

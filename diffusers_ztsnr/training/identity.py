@@ -52,7 +52,10 @@ RESUME_INSENSITIVE = frozenset({
 #: flags added after runs were first recorded whose default is not falsy: the value that means "as before"
 OFF_VALUES = {"adapter": "lora", "base_quantization": "none", "num_class_images": 100, "prior_loss_weight": 1.0,
               "sample_batch_size": 4, "class_inference_steps": 25}
-PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir")
+PATH_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "output_dir", "class_data_dir")
+# folders a run may create before its identity is first compared (prior preservation writes class images): always
+# local, so resolved whether they exist yet or not
+_CREATED_FOLDERS = ("output_dir", "class_data_dir")
 _TEXT_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # configs, tokenizer vocabularies and merges
 # outputs of a previous run that --overwrite_output_dir removes before the new run writes anything
 _RUN_RECORDS = ("training_args.json", IDENTITY_FILE, "training_summary.json")
@@ -66,8 +69,9 @@ def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resolved(value: Any, key: str) -> Any:
-    """``value`` as an absolute path when it names a local path (always for ``output_dir``), else as given."""
-    if isinstance(value, str) and (key == "output_dir" or Path(value).exists()):
+    """``value`` as an absolute path when it names a local path (always for the folders a run creates), else as
+    given."""
+    if isinstance(value, str) and (key in _CREATED_FOLDERS or Path(value).exists()):
         return str(Path(os.path.expanduser(value)).resolve())
     return value
 

@@ -356,7 +356,7 @@ def test_cards_keep_the_recipe_hyperparameters_and_sampling_setup(make_card):
     for text in ("converted from epsilon to v_prediction", "zero-terminal-SNR rescale", "rectified flow",
                  "11 optimizer steps", "![validation samples](samples.png)", "PathTransformedModel.vp_as_flow"):
         assert text in unet_card, text
-    assert scheduler_loads(unet_card) == {"ZTSNRDPMSolverMultistepScheduler": {"subfolder": "scheduler"},
+    assert scheduler_loads(unet_card) == {"ZTSNRUniPCMultistepScheduler": {"subfolder": "scheduler"},
                                           "ZTSNRFlowMatchScheduler": {"shift": 1.0}}
     assert "epsilon on the base schedule" in make_card("sd15")
     flow_card = make_card("sd3", "--weighting_scheme", "cosmap", grid_name=None)

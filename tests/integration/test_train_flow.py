@@ -10,7 +10,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler, ZTSNRFlowMatchScheduler
+from diffusers_ztsnr import ZTSNRFlowMatchScheduler, ZTSNRUniPCMultistepScheduler
 from diffusers_ztsnr.adapters import PathTransformedModel
 from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
@@ -273,7 +273,7 @@ def test_unet_objective_flow_trains_and_samples_consistently(assets, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(out)
-    vp_scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
+    vp_scheduler = ZTSNRUniPCMultistepScheduler.from_pretrained(out, subfolder="scheduler")
     assert vp_scheduler.config.prediction_type == "v_prediction" and vp_scheduler.config.rescale_betas_zero_snr
     kw = dict(prompt="a red disc", height=RES, width=RES, output_type="np", guidance_scale=1.0)
     pipe.scheduler = vp_scheduler

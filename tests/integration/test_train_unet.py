@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler
+from diffusers_ztsnr import ZTSNRUniPCMultistepScheduler
 from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.training import objectives
@@ -90,7 +90,7 @@ def test_output_folder_loads_where_users_load_things(assets, tmp_path):
     # the LoRA loads into the base pipeline and changes its output
     pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"], safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe.scheduler = ZTSNRUniPCMultistepScheduler.from_pretrained(out, subfolder="scheduler")
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
 
     def sample():
@@ -146,7 +146,7 @@ def test_sdxl_training_with_text_encoder_lora_and_loading(assets, tmp_path):
     assert np.isfinite(result["losses"]).all()
     pipe = StableDiffusionXLPipeline.from_pretrained(assets["sdxl"])
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe.scheduler = ZTSNRUniPCMultistepScheduler.from_pretrained(out, subfolder="scheduler")
     kw = dict(prompt="a blue square", num_inference_steps=3, height=RES, width=RES, output_type="np")
     plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     pipe.load_lora_weights(out)

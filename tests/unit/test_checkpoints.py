@@ -134,3 +134,22 @@ def test_string_flags_added_since_a_run_was_recorded_are_no_change_at_their_defa
     assert describe_changes(recorded, {"flags": defaults}) == []
     assert describe_changes(recorded, {"flags": {**defaults, "adapter": "dora", "base_quantization": "int8"}}) == [
         "--adapter None -> 'dora'", "--base_quantization None -> 'int8'"]
+
+
+def test_prior_preservation_class_folder_is_the_same_run_from_any_working_directory(tmp_path, monkeypatch):
+    """``--class_data_dir`` is recorded resolved, whether the folder exists yet or not (a first run generates the
+    class images into it after its identity is taken; a resume finds them there)."""
+    import argparse
+
+    from diffusers_ztsnr.training.identity import describe_changes, training_flags
+
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    first = training_flags(argparse.Namespace(class_data_dir="class_images", output_dir="out"))
+    assert first["class_data_dir"] == str(tmp_path / "work" / "class_images")  # not there yet
+    (tmp_path / "work" / "class_images").mkdir()
+    monkeypatch.chdir(tmp_path / "work" / "sub")
+    resumed = training_flags(argparse.Namespace(class_data_dir="../class_images", output_dir="../out"))
+    assert describe_changes({"flags": first}, {"flags": resumed}) == []
+    other = training_flags(argparse.Namespace(class_data_dir="class_images", output_dir="../out"))
+    assert describe_changes({"flags": first}, {"flags": other}) != []

@@ -341,3 +341,21 @@ def test_protocol_like_diffusers(cls):
         assert noisy.device.type == device and noisy.dtype == dtype and noisy.shape == x0.shape
     pure = s.add_noise(torch.zeros(1, 3), torch.ones(1, 3), s.timesteps[:1])  # the zero-SNR start: pure noise
     torch.testing.assert_close(pure, torch.ones(1, 3))
+
+
+def test_dpm_solver_and_unipc_configs_move_between_the_two_as_in_diffusers():
+    """``solver_type`` means a DPM-Solver variant (midpoint, heun) in one and a UniPC one (bh1, bh2) in the other;
+    diffusers reads the other's value as its own default variant, and so do ours."""
+    from diffusers import UniPCMultistepScheduler
+
+    from diffusers_ztsnr import ZTSNRUniPCMultistepScheduler
+
+    dpm = ZTSNRDPMSolverMultistepScheduler(prediction_type="v_prediction", solver_type="heun")
+    unipc = ZTSNRUniPCMultistepScheduler.from_config(dpm.config)
+    assert unipc.config.solver_type == "bh2" and unipc.config.prediction_type == "v_prediction"
+    assert ZTSNRDPMSolverMultistepScheduler.from_config(unipc.config).config.solver_type == "midpoint"
+    stock_unipc = UniPCMultistepScheduler().config
+    assert ZTSNRDPMSolverMultistepScheduler.from_config(stock_unipc).config.solver_type == "midpoint"
+    assert UniPCMultistepScheduler.from_config(dpm.config).config.solver_type == "bh2"  # diffusers' own reading
+    with pytest.raises(ValueError, match="solver_type='midpoint' is not supported"):
+        ZTSNRUniPCMultistepScheduler(solver_type="midpoint")  # a direct argument is taken as meant

@@ -120,11 +120,11 @@ class UNetTask(ModelTask):
 
     def sampling_scheduler(self):
         """Our recommended scheduler configured for the trained model (what the output folder ships)."""
-        from ...schedulers import ZTSNRDPMSolverMultistepScheduler
+        from ...schedulers import ZTSNRUniPCMultistepScheduler
 
-        return ZTSNRDPMSolverMultistepScheduler.from_config(
+        return ZTSNRUniPCMultistepScheduler.from_config(
             self.scheduler_config, prediction_type=self.prediction_type,
-            rescale_betas_zero_snr=self.zero_terminal_snr, timestep_spacing="logsnr",
+            rescale_betas_zero_snr=self.zero_terminal_snr, timestep_spacing="logsnr_warped",
         )
 
     def validation_kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
