@@ -77,7 +77,7 @@ def convert(base: Path, data: Path, output_dir: Path, settings: DemoSettings) ->
 def before_and_after(base: Path, converted: dict, settings: DemoSettings) -> tuple[Side, Side]:
     from diffusers import StableDiffusionPipeline
 
-    from ..schedulers import ZTSNRDPMSolverMultistepScheduler
+    from ..schedulers import ZTSNRUniPCMultistepScheduler
 
     prompts, tones, seeds = figure_prompts(settings.images_per_prompt)
     pipe = StableDiffusionPipeline.from_pretrained(str(base))
@@ -86,9 +86,9 @@ def before_and_after(base: Path, converted: dict, settings: DemoSettings) -> tup
     before = Side(f"before: epsilon, SD schedule, {type(pipe.scheduler).__name__}",
                   sample(pipe, prompts, seeds, **common), tones)
     pipe.load_lora_weights(str(converted["lora"]))
-    pipe.scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(str(converted["scheduler"]))
+    pipe.scheduler = ZTSNRUniPCMultistepScheduler.from_pretrained(str(converted["scheduler"]))
     rescale = {"guidance_rescale": 0.7} if settings.guidance_scale > 1 else {}  # Lin et al.'s CFG rescale
-    after = Side("after: v + ZTSNR LoRA, ZTSNRDPMSolverMultistepScheduler",
+    after = Side("after: v + ZTSNR LoRA, ZTSNRUniPCMultistepScheduler",
                  sample(pipe, prompts, seeds, **common, **rescale), tones)
     return before, after
 

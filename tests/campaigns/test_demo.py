@@ -44,7 +44,7 @@ def test_demo_base_is_an_epsilon_sd_pipeline_and_the_lora_patches_every_trained_
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from diffusers_ztsnr import ZTSNRDPMSolverMultistepScheduler
+    from diffusers_ztsnr import ZTSNRUniPCMultistepScheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(quick_demo / "base-epsilon")
     assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.scheduler.config.timestep_spacing == "leading"
@@ -55,7 +55,7 @@ def test_demo_base_is_an_epsilon_sd_pipeline_and_the_lora_patches_every_trained_
     pipe.load_lora_weights(quick_demo / "lora")
     patched = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A]
     assert len(patched) == len(modules)
-    scheduler = ZTSNRDPMSolverMultistepScheduler.from_pretrained(quick_demo / "lora" / "scheduler")
+    scheduler = ZTSNRUniPCMultistepScheduler.from_pretrained(quick_demo / "lora" / "scheduler")
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
 
 
