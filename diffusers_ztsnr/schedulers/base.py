@@ -43,8 +43,8 @@ class StepPlan:
     ``in_latent_dtype``: every coefficient is at most :data:`NATIVE_COEFFICIENT_BOUND` in magnitude, so
     half-precision latents are combined in their own dtype (each pass computes in float32 and rounds once, to
     within a unit in the last place of the latent's largest term: its own storage precision) instead of being
-    upcast, which costs a cast pass per tensor. Steps that amplify (an epsilon model's ``1 / alpha``, the
-    extrapolated last step) are upcast to float32."""
+    upcast, which costs a cast pass per tensor. Steps that amplify (an epsilon model's ``1 / alpha`` near SNR 0)
+    are upcast to float32."""
 
     level: Level
     update: Update
