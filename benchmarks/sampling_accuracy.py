@@ -174,7 +174,7 @@ class Counted:
     """The model, counting its calls."""
 
     def __init__(self, model: AnalyticModel):
-        self.model, self.data, self.calls = model, model.data, 0
+        self.model, self.data, self.affine, self.calls = model, model.data, model.affine, 0
 
     def __call__(self, x, t):
         self.calls += 1

@@ -108,6 +108,11 @@ class AnalyticModel:
     def __init__(self, data: GaussianMixture, levels: LevelFn, prediction_type: str):
         self.data, self.levels, self.prediction_type = data, levels, prediction_type
 
+    @property
+    def affine(self) -> bool:
+        """Whether the model is affine in ``x_t`` (Gaussian data, one component)."""
+        return len(self.data.means) == 1
+
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(timestep).reshape(-1)
         alpha, sigma = self.levels(t)
@@ -144,16 +149,43 @@ def run_sampler(
     return x
 
 
-def sampler_gain(scheduler, model: AnalyticModel, num_inference_steps: int | None = None,
-                 **set_timesteps_kwargs) -> torch.Tensor:
-    """Per-dimension gain of a deterministic sampler driving the exact model of one diagonal Gaussian.
+class GuidedModel:
+    """Classifier-free guidance of two exact models: ``u + scale * (c - u)`` (``u`` unconditional, ``c``
+    conditional, in their common parameterization), as pipelines combine their two predictions. With Gaussian
+    data both are affine in ``x_t``, and so is the guided prediction: :func:`sampler_affine` measures samplers
+    driving it exactly. ``scale = 1`` is the conditional model."""
 
-    Every step of a deterministic sampler is linear in its input, and so is the exact model's prediction for
-    Gaussian data, so the sample is ``gain * z + offset`` for initial noise ``z ~ N(0, I)``: ``gain`` is the
-    output std of each dimension, exactly, with no sampling error (two runs, from ``z = 0`` and ``z = 1``, in
-    float64). ``gain / data std`` is 1 for a perfect sampler. Not for stochastic (ancestral, SDE) samplers."""
-    if len(model.data.means) != 1:
-        raise ValueError("sampler_gain needs Gaussian data (one component): a mixture's exact model is nonlinear.")
+    def __init__(self, conditional: AnalyticModel, unconditional: AnalyticModel, scale: float):
+        if conditional.prediction_type != unconditional.prediction_type:
+            raise ValueError("guide two models of the same prediction_type.")
+        self.conditional, self.unconditional, self.scale = conditional, unconditional, scale
+
+    @property
+    def data(self) -> GaussianMixture:
+        """The conditional data (its ``dim`` is the model's)."""
+        return self.conditional.data
+
+    @property
+    def affine(self) -> bool:
+        return self.conditional.affine and self.unconditional.affine
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
+        u = self.unconditional(x, timestep)
+        return u + self.scale * (self.conditional(x, timestep) - u)
+
+
+def sampler_affine(scheduler, model: AnalyticModel | GuidedModel, num_inference_steps: int | None = None,
+                   **set_timesteps_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gain, offset)`` per dimension of a deterministic sampler driving an affine model (the exact model of
+    one diagonal Gaussian, or a :class:`GuidedModel` of two): the sample is ``gain * z + offset`` for initial
+    noise ``z ~ N(0, I)``, exactly.
+
+    Every step of a deterministic sampler is linear in its inputs and the model is affine in ``x_t``, so two
+    runs in float64, from ``z = 0`` and ``z = 1``, give both with no sampling error. ``gain`` is the output std
+    of each dimension (``gain / data std`` is 1 for a perfect sampler), ``offset`` its mean. Not for stochastic
+    (ancestral, SDE) samplers."""
+    if not model.affine:
+        raise ValueError("sampler_affine needs Gaussian data (one component): a mixture's exact model is nonlinear.")
     if num_inference_steps is None:
         scheduler.set_timesteps(**set_timesteps_kwargs)
     else:
@@ -165,7 +197,13 @@ def sampler_gain(scheduler, model: AnalyticModel, num_inference_steps: int | Non
     for t in scheduler.timesteps:
         out = model(scale(x, t), t.expand(2) if t.ndim == 0 else t)
         x = scheduler.step(out, t, x).prev_sample
-    return x[1] - x[0]  # per unit of z: the initial noise is z * init_noise_sigma
+    return x[1] - x[0], x[0]  # per unit of z: the initial noise is z * init_noise_sigma
+
+
+def sampler_gain(scheduler, model: AnalyticModel | GuidedModel, num_inference_steps: int | None = None,
+                 **set_timesteps_kwargs) -> torch.Tensor:
+    """The ``gain`` of :func:`sampler_affine`: each dimension's output std, exactly."""
+    return sampler_affine(scheduler, model, num_inference_steps, **set_timesteps_kwargs)[0]
 
 
 #: the global-mean direction of a 64x64x4 latent (N = 16384) with per-image brightness std 0.25 has variance
@@ -190,3 +228,16 @@ def image_like_gaussian(num_bands: int = 8, dims: int = 32, brightness_mean: flo
     mean[0] = brightness_mean
     var = (stds**2)[:, None].expand(num_bands, dims)
     return GaussianMixture.gaussian(mean.reshape(-1), var.reshape(-1).clone())
+
+
+def conditional_gaussian(marginal: GaussianMixture, mean_shift: float, std_ratio: float) -> GaussianMixture:
+    """A Gaussian inside ``marginal`` (one component), as a condition narrows what an image can be: each
+    dimension's mean moved by ``mean_shift`` of its std along a fixed direction of RMS 1 (``sqrt(2) sin(2.4 k +
+    1)``, no random draw), its std times ``std_ratio``. With :class:`GuidedModel` it makes an exact guidance
+    oracle: the conditional model is exact for this Gaussian, the unconditional one for ``marginal``."""
+    if len(marginal.means) != 1 or not 0 < std_ratio:
+        raise ValueError("conditional_gaussian needs a one-component marginal and std_ratio > 0.")
+    k = torch.arange(marginal.dim, dtype=torch.float64)
+    direction = 2**0.5 * torch.sin(2.4 * k + 1.0)
+    std = marginal.variance.sqrt()
+    return GaussianMixture.gaussian(marginal.mean + mean_shift * std * direction, marginal.variance * std_ratio**2)
