@@ -167,11 +167,49 @@ class GuidedModel:
 
     @property
     def affine(self) -> bool:
+        """Whether the guided prediction is affine in ``x_t`` (both models of one-component data)."""
         return self.conditional.affine and self.unconditional.affine
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
         u = self.unconditional(x, timestep)
         return u + self.scale * (self.conditional(x, timestep) - u)
+
+
+def guided_ode_solution(model: GuidedModel, start: tuple[float, float] = (0.0, 1.0),
+                        end: tuple[float, float] = (1.0, 0.0),
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gain, offset)`` per dimension of the exact guided probability-flow ODE from the latent ``z ~ N(0, I)`` at
+    level ``start`` (``(alpha, sigma)``; default SNR 0, where every pipeline starts its latents) to level ``end``
+    (default clean data): the limit every consistent deterministic sampler of ``model`` approaches as its steps
+    shrink.
+
+    In the variance-exploding frame ``y = x / alpha``, ``tau = sigma / alpha`` (the same ODE for the VP and the
+    flow path), the guided score of two diagonal Gaussians ``(m_u, v_u)``, ``(m_c, v_c)`` is ``-a(tau) y + b(tau)``
+    with ``a = (1 - w) / (v_u + tau^2) + w / (v_c + tau^2)``, ``b = (1 - w) m_u / (v_u + tau^2) + w m_c /
+    (v_c + tau^2)``, and ``dy/dtau = -tau * score`` is linear. With its integrating factor
+    ``G(tau) = (v_u + tau^2)^((1 - w) / 2) (v_c + tau^2)^(w / 2)``: ``gain = alpha_e G(tau_e) / (alpha_s G(tau_s))``
+    (``sigma_s`` in place of ``alpha_s G(tau_s)`` from SNR 0; ``std_u^(1 - w) std_c^w`` from SNR 0 to clean data)
+    and ``offset = alpha_e G(tau_e) int_tau_e^tau_s tau b / G dtau``, a quadrature (trapezoid in ``log tau``,
+    exponentially convergent here). ``w = 1`` gives the conditional data exactly."""
+    if not model.affine:
+        raise ValueError("guided_ode_solution needs Gaussian data (one component) in both models.")
+    w = model.scale
+    (m_u, v_u), (m_c, v_c) = ((m.data.means[0], m.data.variances[0]) for m in (model.unconditional, model.conditional))
+
+    def log_g(tau_sq: float | torch.Tensor) -> torch.Tensor:
+        tau_sq = torch.as_tensor(tau_sq, dtype=torch.float64)
+        return 0.5 * ((1 - w) * (v_u + tau_sq).log() + w * (v_c + tau_sq).log())
+
+    (alpha_s, sigma_s), (alpha_e, sigma_e) = start, end
+    log_tau = [math.log(sigma / alpha) if alpha > 0 and sigma > 0 else (40.0 if sigma > 0 else -40.0)
+               for alpha, sigma in (end, start)]
+    u = torch.linspace(*log_tau, max(2, int((log_tau[1] - log_tau[0]) / 0.005)), dtype=torch.float64)[:, None]
+    tau_sq = (2 * u).exp()
+    b = (1 - w) * m_u / (v_u + tau_sq) + w * m_c / (v_c + tau_sq)
+    integrand = tau_sq * b * (-log_g(tau_sq)).exp()  # tau * b / G, times dtau / du = tau
+    scale_e = alpha_e * log_g((sigma_e / alpha_e) ** 2).exp()
+    scale_s = sigma_s if alpha_s == 0 else alpha_s * log_g((sigma_s / alpha_s) ** 2).exp()
+    return scale_e / scale_s, scale_e * torch.trapezoid(integrand, u[:, 0], dim=0)
 
 
 def sampler_affine(scheduler, model: AnalyticModel | GuidedModel, num_inference_steps: int | None = None,
@@ -181,9 +219,12 @@ def sampler_affine(scheduler, model: AnalyticModel | GuidedModel, num_inference_
     noise ``z ~ N(0, I)``, exactly.
 
     Every step of a deterministic sampler is linear in its inputs and the model is affine in ``x_t``, so two
-    runs in float64, from ``z = 0`` and ``z = 1``, give both with no sampling error. ``gain`` is the output std
-    of each dimension (``gain / data std`` is 1 for a perfect sampler), ``offset`` its mean. Not for stochastic
-    (ancestral, SDE) samplers."""
+    runs, from ``z = 0`` and ``z = 1``, give both with no sampling error (in float64; to float32 rounding, about
+    1e-7, with schedulers that compute in float32, as diffusers' DPM-Solver and FlowMatchEuler do). ``|gain|`` is
+    the output std of each dimension (``gain`` is signed: a sampler can flip a dimension), ``offset`` its mean;
+    for the exact model of a Gaussian ``|gain| / data std`` is 1 for a perfect sampler, for a
+    :class:`GuidedModel` the target is :func:`guided_ode_solution`. Not for stochastic (ancestral, SDE)
+    samplers."""
     if not model.affine:
         raise ValueError("sampler_affine needs Gaussian data (one component): a mixture's exact model is nonlinear.")
     if num_inference_steps is None:
@@ -202,7 +243,7 @@ def sampler_affine(scheduler, model: AnalyticModel | GuidedModel, num_inference_
 
 def sampler_gain(scheduler, model: AnalyticModel | GuidedModel, num_inference_steps: int | None = None,
                  **set_timesteps_kwargs) -> torch.Tensor:
-    """The ``gain`` of :func:`sampler_affine`: each dimension's output std, exactly."""
+    """The ``gain`` of :func:`sampler_affine` (its magnitude: each dimension's output std)."""
     return sampler_affine(scheduler, model, num_inference_steps, **set_timesteps_kwargs)[0]
 
 
