@@ -156,10 +156,22 @@ class ZTSNRFlowMatchScheduler(ZTSNRSchedulerBase):
         return torch.tensor([level[1] for level in self._levels], dtype=torch.float32)
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
-        """``(1 - s) * sample + s * noise`` with ``s = timestep / num_train_timesteps`` (img2img)."""
-        s = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1) / self.config.num_train_timesteps
-        s = s.to(sample.device, sample.dtype).reshape((-1,) + (1,) * (sample.ndim - 1))
-        return (1 - s) * sample + s * noise
+        """``alpha * sample + sigma * noise`` (img2img, inpainting): the grid's level where ``timestep`` is one of
+        ``self.timesteps``, else ``(1 - s, s)`` with ``s = timestep / num_train_timesteps``. The grid's level is what
+        the next step starts from; it differs from ``timestep / num_train_timesteps`` under a shift with custom
+        ``timesteps=``, which are kept as model times while the levels are shifted (diffusers' ``scale_noise`` reads
+        its ``sigmas`` at the step index, so the two agree)."""
+        t = torch.as_tensor(timestep).detach().reshape(-1).to("cpu", torch.float64)
+        s = t / self.config.num_train_timesteps
+        alpha, sigma = 1 - s, s
+        if hasattr(self, "_levels"):
+            on_grid = t[:, None] == self.timesteps.detach().to("cpu", torch.float64)[None, :]
+            levels = torch.tensor(self._levels[: on_grid.shape[1]], dtype=torch.float64)[on_grid.float().argmax(1)]
+            hit = on_grid.any(1)
+            alpha, sigma = torch.where(hit, levels[:, 0], alpha), torch.where(hit, levels[:, 1], sigma)
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        alpha, sigma = (v.to(sample.device, sample.dtype).reshape(shape) for v in (alpha, sigma))
+        return alpha * sample + sigma * noise
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         return self.scale_noise(original_samples, timesteps, noise)
