@@ -251,12 +251,21 @@ class ZTSNRSchedulerBase(StockInterop, SchedulerMixin, ConfigMixin):
         """The x0 predictions (and levels) of earlier grid points the step from ``i`` uses, latest first. The last
         step to clean data takes the anchor (:func:`~diffusers_ztsnr.solvers.final_anchor_index`) in place of the
         previous point, so that its extrapolation never multiplies a short interval's difference by more than
-        :data:`~diffusers_ztsnr.solvers.FINAL_ANCHOR_RATIO`."""
+        :data:`~diffusers_ztsnr.solvers.FINAL_ANCHOR_RATIO`; a run begun after the anchor steps there first order.
+        """
         history, levels = self._history, self._history_levels
         anchor = self._anchor
-        if anchor is not None and i == self.num_inference_steps - 1 and levels and levels[0] != anchor[1]:
+        last = i == self.num_inference_steps - 1 and bool(levels)
+        if last and anchor is None and self._anchor_index is not None and self._extrapolates_last_step():
+            # the run began after the anchor (img2img's begin index): every earlier prediction it has is nearer than
+            # FINAL_ANCHOR_RATIO, so the last step is first order (an extrapolated last step has no corrector to lose)
+            return [], ()
+        if anchor is not None and last and levels[0] != anchor[1]:
             return [anchor[0], *history[1:]], (anchor[1], *levels[1:])
         return history, levels
+
+    def _extrapolates_last_step(self) -> bool:
+        return getattr(self.config, "final_step", None) == "extrapolate"
 
     def _step_plan(self, i: int, levels: tuple[Level, ...], rule_parameters: dict[str, Any]) -> StepPlan:
         """The step from grid point ``i`` to ``i + 1`` after the points of ``levels`` (latest first), planned once

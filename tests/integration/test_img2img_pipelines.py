@@ -35,6 +35,7 @@ from diffusers_ztsnr import (  # noqa: E402
     ZTSNRFlowMatchScheduler,
     ZTSNRUniPCMultistepScheduler,
 )
+from diffusers_ztsnr.solvers import FINAL_ANCHOR_RATIO  # noqa: E402
 from diffusers_ztsnr.testing.tiny import make_tiny_pipeline  # noqa: E402
 
 SIZE = 64
@@ -307,3 +308,30 @@ def test_flow_scale_noise_with_custom_timesteps_uses_the_shifted_grid_level():
     torch.testing.assert_close(start, torch.full((1, 4), shifted))
     # off the grid (training-style calls), s = t / num_train_timesteps
     torch.testing.assert_close(ours.scale_noise(x0, torch.tensor([300.0]), noise), torch.full((1, 4), 0.3))
+
+
+def _last_prediction_gain(cls, steps: int, strength: float) -> float:
+    """How much of the last x0 prediction reaches the output, on an SD pipeline's img2img call sequence
+    (``get_timesteps``' slice and ``set_begin_index``), with a "sample" model predicting 0 until the last call."""
+    scheduler = cls(prediction_type="sample", rescale_betas_zero_snr=True)
+    scheduler.set_timesteps(steps)
+    keep = min(int(steps * strength), steps)
+    scheduler.set_begin_index(steps - keep)
+    x = torch.zeros(1, 4)
+    for k, t in enumerate(scheduler.timesteps[steps - keep:]):
+        x = scheduler.step(torch.full((1, 4), float(k == keep - 1)), t, x).prev_sample
+    return float(x[0, 0])
+
+
+@pytest.mark.parametrize("cls", (ZTSNRDPMSolverMultistepScheduler, ZTSNRUniPCMultistepScheduler),
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("steps,strength", [(100, 0.04), (1000, 0.03)])
+def test_low_strength_last_step_never_extrapolates_beyond_the_anchor_ratio(cls, steps, strength):
+    """The extrapolated last step pairs the last x0 prediction with the latest one at least FINAL_ANCHOR_RATIO
+    noisier, so it weighs the last prediction by at most that. A low-strength run begins after that point; it used
+    the previous prediction instead (weights 4.9 / 9.3 at 100 steps, 45 / 114 at 1000); it now steps first order.
+    Text-to-image and a strength that keeps the anchor still extrapolate, with the same weight."""
+    text_to_image = _last_prediction_gain(cls, steps, 1.0)
+    assert 1.5 < text_to_image <= FINAL_ANCHOR_RATIO
+    assert _last_prediction_gain(cls, steps, 0.5) == pytest.approx(text_to_image, rel=1e-6)
+    assert _last_prediction_gain(cls, steps, strength) == pytest.approx(1.0, abs=1e-6)
