@@ -1,7 +1,7 @@
 """Sampling accuracy under classifier-free guidance, on an exact Gaussian oracle: which solver order to guide with.
 
 Run: ``python benchmarks/guided_accuracy.py`` (``--scales``, ``--nfe``, ``--json PATH``). CPU, one torch thread,
-about 30 s; the numbers do not depend on the machine.
+about 10 s; the numbers do not depend on the machine.
 
 Models. The unconditional model is exact for :func:`diffusers_ztsnr.analytic.image_like_gaussian` (8 bands, band 0
 the global brightness). The conditional one is exact for a Gaussian inside it: every dimension's mean moved by

@@ -8,6 +8,8 @@ probability-flow ODE is linear with a closed-form end (:func:`diffusers_ztsnr.an
 numbers below are float64 computations with no sampling noise, the same on every machine.
 """
 
+import math
+
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
@@ -51,6 +53,9 @@ def unipc_w2(model: GuidedModel, nfe: int, **config) -> float:
 
 def test_guided_model_is_unconditional_at_scale_0_and_conditional_at_1():
     x, t = torch.randn(3, MARGINAL.dim, dtype=torch.float64), torch.tensor([900.0, 500.0, 20.0])
+    model = guided_model(0.7, 7.5)
+    u, c = model.unconditional(x, t), model.conditional(x, t)
+    torch.testing.assert_close(model(x, t), u + 7.5 * (c - u), rtol=1e-15, atol=1e-12)  # the pipelines' formula
     unguided, conditional = guided_model(0.7, 0.0), guided_model(0.7, 1.0)
     torch.testing.assert_close(unguided(x, t), unguided.unconditional(x, t), rtol=1e-15, atol=1e-12)
     torch.testing.assert_close(conditional(x, t), conditional.conditional(x, t), rtol=1e-15, atol=1e-12)
@@ -105,12 +110,45 @@ def test_samplers_converge_to_the_guided_ode_solution(std_ratio, scale):
         assert errors[2] < 1e-3 and errors[2] < errors[0] / 20, (order, errors)
 
 
-def test_guided_ode_solution_from_a_clamped_start():
-    """diffusers' VP table starts at ``alphabar_T = 2**-24``: the start's small signal is lost, a small change."""
+def rk4_guided_vp(model: GuidedModel, start_theta: float, steps: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """An independent solution: RK4 on the VP path ``alpha = cos(theta)``, ``sigma = sin(theta)`` from
+    ``start_theta`` to 0, ``dx/dtheta = -sin(theta) x0 + cos(theta) eps`` with the guided posterior means of x0 and
+    eps written in their smooth Gaussian form; the latent starts as ``z`` (gain) plus 0 (offset)."""
+    w = model.scale
+    parts = [(1 - w, model.unconditional.data), (w, model.conditional.data)]
+
+    def field(x: torch.Tensor, theta: float) -> torch.Tensor:
+        a, s = math.cos(theta), math.sin(theta)
+        x0 = sum(k * (d.means[0] + a * d.variances[0] / (a * a * d.variances[0] + s * s) * (x - a * d.means[0]))
+                 for k, d in parts)
+        eps = sum(k * s * (x - a * d.means[0]) / (a * a * d.variances[0] + s * s) for k, d in parts)
+        return -s * x0 + a * eps
+
+    h = -start_theta / steps
+    x = torch.stack([torch.zeros(MARGINAL.dim), torch.ones(MARGINAL.dim)]).double()
+    for k in range(steps):
+        theta = start_theta + k * h
+        k1 = field(x, theta)
+        k2 = field(x + h / 2 * k1, theta + h / 2)
+        k3 = field(x + h / 2 * k2, theta + h / 2)
+        k4 = field(x + h * k3, theta + h)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x[1] - x[0], x[0]
+
+
+@pytest.mark.parametrize("start", [(0.0, 1.0), (2**-12, math.sqrt(1 - 2**-24))])
+def test_guided_ode_solution_matches_an_independent_rk4(start):
+    """From SNR 0 and from diffusers' clamped start (``alphabar_T = 2**-24``) to clean data, at w 7.5."""
     model = guided_model(0.9, 7.5)
-    (std, mean), (std_c, mean_c) = guided_ode_solution(model), guided_ode_solution(model, (2**-12, 1.0))
-    assert 0 < float((std_c / std - 1).abs().max()) < 1e-3
-    assert 0 < float(((mean_c - mean).abs() / model.conditional.data.variance.sqrt()).max()) < 0.05
+    gain, offset = guided_ode_solution(model, start)
+    rk4_gain, rk4_offset = rk4_guided_vp(model, math.atan2(start[1], start[0]))
+    unit = model.conditional.data.variance.sqrt()
+    assert float(((gain - rk4_gain) / unit).abs().max()) < 1e-6
+    assert float(((offset - rk4_offset) / unit).abs().max()) < 1e-6
+    # the clamped start loses the start's small signal: a change the exact solution resolves
+    if start[0] > 0:
+        ztsnr_offset = guided_ode_solution(model)[1]
+        assert float(((offset - ztsnr_offset) / unit).abs().max()) > 100 * 1e-6
 
 
 @pytest.mark.parametrize("seed", [0, 1])
