@@ -244,7 +244,7 @@ def sampler_affine(scheduler, model: AnalyticModel | GuidedModel, num_inference_
 
 def sampler_gain(scheduler, model: AnalyticModel | GuidedModel, num_inference_steps: int | None = None,
                  **set_timesteps_kwargs) -> torch.Tensor:
-    """The ``gain`` of :func:`sampler_affine` (its magnitude: each dimension's output std)."""
+    """The signed ``gain`` of :func:`sampler_affine`; its magnitude is each dimension's output std."""
     return sampler_affine(scheduler, model, num_inference_steps, **set_timesteps_kwargs)[0]
 
 
