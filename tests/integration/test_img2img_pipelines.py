@@ -28,22 +28,18 @@ from diffusers import (  # noqa: E402
 )
 
 from diffusers_ztsnr import (  # noqa: E402
-    ZTSNRDDIMScheduler,
     ZTSNRDPMSolverMultistepScheduler,
-    ZTSNREulerAncestralScheduler,
-    ZTSNREulerScheduler,
     ZTSNRFlowMatchScheduler,
     ZTSNRUniPCMultistepScheduler,
 )
 from diffusers_ztsnr.solvers import FINAL_ANCHOR_RATIO  # noqa: E402
 from diffusers_ztsnr.testing.tiny import make_tiny_pipeline  # noqa: E402
+from tests.oracle_utils import VP_CLASSES  # noqa: E402  (the five VP classes, as every oracle test takes them)
 
 SIZE = 64
 STEPS = 4
 PROMPT = "a photo of a cat"
 STRENGTHS = (0.5, 0.75, 1.0)
-VP_CLASSES = (ZTSNRDDIMScheduler, ZTSNREulerScheduler, ZTSNREulerAncestralScheduler, ZTSNRDPMSolverMultistepScheduler,
-              ZTSNRUniPCMultistepScheduler)
 ZTSNR_V = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True)  # our spacing: the default (logsnr)
 STOCK_ZTSNR_V = dict(ZTSNR_V, timestep_spacing="trailing")  # diffusers' recommended ZTSNR setup
 VP_PIPELINES = ("img2img", "inpaint4", "inpaint9")
