@@ -1,13 +1,16 @@
 """Shared by the training tests: tiny offline models + demo data, the whole demo set as one batch and its
 fixed-noise flow-matching loss."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffusers_ztsnr.testing.demo_data import make_demo_dataset
@@ -19,18 +22,57 @@ RES = 32
 REPO = Path(__file__).resolve().parents[1]
 
 
-def two_process_run(script: str, args: list[str], out: Path, port: int) -> dict:
+def launch_two_cpu_processes(launcher_args: list[str], script: Path, script_args: list[str], timeout: int = 300,
+                             **env: str) -> subprocess.CompletedProcess:
+    """``accelerate launch <launcher_args> --num_processes 2 --main_process_port 0 script script_args`` as two CPU
+    processes (DDP over gloo), one thread each, on a port the launcher finds free.
+
+    A run still going after ``timeout`` seconds fails the test with every process's Python stacks: each is sent
+    SIGABRT, on which ``PYTHONFAULTHANDLER`` prints them."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "0", str(script), *script_args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONFAULTHANDLER": "1", **env}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          cwd=REPO) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [*descendants(process.pid), process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
+            try:
+                stdout, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            pytest.fail(f"two-process run still going after {timeout} s; its stacks:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first (Linux ``/proc``; none elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(0), [])
+        found += children
+        queue += children
+    return found
+
+
+def two_process_run(script: str, args: list[str], out: Path) -> dict:
     """``train_scripts/<script> args`` (``args`` name ``--output_dir out``) under ``accelerate launch`` as two CPU
-    processes (DDP over gloo); asserts it exited 0 with equal LoRA checksums on both ranks and returns its
-    training summary.
+    processes (:func:`launch_two_cpu_processes`); asserts it exited 0 with equal LoRA checksums on both ranks and
+    returns its training summary.
 
     accelerate's own ``--cpu --num_processes 2`` starts one process unless MPI is installed (its multi-CPU launcher
     is mpirun); ``--multi_gpu`` with ACCELERATE_USE_CPU=true starts them with torchrun instead."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), str(REPO / "train_scripts" / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    done = launch_two_cpu_processes(["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"],
+                                    REPO / "train_scripts" / script, args)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "training_summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]

@@ -20,8 +20,9 @@ on a CPU: ``ACCELERATE_USE_CPU`` runs are DDP whatever the config says).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import gc
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -29,6 +30,8 @@ from .config import UsageError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+T = TypeVar("T")
 
 #: where the tested accelerate configurations live, and which of them the loop can train with
 CONFIG_FOLDER = "examples/accelerate_configs"
@@ -92,3 +95,41 @@ def trainable_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Pa
     holds what the optimizer updates; read it again after ``prepare``.
     """
     return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+class ProcessGroupKeeper:
+    """A Python reference to the default process group, taken while it exists and dropped after everything that
+    trained with it is gone (:func:`run_keeping_process_group`).
+
+    Why: DDP's C++ ``Reducer`` also references the process group, and pybind11 frees the ``Reducer`` with the GIL
+    held. When it holds the last reference, gloo's destructor joins its worker threads with the GIL held, while a
+    worker may still be freeing a finished collective whose tensors belong to Python and must take the GIL to do so:
+    the process hangs after the run's last line (observed on the CPU: about one two-process run in ten). A process
+    group freed from Python releases the GIL before its destructor runs (torch binds it that way), so the workers
+    finish and the join returns.
+    """
+
+    def __init__(self) -> None:
+        self._group: Any = None
+
+    def keep(self) -> None:
+        """Reference the default process group, if one is initialized (call before it is destroyed)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self._group = dist.group.WORLD
+
+    def release(self) -> None:
+        self._group = None
+
+
+def run_keeping_process_group(run: Callable[[ProcessGroupKeeper], T]) -> T:
+    """``run(keeper)``, then the process group's last reference dropped from here, after ``run``'s frames and any
+    reference cycles (a DDP wrapper in one) have been freed: see :class:`ProcessGroupKeeper`.
+
+    On an exception the keeper is left to the traceback, which frees the inner frames first."""
+    keeper = ProcessGroupKeeper()
+    result = run(keeper)
+    gc.collect()
+    keeper.release()
+    return result

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointing import CheckpointWriteError, save_checkpoint
-from .distributed import check_supported
+from .distributed import ProcessGroupKeeper, check_supported, run_keeping_process_group
 from .full import trained_state
 from .history import write_summary
 from .identity import lock_folder, prepare_output_dir
@@ -85,11 +85,18 @@ def train(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], Mo
     ``cache`` statistics, ``skipped_steps`` (NaN/Inf losses) and the output paths. The main process holds the
     ``--output_dir`` lock (:func:`identity.lock_folder`) from before the first check to the end of the run.
     """
+    return run_keeping_process_group(lambda keeper: train_stages(args, make_task, keeper))
+
+
+def train_stages(args: argparse.Namespace, make_task: Callable[[argparse.Namespace], ModelTask],
+                 keeper: ProcessGroupKeeper) -> dict[str, Any]:
+    """:func:`train`'s stages; ``keeper`` holds the process group until this frame (and the DDP wrapper) is gone."""
     from accelerate.utils import set_seed
 
     check_device_precision(args)
     check_inputs(args, make_task)  # before the lock: a run refused here leaves nothing in --output_dir
     accelerator = build_accelerator(args)
+    keeper.keep()
     check_supported(accelerator)  # FSDP / DeepSpeed: one line now, not a hang at the first checkpoint
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:

@@ -71,5 +71,5 @@ def ddp_params():
 def test_two_processes_hold_identical_weights(assets, tmp_path, kind):
     out = tmp_path / "ddp"
     args = argv(assets, kind, out, 3, "--checkpointing_steps", "2")
-    summary = two_process_run("train_lora_flow.py", args, out, port=29531)
+    summary = two_process_run("train_lora_flow.py", args, out)
     assert summary["global_step"] == 3 and (out / "pytorch_lora_weights.safetensors").is_file()

@@ -16,10 +16,6 @@ import functools
 import http.server
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -35,7 +31,7 @@ from diffusers_ztsnr.training.data import shards as shards_module
 from diffusers_ztsnr.training.data.shards import StreamError, TarShards, expand_shards
 from diffusers_ztsnr.training.data.streaming import StreamingImageCaptionDataset, StreamState
 from diffusers_ztsnr.training.unet import main, parse_args
-from tests.train_utils import RES, tiny_assets
+from tests.train_utils import RES, launch_two_cpu_processes, tiny_assets
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 SIZES = [(RES, 2 * RES), (2 * RES, RES), (RES, RES)]  # (h, w): wide, tall, square
@@ -317,16 +313,9 @@ def test_streaming_needs_max_train_steps(assets, tmp_path):
 def _launch_two(assets, out, steps, *extra):
     """The UNet script on two CPU processes (DDP over gloo), as ``accelerate launch`` starts it."""
     root = Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "examples" / "accelerate_configs" / "ddp_multi_gpu.yaml"), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(port), str(root / "train_scripts" /
-                                                                             "train_lora_unet.py"),
-           *_flags(assets, out, steps, *extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    done = launch_two_cpu_processes(["--config_file", str(root / "examples" / "accelerate_configs" /
+                                                          "ddp_multi_gpu.yaml")],
+                                    root / "train_scripts" / "train_lora_unet.py", _flags(assets, out, steps, *extra))
     assert done.returncode == 0, done.stderr[-3000:]
 
 

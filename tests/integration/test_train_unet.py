@@ -235,7 +235,7 @@ def test_two_processes_hold_identical_weights(assets, tmp_path):
             "--resolution", str(RES), "--center_crop", "--train_batch_size", "2", "--max_train_steps", "3",
             "--prediction_type", "v_prediction", "--zero_terminal_snr", "--report_to", "none",
             "--checkpointing_steps", "2", "--output_dir", str(out)]
-    summary = two_process_run("train_lora_unet.py", args, out, port=29517)
+    summary = two_process_run("train_lora_unet.py", args, out)
     assert summary["global_step"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
