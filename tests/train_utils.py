@@ -33,20 +33,35 @@ def launch_two_cpu_processes(launcher_args: list[str], script: Path, script_args
            "--mixed_precision", "no", "--main_process_port", "0", str(script), *script_args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONFAULTHANDLER": "1", **env}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
-                          cwd=REPO) as process:
+                          cwd=REPO, preexec_fn=no_core_files if os.name == "posix" else None) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for pid in [*descendants(process.pid), process.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGABRT)
-            try:
-                stdout, stderr = process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = process.communicate()
-            pytest.fail(f"two-process run still going after {timeout} s; its stacks:\n{stderr[-12000:]}")
+            pytest.fail(f"two-process run still going after {timeout} s; its stacks:\n{stop_with_stacks(process)}")
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def no_core_files() -> None:
+    """In a launched process (and its workers, which inherit it): SIGABRT writes no core file."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def stop_with_stacks(process: subprocess.Popen) -> str:
+    """Stop a hung launch: SIGABRT to the launcher and every process below it (each prints its Python stacks), then
+    SIGKILL to any left after 30 s (torchrun's workers run in sessions of their own, so they are signalled one by
+    one); returns the end of what they wrote to stderr."""
+    tree = [*descendants(process.pid), process.pid]  # read before the launcher dies and its workers are re-parented
+    for sig in (signal.SIGABRT, signal.SIGKILL):
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        try:
+            return process.communicate(timeout=30)[1][-12000:]
+        except subprocess.TimeoutExpired:
+            continue
+    return "(no output: a process survived SIGKILL)"
 
 
 def descendants(pid: int) -> list[int]:
@@ -64,7 +79,50 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def two_process_run(script: str, args: list[str], out: Path) -> dict:
+#: a ``sitecustomize`` for launched workers: as the keeper lets the process group go, each rank writes whether it
+#: still held the group and how many DDP wrappers are alive into ``$TEARDOWN_REPORT_DIR/rank<RANK>.json``
+TEARDOWN_REPORT_HOOK = """
+import os
+
+if os.environ.get("RANK") is not None and os.environ.get("TEARDOWN_REPORT_DIR"):
+    import gc
+    import json
+    import warnings
+
+    import torch
+
+    from diffusers_ztsnr.training import distributed
+
+    _release = distributed.ProcessGroupKeeper.release
+
+    def _reporting_release(keeper):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+        path = os.path.join(os.environ["TEARDOWN_REPORT_DIR"], "rank" + os.environ["RANK"] + ".json")
+        with open(path, "w") as f:
+            json.dump({"held": keeper._group is not None, "ddp_wrappers": ddp}, f)
+        _release(keeper)
+
+    distributed.ProcessGroupKeeper.release = _reporting_release
+"""
+
+
+def worker_hook(folder: Path, code: str = "") -> dict[str, str]:
+    """Environment for :func:`launch_two_cpu_processes` that runs :data:`TEARDOWN_REPORT_HOOK` (then ``code``) in
+    every worker as its ``sitecustomize``; the reports land in ``folder`` (:func:`teardown_reports`)."""
+    (folder / "hook").mkdir(parents=True)
+    (folder / "hook" / "sitecustomize.py").write_text(TEARDOWN_REPORT_HOOK + code)
+    return {"PYTHONPATH": os.pathsep.join([str(folder / "hook"), os.environ.get("PYTHONPATH", "")]),
+            "TEARDOWN_REPORT_DIR": str(folder)}
+
+
+def teardown_reports(folder: Path) -> list[dict]:
+    """Each rank's report from :data:`TEARDOWN_REPORT_HOOK`, by rank."""
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def two_process_run(script: str, args: list[str], out: Path, **env: str) -> dict:
     """``train_scripts/<script> args`` (``args`` name ``--output_dir out``) under ``accelerate launch`` as two CPU
     processes (:func:`launch_two_cpu_processes`); asserts it exited 0 with equal LoRA checksums on both ranks and
     returns its training summary.
@@ -72,7 +130,7 @@ def two_process_run(script: str, args: list[str], out: Path) -> dict:
     accelerate's own ``--cpu --num_processes 2`` starts one process unless MPI is installed (its multi-CPU launcher
     is mpirun); ``--multi_gpu`` with ACCELERATE_USE_CPU=true starts them with torchrun instead."""
     done = launch_two_cpu_processes(["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"],
-                                    REPO / "train_scripts" / script, args)
+                                    REPO / "train_scripts" / script, args, **env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "training_summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]

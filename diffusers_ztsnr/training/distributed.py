@@ -21,6 +21,7 @@ on a CPU: ``ACCELERATE_USE_CPU`` runs are DDP whatever the config says).
 from __future__ import annotations
 
 import gc
+import traceback
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -120,16 +121,22 @@ class ProcessGroupKeeper:
             self._group = dist.group.WORLD
 
     def release(self) -> None:
+        """Drop the reference: the last one, if everything that trained with the group has been freed."""
         self._group = None
 
 
 def run_keeping_process_group(run: Callable[[ProcessGroupKeeper], T]) -> T:
-    """``run(keeper)``, then the process group's last reference dropped from here, after ``run``'s frames and any
-    reference cycles (a DDP wrapper in one) have been freed: see :class:`ProcessGroupKeeper`.
+    """``run(keeper)``, then the process group's reference dropped from here, once ``run``'s frames and any reference
+    cycles (a DDP wrapper held by the accelerator is in one) have been freed: see :class:`ProcessGroupKeeper`.
 
-    On an exception the keeper is left to the traceback, which frees the inner frames first."""
+    On an exception the traceback's frames are cleared first (their locals hold the wrapper; the traceback's lines
+    stay), so a failing rank exits with its error instead of hanging."""
     keeper = ProcessGroupKeeper()
-    result = run(keeper)
-    gc.collect()
-    keeper.release()
-    return result
+    try:
+        return run(keeper)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        gc.collect()
+        keeper.release()

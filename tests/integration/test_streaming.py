@@ -31,7 +31,7 @@ from diffusers_ztsnr.training.data import shards as shards_module
 from diffusers_ztsnr.training.data.shards import StreamError, TarShards, expand_shards
 from diffusers_ztsnr.training.data.streaming import StreamingImageCaptionDataset, StreamState
 from diffusers_ztsnr.training.unet import main, parse_args
-from tests.train_utils import RES, launch_two_cpu_processes, tiny_assets
+from tests.train_utils import REPO, RES, launch_two_cpu_processes, tiny_assets
 
 pytestmark = pytest.mark.usefixtures("quiet_loading")
 SIZES = [(RES, 2 * RES), (2 * RES, RES), (RES, RES)]  # (h, w): wide, tall, square
@@ -312,10 +312,9 @@ def test_streaming_needs_max_train_steps(assets, tmp_path):
 
 def _launch_two(assets, out, steps, *extra):
     """The UNet script on two CPU processes (DDP over gloo), as ``accelerate launch`` starts it."""
-    root = Path(__file__).resolve().parents[2]
-    done = launch_two_cpu_processes(["--config_file", str(root / "examples" / "accelerate_configs" /
+    done = launch_two_cpu_processes(["--config_file", str(REPO / "examples" / "accelerate_configs" /
                                                           "ddp_multi_gpu.yaml")],
-                                    root / "train_scripts" / "train_lora_unet.py", _flags(assets, out, steps, *extra))
+                                    REPO / "train_scripts" / "train_lora_unet.py", _flags(assets, out, steps, *extra))
     assert done.returncode == 0, done.stderr[-3000:]
 
 

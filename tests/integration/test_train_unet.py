@@ -15,7 +15,7 @@ from diffusers_ztsnr.markers import scheduler_settings_from_checkpoint
 from diffusers_ztsnr.schedule import VPSchedule
 from diffusers_ztsnr.training import objectives
 from diffusers_ztsnr.training.unet import main
-from tests.train_utils import tiny_assets, two_process_run, whole_dataset_batch
+from tests.train_utils import teardown_reports, tiny_assets, two_process_run, whole_dataset_batch, worker_hook
 
 RES = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -229,13 +229,14 @@ def test_flag_errors_and_config_files(assets, tmp_path):
 
 def test_two_processes_hold_identical_weights(assets, tmp_path):
     """Two CPU processes, DDP over gloo (:func:`tests.train_utils.two_process_run`): equal LoRA on both ranks, one
-    writer."""
+    writer; each rank's DDP wrapper is freed before the process group is let go (a hang at exit otherwise)."""
     out = tmp_path / "ddp"
     args = ["--pretrained_model_name_or_path", str(assets["sd15"]), "--train_data_dir", str(assets["data"]),
             "--resolution", str(RES), "--center_crop", "--train_batch_size", "2", "--max_train_steps", "3",
             "--prediction_type", "v_prediction", "--zero_terminal_snr", "--report_to", "none",
             "--checkpointing_steps", "2", "--output_dir", str(out)]
-    summary = two_process_run("train_lora_unet.py", args, out)
+    summary = two_process_run("train_lora_unet.py", args, out, **worker_hook(tmp_path))
+    assert teardown_reports(tmp_path) == [{"held": True, "ddp_wrappers": 0}] * 2
     assert summary["global_step"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()

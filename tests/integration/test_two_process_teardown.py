@@ -4,8 +4,10 @@ Each round does what the training loop's last moments do (a DDP backward, a gath
 accelerate's ``destroy_process_group``) and then frees the DDP wrapper. Without the keeper the wrapper's C++ Reducer
 drops the group's last reference with the GIL held, and gloo's destructor waits for a worker thread that needs the
 GIL: measured on a 2-CPU machine, each of three runs of such rounds hung within its first 13 rounds; with the keeper,
-200 rounds finished."""
+200 rounds finished. The hang is a race, so a regression is caught with high probability, not certainty (less on a
+machine with many idle cores); a pass never depends on timing."""
 
+import faulthandler
 import time
 
 import pytest
@@ -20,6 +22,7 @@ TIMEOUT_S = 120  # 30 rounds take about 7 s
 
 
 def last_moments_of_a_run(keeper: ProcessGroupKeeper) -> None:
+    """The end of a training run on one rank, through the keeper."""
     keeper.keep()
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64))
     model(torch.ones(8, 64)).sum().backward()
@@ -31,7 +34,9 @@ def last_moments_of_a_run(keeper: ProcessGroupKeeper) -> None:
 
 
 def rounds(rank: int, folder: str) -> None:
+    """One spawned process: ``ROUNDS`` process groups, each ended as a run ends; its stacks on stderr if it hangs."""
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(TIMEOUT_S - 10)
     for i in range(ROUNDS):
         dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store-{i}", 2), rank=rank, world_size=2)
         run_keeping_process_group(last_moments_of_a_run)
@@ -44,5 +49,6 @@ def test_two_processes_end_thirty_ddp_runs_without_hanging(tmp_path):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
+                process.join()
             pytest.fail(f"two processes still running {ROUNDS} teardowns after {TIMEOUT_S} s: a hang")
     assert [p.exitcode for p in context.processes] == [0, 0]
