@@ -101,7 +101,7 @@ if os.environ.get("RANK") is not None and os.environ.get("TEARDOWN_REPORT_DIR"):
             ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
         path = os.path.join(os.environ["TEARDOWN_REPORT_DIR"], "rank" + os.environ["RANK"] + ".json")
         with open(path, "w") as f:
-            json.dump({"held": keeper._group is not None, "ddp_wrappers": ddp}, f)
+            json.dump({"held": keeper.holds_group, "ddp_wrappers": ddp}, f)
         _release(keeper)
 
     distributed.ProcessGroupKeeper.release = _reporting_release

@@ -120,6 +120,10 @@ class ProcessGroupKeeper:
         if dist.is_available() and dist.is_initialized():
             self._group = dist.group.WORLD
 
+    @property
+    def holds_group(self) -> bool:
+        return self._group is not None
+
     def release(self) -> None:
         """Drop the reference: the last one, if everything that trained with the group has been freed."""
         self._group = None
@@ -130,13 +134,16 @@ def run_keeping_process_group(run: Callable[[ProcessGroupKeeper], T]) -> T:
     cycles (a DDP wrapper held by the accelerator is in one) have been freed: see :class:`ProcessGroupKeeper`.
 
     On an exception the traceback's frames are cleared first (their locals hold the wrapper; the traceback's lines
-    stay), so a failing rank exits with its error instead of hanging."""
+    stay), so a failing rank exits with its error instead of hanging. A run without a process group (one process)
+    is left alone: nothing collected, its traceback's locals kept for a debugger."""
     keeper = ProcessGroupKeeper()
     try:
         return run(keeper)
     except BaseException as error:
-        traceback.clear_frames(error.__traceback__)
+        if keeper.holds_group:
+            traceback.clear_frames(error.__traceback__)
         raise
     finally:
-        gc.collect()
-        keeper.release()
+        if keeper.holds_group:
+            gc.collect()
+            keeper.release()

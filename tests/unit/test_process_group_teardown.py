@@ -28,7 +28,7 @@ def seen_at_release(monkeypatch):
     release = ProcessGroupKeeper.release
 
     def checked_release(keeper):
-        seen["held"] = keeper._group is not None
+        seen["held"] = keeper.holds_group
         seen["wrapper alive"] = seen["wrapper"]() is not None
         release(keeper)
 
@@ -65,8 +65,17 @@ def test_after_an_error_the_wrapper_is_freed_before_the_keeper_lets_go(one_proce
     assert (seen_at_release["held"], seen_at_release["wrapper alive"]) == (True, False)
 
 
-def test_without_an_initialized_group_the_keeper_holds_nothing():
+def test_without_an_initialized_group_the_keeper_holds_nothing_and_an_error_keeps_its_locals():
     keeper = ProcessGroupKeeper()
     keeper.keep()
-    assert keeper._group is None
+    assert not keeper.holds_group
     assert run_keeping_process_group(lambda k: 7) == 7
+
+    def failing(keeper):
+        keeper.keep()
+        local_for_a_debugger = 42  # noqa: F841
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError) as caught:
+        run_keeping_process_group(failing)
+    assert caught.traceback[-1].frame.f_locals["local_for_a_debugger"] == 42
