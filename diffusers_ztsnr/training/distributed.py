@@ -1,5 +1,5 @@
-"""Sharded training (FSDP, DeepSpeed) and the training loop: what the loop supports, and the pieces a sharded run
-needs.
+"""Sharded training (FSDP, DeepSpeed) and the training loop: what the loop supports, the pieces a sharded run
+needs, and the order in which a multi-process run lets its process group go (:class:`ProcessGroupKeeper`).
 
 The loop is data parallel (DDP): every process holds the whole denoiser and a replica of its LoRA, gradients are
 averaged, and the main process alone reads the LoRA to write checkpoints and the export. Sharding breaks that:

@@ -3,7 +3,7 @@
 Each round does what the training loop's last moments do (a DDP backward, a gather of a fresh tensor, a barrier,
 accelerate's ``destroy_process_group``) and then frees the DDP wrapper. Without the keeper the wrapper's C++ Reducer
 drops the group's last reference with the GIL held, and gloo's destructor waits for a worker thread that needs the
-GIL: measured on a 2-CPU machine, each of three runs of such rounds hung within its first 13 rounds; with the keeper,
+GIL: measured on a 2-CPU machine, each of three runs of such rounds hung within its first 7 rounds; with the keeper,
 200 rounds finished. The hang is a race, so a regression is caught with high probability, not certainty (less on a
 machine with many idle cores); a pass never depends on timing."""
 
