@@ -20,6 +20,8 @@ from diffusers_ztsnr.training.data import ImageCaptionDataset, collate_fn, load_
 
 RES = 32
 REPO = Path(__file__).resolve().parents[1]
+#: ``accelerate launch`` flags that start two CPU processes with torchrun (see :func:`two_process_run`)
+DDP_LAUNCH = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
 
 
 def launch_two_cpu_processes(launcher_args: list[str], script: Path, script_args: list[str], timeout: int = 300,
@@ -129,8 +131,7 @@ def two_process_run(script: str, args: list[str], out: Path, **env: str) -> dict
 
     accelerate's own ``--cpu --num_processes 2`` starts one process unless MPI is installed (its multi-CPU launcher
     is mpirun); ``--multi_gpu`` with ACCELERATE_USE_CPU=true starts them with torchrun instead."""
-    done = launch_two_cpu_processes(["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"],
-                                    REPO / "train_scripts" / script, args, **env)
+    done = launch_two_cpu_processes(DDP_LAUNCH, REPO / "train_scripts" / script, args, **env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "training_summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]

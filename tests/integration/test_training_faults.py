@@ -23,7 +23,7 @@ from diffusers_ztsnr.training.checkpointing import (
     verify_checkpoint,
 )
 from diffusers_ztsnr.training.loop import NonFiniteLossError, step_generator
-from tests.train_utils import launch_two_cpu_processes, tiny_assets
+from tests.train_utils import DDP_LAUNCH, REPO, launch_two_cpu_processes, tiny_assets, worker_hook
 
 RES = 32
 STEPS = 8
@@ -224,18 +224,13 @@ def test_a_failed_checkpoint_write_stops_every_rank_instead_of_hanging(assets, t
     """2 processes (DDP over gloo): rank 0's disk is full at step 2. Rank 0 raises the CheckpointWriteError and rank 1
     learns of it and stops with its own message (it is not merely killed by the launcher, which would not happen
     across nodes); checkpoint-1 stays intact."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FULL_DISK_AT_STEP_2)
     out = tmp_path / "ddp"
-    repo = Path(__file__).resolve().parents[2]
     args = ["--pretrained_model_name_or_path", str(assets["sd15"]), "--train_data_dir", str(assets["data"]),
             "--resolution", "32", "--center_crop", "--train_batch_size", "2", "--max_train_steps", "4",
             "--prediction_type", "v_prediction", "--zero_terminal_snr", "--report_to", "none",
             "--checkpointing_steps", "1", "--output_dir", str(out)]
-    done = launch_two_cpu_processes(  # a hang fails with the processes' stacks
-        ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"], repo / "train_scripts" / "train_lora_unet.py",
-        args, timeout=240, PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    done = launch_two_cpu_processes(DDP_LAUNCH, REPO / "train_scripts" / "train_lora_unet.py", args, timeout=240,
+                                    **worker_hook(tmp_path, FULL_DISK_AT_STEP_2))  # a hang fails with the stacks
     assert done.returncode != 0
     assert "no space left on device while writing checkpoint-2" in done.stderr.lower(), done.stderr[-3000:]
     assert "rank 0 could not write checkpoint-2" in done.stderr, done.stderr[-3000:]
